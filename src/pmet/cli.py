@@ -1,0 +1,124 @@
+"""Command line: ``python -m pmet {models,edit,stats}`` (also installed as ``pmet``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+
+def _top_predictions(model, tok, prompt: str, k: int = 5) -> list[tuple[str, float]]:
+    enc = tok(prompt, return_tensors="pt").to(next(model.parameters()).device)
+    with torch.no_grad():
+        probs = model(**enc).logits[0, -1].float().softmax(-1)
+    top = probs.topk(k)
+    return [(tok.decode(int(i)), float(p)) for p, i in zip(top.values, top.indices)]
+
+
+def _print_predictions(title: str, preds: list[tuple[str, float]]) -> None:
+    print(title)
+    for token, p in preds:
+        print(f"  {token!r:>20}  {p:7.2%}")
+
+
+def cmd_models(args) -> int:
+    from .models import list_models
+
+    rows = list_models()
+    width = max(len(r["name"]) for r in rows)
+    print(f"{'name':<{width}}  available  where / why")
+    for r in rows:
+        print(f"{r['name']:<{width}}  {'yes' if r['available'] else 'no ':<9}  {r['where']}")
+    print("\nAny Hugging Face id ('owner/name') or local directory also works where its weights are reachable.")
+    return 0
+
+
+def cmd_edit(args) -> int:
+    from .editing import edit, load_hparams
+    from .models import load_model
+
+    model, tok = load_model(args.model, device=args.device)
+    request = {"prompt": args.prompt, "subject": args.subject, "target_new": args.target}
+    if args.target_true:
+        request["target_true"] = args.target_true
+    hparams = load_hparams(args.method, model, args.dataset)
+    filled = args.prompt.format(args.subject) if "{}" in args.prompt else args.prompt
+    before = _top_predictions(model, tok, filled, args.top_k)
+    result = edit(model, tok, [request], method=args.method, hparams=hparams, cache_dir=args.cache_dir)
+    after = _top_predictions(model, tok, filled, args.top_k)
+    print(f"model={args.model} method={args.method} layers={list(hparams.layers or model.layout.critical_layers)}")
+    print(f"prompt: {filled!r}  target: {args.target!r}")
+    _print_predictions("before the edit:", before)
+    _print_predictions("after the edit:", after)
+    target_first = tok(" " + args.target.strip() if not args.target.startswith(" ") else args.target,
+                       add_special_tokens=False)["input_ids"][0]
+    ok = tok.decode(target_first) == after[0][0]
+    print(f"edit {'succeeded' if ok else 'did NOT succeed'}: top prediction is {after[0][0]!r}")
+    if args.restore:
+        result.restore()
+    return 0 if ok else 1
+
+
+def cmd_stats(args) -> int:
+    from .models import load_model
+    from .stats import key_second_moments
+
+    model, tok = load_model(args.model, device=args.device)
+    layers = args.layers or list(model.layout.critical_layers)
+    stats = key_second_moments(model, tok, layers, component=args.component, n_tokens=args.n_tokens,
+                               dtype=args.dtype, cache_dir=args.cache_dir)
+    for layer, mom2 in stats.items():
+        print(f"layer {layer}: E[kk^T] {tuple(mom2.shape)} trace={float(mom2.trace()):.4g}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .models import DEFAULT_MODEL
+
+    p = argparse.ArgumentParser(prog="pmet", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    m = sub.add_parser("models", help="list known models and whether each is available offline")
+    m.set_defaults(func=cmd_models)
+
+    e = sub.add_parser("edit", help="edit one fact and show the top predictions before and after")
+    e.add_argument("--model", default=DEFAULT_MODEL)
+    e.add_argument("--prompt", default="The mother tongue of {} is", help="template with {} for the subject")
+    e.add_argument("--subject", default="Danielle Darrieux")
+    e.add_argument("--target", default=" English", help="the new object (a leading space is added if missing)")
+    e.add_argument("--target-true", default=None)
+    e.add_argument("--method", default="pmet")
+    e.add_argument("--dataset", default="counterfact", help="which hyperparameter file to use")
+    e.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    e.add_argument("--cache-dir", default=None)
+    e.add_argument("--top-k", type=int, default=5)
+    e.add_argument("--restore", action="store_true", help="restore the weights afterwards (demonstration)")
+    e.set_defaults(func=cmd_edit)
+
+    s = sub.add_parser("stats", help="precompute key statistics E[kk^T] for a model's critical layers")
+    s.add_argument("--model", default=DEFAULT_MODEL)
+    s.add_argument("--layers", type=int, nargs="*", default=None)
+    s.add_argument("--component", default="mlp_key", choices=["mlp_key", "attn_key"])
+    s.add_argument("--n-tokens", type=int, default=100_000)
+    s.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    s.add_argument("--cache-dir", default=None)
+    s.set_defaults(func=cmd_stats)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .data import DataNotFoundError, InvalidRecordError
+    from .models import ModelUnavailableError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ModelUnavailableError, DataNotFoundError, InvalidRecordError) as exc:
+        print(f"pmet: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
