@@ -12,10 +12,10 @@ import pytest
 from pmet import data as D
 from pmet.paths import cache_dir, data_dir
 
-SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+SHARED = data_dir()  # $PMET_DATA_DIR, else ../shared/data beside the checkout
 needs_shared = pytest.mark.skipif(
     not (SHARED / "counterfact" / "counterfact_subset_merged.json").is_file(),
-    reason=f"shared data folder not found at {SHARED}")
+    reason=f"data folder with the shared files not found at {SHARED} (set PMET_DATA_DIR)")
 REAL_DOWNLOAD = D._download
 
 
