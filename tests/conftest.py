@@ -7,7 +7,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
-TINY = ["tiny-gptj", "tiny-neox", "tiny-llama", "tiny-gpt2"]
+TINY = ["tiny-gptj", "tiny-neox", "tiny-llama", "tiny-gpt2", "tiny-gemma3"]
 
 
 @pytest.fixture(scope="session")

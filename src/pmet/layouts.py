@@ -12,9 +12,16 @@ Notation (paper, Eqs. 1-2):
 * key ``k^l`` (Eq. 12) for ``W_O^FFN`` = the input of ``mlp_out``, i.e. ``σ(W_I γ(h^{l-1}))`` (or the gated
   ``σ(W_gate x) * (W_up x)`` of Llama); for ``W_O^MHSA`` the input of ``attn_out`` (concatenated heads).
 
-For all families here ``h^l = h^{l-1} + a^l + m^l`` holds exactly: in parallel blocks (GPT-J, NeoX with
-``use_parallel_residual``) both read ``h^{l-1}``; in sequential blocks (GPT-2, Llama) the FFN reads
-``h^{l-1} + a^l``.
+For GPT-J, NeoX, GPT-2 and Llama ``h^l = h^{l-1} + a^l + m^l`` holds exactly: in parallel blocks (GPT-J,
+NeoX with ``use_parallel_residual``) both read ``h^{l-1}``; in sequential blocks (GPT-2, Llama) the FFN
+reads ``h^{l-1} + a^l``.
+
+Gemma-3 normalises each component's output before the residual add:
+``h^l = h^{l-1} + γ_a(a^l) + γ_m(m^l)`` (``attn_post_norm``, ``mlp_post_norm``). We keep ``a^l`` / ``m^l``
+as the outputs of W_O^MHSA / W_O^FFN (before those norms): that is the vector the edited weight produces,
+so the key -> value relation ``v = W k`` of Eq. 8/9 stays linear, and δ^a / δ^m are added there. The
+effect of δ on the residual then passes through the post-norm, which the value optimisation sees because
+it runs the real forward pass.
 """
 
 from __future__ import annotations
@@ -41,6 +48,8 @@ class Layout:
     unembed: str  # W_E of Eq. 1 (lm_head)
     parallel: bool  # attention and FFN both read h^{l-1}
     conv1d: bool = False  # GPT-2 style Conv1D weights stored as [in, out]
+    attn_post_norm: str = ""  # block-relative norm applied to a^l before the residual add (Gemma-3)
+    mlp_post_norm: str = ""  # block-relative norm applied to m^l before the residual add (Gemma-3)
     critical_layers: tuple[int, ...] = ()  # default R for MEMIT/PMET (L = max R)
     n_layers: int = 0  # filled in by layout_for(model)
 
@@ -56,9 +65,16 @@ class Layout:
         path = getattr(self, component)
         if component in {"layers", "embed", "final_norm", "unembed"}:
             return model.get_submodule(path)
+        if not path:
+            raise ValueError(f"layout {self.family!r} has no {component!r}")
         if layer is None:
             raise ValueError(f"component {component!r} needs a layer index")
         return self.block(model, layer).get_submodule(path)
+
+    def residual_contribution(self, model: nn.Module, component: str, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """What ``a^l`` (component ``"attn"``) or ``m^l`` (``"mlp"``) adds to the residual stream."""
+        norm = self.attn_post_norm if component == "attn" else self.mlp_post_norm
+        return self.block(model, layer).get_submodule(norm)(x) if norm else x
 
     def weight_name(self, component: str, layer: int) -> str:
         """Full parameter name of a block linear's weight, e.g. ``transformer.h.8.mlp.fc_out.weight``."""
@@ -104,7 +120,16 @@ LAYOUTS: dict[str, Layout] = {
     ),
 }
 
-_MODEL_TYPE_TO_FAMILY = {"gptj": "gptj", "gpt_neox": "gpt_neox", "gpt2": "gpt2", "llama": "llama"}
+LAYOUTS["gemma3"] = Layout(
+    family="gemma3", layers="model.layers", embed="model.embed_tokens",
+    attn="self_attn", attn_out="self_attn.o_proj", mlp="mlp", mlp_out="mlp.down_proj",
+    mlp_in="mlp.up_proj", final_norm="model.norm", unembed="lm_head", parallel=False,
+    attn_post_norm="post_attention_layernorm", mlp_post_norm="post_feedforward_layernorm",
+    critical_layers=(),  # per model: gemma3-270m by causal tracing
+)
+
+_MODEL_TYPE_TO_FAMILY = {"gptj": "gptj", "gpt_neox": "gpt_neox", "gpt2": "gpt2", "llama": "llama",
+                         "gemma3_text": "gemma3", "gemma3": "gemma3"}
 
 
 def layout_for(model: nn.Module, critical_layers: tuple[int, ...] | None = None) -> Layout:

