@@ -2,6 +2,8 @@
 
 from .layouts import Layout, layout_for
 from .models import ModelUnavailableError, list_models, load_model
+from .editing import EditHparams, EditResult, edit, load_hparams
 
 __version__ = "0.1.0"
-__all__ = ["Layout", "layout_for", "load_model", "list_models", "ModelUnavailableError", "__version__"]
+__all__ = ["Layout", "layout_for", "load_model", "list_models", "ModelUnavailableError", "edit", "EditResult",
+           "EditHparams", "load_hparams", "__version__"]

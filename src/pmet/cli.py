@@ -36,18 +36,21 @@ def cmd_models(args) -> int:
 
 def cmd_edit(args) -> int:
     from .editing import edit, load_hparams
+    from .editing.editor import BASELINES
     from .models import load_model
 
     model, tok = load_model(args.model, device=args.device)
     request = {"prompt": args.prompt, "subject": args.subject, "target_new": args.target}
     if args.target_true:
         request["target_true"] = args.target_true
-    hparams = load_hparams(args.method, model, args.dataset)
+    # baselines resolve their own hyperparameter files (hparams/{rome,ft,mend}_<model>.json)
+    hparams = None if args.method in BASELINES else load_hparams(args.method, model, args.dataset)
     filled = args.prompt.format(args.subject) if "{}" in args.prompt else args.prompt
     before = _top_predictions(model, tok, filled, args.top_k)
     result = edit(model, tok, [request], method=args.method, hparams=hparams, cache_dir=args.cache_dir)
     after = _top_predictions(model, tok, filled, args.top_k)
-    print(f"model={args.model} method={args.method} layers={list(hparams.layers or model.layout.critical_layers)}")
+    layers = getattr(result, "layers", None)
+    print(f"model={args.model} method={args.method} edited layers={list(layers) if layers else '?'}")
     print(f"prompt: {filled!r}  target: {args.target!r}")
     _print_predictions("before the edit:", before)
     _print_predictions("after the edit:", after)

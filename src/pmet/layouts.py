@@ -103,7 +103,7 @@ LAYOUTS: dict[str, Layout] = {
     "gpt_neox": Layout(
         family="gpt_neox", layers="gpt_neox.layers", embed="gpt_neox.embed_in",
         attn="attention", attn_out="attention.dense", mlp="mlp", mlp_out="mlp.dense_4h_to_h",
-        mlp_in="mlp.dense_h_to_4h", final_norm="gpt_neox.final_layer_norm", unembed="embed_out",
+        mlp_in="mlp.dense_h_to_4h", final_norm="gpt_neox.final_layer_norm", unembed="lm_head",
         parallel=True, critical_layers=(6, 7, 8, 9, 10),  # paper, Appendix D
     ),
     "gpt2": Layout(

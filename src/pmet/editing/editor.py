@@ -1,0 +1,251 @@
+"""The editor shared by PMET, MEMIT and the ablations: :func:`edit` and :class:`EditResult`.
+
+Algorithm (MEMIT's ``execute_memit``, which PMET's ``execute_pmet`` follows):
+
+1. check every request (before anything else, so a bad request never leaves a half-edited model);
+2. context templates (:mod:`.context`), key statistics ``E[kk^T]`` for every critical layer (from the
+   unedited model), target values ``V1`` at ``L = max(R)`` (:mod:`.values`, cached per request);
+3. for each critical layer ``l`` in increasing order (and, for "w/ W_O^MHSA", for W_O^MHSA then W_O^FFN):
+   keys ``K1`` at ``l`` from the *current*, partly edited model (Eq. 12), the current outputs at the value
+   site at ``L`` on the plain prompts (MEMIT's ``cur_zs``: ``m^L`` / ``a^L`` for PMET, ``h^L`` for MEMIT),
+   ``R = V1 - current``, ``R^l = R / sqrt(n)`` (PMET) or ``R / n`` (MEMIT) with ``n`` the number of
+   critical layers from ``l`` to ``L`` (Eq. 11), ``Δ^l = R^l K1^T (λ C0 + K1 K1^T)^{-1}`` (Eq. 9) and
+   ``W^l += Δ^l``.
+
+The weights are changed in place; :meth:`EditResult.restore` puts the originals back bit for bit.
+
+Differences from the released code, on purpose: keys of W_O^MHSA are recomputed right before W_O^MHSA is
+updated and keys of W_O^FFN right before W_O^FFN (the authors compute both once per layer for GPT-J, whose
+parallel blocks make that equivalent; for sequential blocks the W_O^MHSA update changes the FFN keys);
+``Δ`` is solved in float64 without an explicit inverse (PMET's code calls ``torch.inverse``); the key
+statistics are the streamed ``E[kk^T]`` of :mod:`pmet.stats` (WikiText tokens rather than Wikipedia
+articles).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..hooks import Trace
+from . import core
+from .context import flatten, get_context_templates
+from .hparams import EditHparams, load_hparams
+from .values import compute_values, encode_with_subject, pad_id_of, pad_right, positions, target_ids
+
+try:  # the data module validates CounterFact-style requests
+    from ..data import InvalidRecordError, validate_request
+except ImportError:  # pragma: no cover - only while pmet.data is being written
+    class InvalidRecordError(ValueError):
+        pass
+
+    def validate_request(request: dict) -> None:
+        if not isinstance(request, dict):
+            raise InvalidRecordError(f"request must be a dict, got {type(request).__name__}")
+        for key in ("prompt", "subject", "target_new"):
+            if key not in request:
+                raise InvalidRecordError(f"request: missing key {key!r}")
+        if not isinstance(request["prompt"], str) or request["prompt"].count("{}") != 1:
+            raise InvalidRecordError(f"request: prompt must contain exactly one '{{}}': {request['prompt']!r}")
+
+
+KEY_SITE = {"mlp_out": "mlp_key", "attn_out": "attn_key"}
+
+
+def normalize_requests(requests: Any, tok=None) -> list[dict]:
+    """Validate and normalise requests: dicts (or records with ``as_request()``) with ``prompt`` (template
+    with one ``{}``), ``subject``, ``target_new`` (string or ``{"str": ...}``), optional ``target_true``.
+
+    As MEMIT, a leading space is prepended to ``target_new`` when it lacks one (so that ``" English"`` is
+    tokenised as the word following the prompt). Raises :class:`pmet.data.InvalidRecordError`.
+    """
+    if isinstance(requests, dict) or hasattr(requests, "as_request"):
+        requests = [requests]
+    out = []
+    for i, r in enumerate(requests):
+        if hasattr(r, "as_request"):
+            r = r.as_request()
+        validate_request(r)
+        r = dict(r)
+        for k in ("target_new", "target_true"):
+            if isinstance(r.get(k), dict):
+                r[k] = r[k].get("str")
+        if not r["target_new"].startswith(" "):
+            r["target_new"] = " " + r["target_new"]
+        if tok is not None and not target_ids(tok, r["target_new"]):
+            raise InvalidRecordError(f"request {i}: target_new {r['target_new']!r} has no tokens")
+        r.setdefault("case_id", i)
+        out.append(r)
+    if not out:
+        raise InvalidRecordError("no requests to edit")
+    return out
+
+
+@torch.no_grad()
+def _at_subject(model: nn.Module, tok, templates: list[str], subjects: list[str], sites: list[tuple[str, int]],
+                batch_rows: int = 64) -> dict[tuple[str, int], torch.Tensor]:
+    """The tensors at ``sites`` at the subject's last token of each ``template`` filled with its subject:
+    ``{site: [n, d]}`` (float32, model device). The forward pass stops after the deepest site's block."""
+    device = next(model.parameters()).device
+    encoded = [encode_with_subject(tok, t, s) for t, s in zip(templates, subjects)]
+    stop = ("block", max(l for _, l in sites))
+    out = {s: [] for s in sites}
+    for start in range(0, len(encoded), batch_rows):
+        chunk = encoded[start:start + batch_rows]
+        ids, mask = pad_right([c[0] for c in chunk], pad_id_of(tok), device)
+        look = torch.tensor([c[1] for c in chunk], device=device)
+        with Trace(model, record=sites, stop_after=stop) as tr:
+            model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False)
+        rows = torch.arange(len(chunk), device=device)
+        for s in sites:
+            out[s].append(tr[s][rows, look].float())
+    return {s: torch.cat(v) for s, v in out.items()}
+
+
+def collect_keys(model: nn.Module, tok, requests: list[dict], layer: int, templates: list[list[str]],
+                 component: str = "mlp_key", averaging: str = "groups") -> torch.Tensor:
+    """Eq. 12: ``K1`` rows ``[n, d_in]``, the input of the edited weight at the subject's last token of
+    ``context.format(prompt)`` averaged over the context templates (MEMIT ``compute_ks``)."""
+    flat, groups = flatten(templates)
+    texts = [t.format(r["prompt"]) for r in requests for t in flat]
+    subjects = [r["subject"] for r in requests for _ in flat]
+    k = _at_subject(model, tok, texts, subjects, [(component, layer)])[(component, layer)]
+    return core.compute_keys(k.view(len(requests), len(flat), -1), groups, averaging)
+
+
+def current_outputs(model: nn.Module, tok, requests: list[dict], site: tuple[str, int]) -> torch.Tensor:
+    """The current vector at ``site`` (e.g. ``("mlp", L)``) at the subject's last token of each plain
+    prompt (MEMIT's ``cur_zs``): ``[n, d]``."""
+    return _at_subject(model, tok, [r["prompt"] for r in requests], [r["subject"] for r in requests], [site])[site]
+
+
+@dataclass
+class EditResult:
+    """What :func:`edit` did. Tensors are on the CPU; ``deltas`` are ``[d_out, d_in]`` (``v = W k``)."""
+
+    method: str
+    hparams: EditHparams
+    layers: tuple[int, ...]
+    requests: list[dict]
+    deltas: dict[str, torch.Tensor]  # weight name -> Δ
+    values: dict[str, torch.Tensor]  # value site ("mlp", "attn" or "block") -> V1 [n, d]
+    keys: dict[str, torch.Tensor]  # weight name -> K1 [n, d_in] (rows)
+    stats: dict[str, torch.Tensor]  # weight name -> E[kk^T] (C0 = λ · this)
+    residuals: dict[str, torch.Tensor]  # weight name -> spread residual R^l [d_out, n] (float64)
+    residual_norms: dict[str, float]  # weight name -> mean ||R|| (before spreading) when it was updated
+    value_info: list[dict]  # per request: steps, final loss terms, norms, cached
+    context_templates: list[list[str]]
+    timings: dict[str, float]
+    _model: nn.Module = field(repr=False, default=None)
+    _originals: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)
+    restored: bool = False
+
+    def restore(self) -> None:
+        """Put the original weights of every edited module back, bit for bit."""
+        with torch.no_grad():
+            for name, w0 in self._originals.items():
+                self._model.get_parameter(name).copy_(w0)
+        self.restored = True
+
+
+def _resolve_hparams(method: str, model: nn.Module, hparams) -> EditHparams:
+    if isinstance(hparams, EditHparams):
+        return hparams
+    if hparams is None:
+        return load_hparams(method, model)
+    if isinstance(hparams, dict):
+        return load_hparams(method, model, **hparams)
+    raise TypeError(f"hparams must be EditHparams, a dict of overrides or None, not {type(hparams).__name__}")
+
+
+BASELINES = ("rome", "ft", "mend")
+
+
+def edit(model: nn.Module, tok, requests, method: str = "pmet", hparams: EditHparams | dict | None = None,
+         cache_dir: str | Path | None = None, progress: bool = True, use_value_cache: bool = True) -> EditResult:
+    """Edit ``model`` in place so that each request's prompt continues with its ``target_new``.
+
+    ``method``: ``"pmet"``, ``"memit"``, ``"pmet-no-attn-delta"``, ``"pmet-with-attn-weights"``,
+    ``"pmet-even-spread"``, or a baseline ``"rome"``, ``"ft"`` (FT-W), ``"mend"`` (used to load hyperparameters when ``hparams`` is None or a dict of overrides;
+    an :class:`EditHparams` is used as given). ``cache_dir``: context templates, key statistics and value
+    vectors (default ``$PMET_CACHE_DIR``). Works on the model's device and dtype.
+    """
+    if method in BASELINES:  # ROME, FT-W and MEND: their own algorithms, the same result type
+        from importlib import import_module
+
+        apply = getattr(import_module(f".{method}", __package__), f"apply_{method}")
+        return apply(model, tok, requests, hparams=hparams, cache_dir=cache_dir, progress=progress)
+    t0 = time.perf_counter()
+    reqs = normalize_requests(requests, tok)
+    hp = _resolve_hparams(method, model, hparams)
+    layout = model.layout
+    layers = tuple(sorted(hp.layers if hp.layers is not None else layout.critical_layers))
+    if not layers or min(layers) < 0 or max(layers) >= layout.n_layers:
+        raise ValueError(f"critical layers {layers} out of range for a {layout.n_layers}-layer model")
+    L = layers[-1]
+    was_training = model.training
+    model.eval()
+    components = (["attn_out"] if hp.update_attn_weights else []) + ["mlp_out"]
+    value_name = {"attn_out": "attn", "mlp_out": "block" if hp.value_site == "block" else "mlp"}
+    timings = {}
+
+    templates = get_context_templates(model, tok, hp.context_length, hp.context_n_per_start, hp.context_seed,
+                                      cache_dir=cache_dir)
+    flat, _ = flatten(templates)
+    t1 = time.perf_counter()
+    timings["context_templates"] = t1 - t0
+
+    from ..stats import key_second_moments
+
+    mom2 = {comp: key_second_moments(model, tok, list(layers), component=KEY_SITE[comp], n_tokens=hp.mom2_n_tokens,
+                                     dtype=hp.mom2_dtype, corpus=hp.mom2_corpus, cache_dir=cache_dir,
+                                     progress=progress)
+            for comp in components}
+    t2 = time.perf_counter()
+    timings["key_statistics"] = t2 - t1
+
+    V, value_info = compute_values(model, tok, reqs, hp, flat, L, cache_dir=cache_dir, use_cache=use_value_cache,
+                                   progress=progress)
+    t3 = time.perf_counter()
+    timings["values"] = t3 - t2
+
+    names = {(comp, l): layout.weight_name(comp, l) for l in layers for comp in components}
+    originals = {n: model.get_parameter(n).detach().clone() for n in names.values()}
+    deltas, keys, stats, resids, resid_norms = {}, {}, {}, {}, {}
+    try:
+        for i, l in enumerate(tqdm(layers, desc=f"{hp.method}: updating layers", disable=not progress)):
+            for comp in components:
+                name = names[comp, l]
+                K = collect_keys(model, tok, reqs, l, templates, KEY_SITE[comp], hp.key_averaging)
+                cur = current_outputs(model, tok, reqs, (value_name[comp], L))
+                R = core.residual(V[value_name[comp]], cur)
+                Rl = core.spread_residual(R, len(layers) - 1, i, hp.spread)
+                C0 = mom2[comp][l]
+                delta = core.solve_update(Rl, K.T, C0, hp.mom2_update_weight)
+                layout.add_to_weight(model, comp, l, delta)
+                deltas[name] = delta.float().cpu()
+                keys[name] = K.cpu()
+                stats[name] = C0
+                resids[name] = Rl.cpu()
+                resid_norms[name] = float(R.norm(dim=0).mean())
+    except BaseException:
+        with torch.no_grad():
+            for n, w0 in originals.items():
+                model.get_parameter(n).copy_(w0)
+        raise
+    finally:
+        model.train(was_training)
+    timings["update"] = time.perf_counter() - t3
+    timings["total"] = time.perf_counter() - t0
+    return EditResult(
+        method=hp.method, hparams=hp, layers=layers, requests=reqs, deltas=deltas,
+        values={k: v.detach().cpu() for k, v in V.items()}, keys=keys, stats=stats, residuals=resids,
+        residual_norms=resid_norms,
+        value_info=value_info, context_templates=templates, timings=timings, _model=model, _originals=originals,
+    )

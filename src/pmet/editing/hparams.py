@@ -1,0 +1,170 @@
+"""Hyperparameters of the editor: one dataclass for PMET, MEMIT and the ablations, versioned JSON files.
+
+PMET, MEMIT and the ablations of Table 3 are *the same code* with different switches:
+
+========================== ============== =================== =================== ======== =========
+method                     value_site     optimize_attn_delta update_attn_weights spread   stop_rule
+========================== ============== =================== =================== ======== =========
+``pmet``                   components     True                False               sqrt     pmet
+``pmet-no-attn-delta``     components     False               False               sqrt     pmet
+``pmet-with-attn-weights`` components     True                True                sqrt     pmet
+``pmet-even-spread``       components     True                False               even     pmet
+``memit``                  block          False               False               even     memit
+========================== ============== =================== =================== ======== =========
+
+Files live in ``pmet/editing/hparams/`` and are looked up by :func:`load_hparams` in this order (the
+first that exists wins; ablations read the ``pmet`` files and then apply their switches):
+
+1. ``{method}_{model}_{dataset}.json``  2. ``{base}_{model}_{dataset}.json``  3. ``{base}_{model}.json``
+4. ``{base}_{family}_{dataset}.json`` / ``{base}_{family}.json`` for ``tiny-*`` models (family ``tiny``)
+5. ``{base}_default.json``
+
+where ``base`` is ``memit`` for MEMIT and ``pmet`` otherwise. ``layers: null`` means "the model's
+``layout.critical_layers``" (e.g. smollm2's causal-tracing choice, set in :mod:`pmet.models`).
+Keys starting with ``_`` are comments; ``version`` is the file format version; any other unknown key
+raises :class:`ValueError`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+HPARAMS_DIR = Path(__file__).resolve().parent / "hparams"
+FILE_VERSION = 1
+
+METHOD_SWITCHES: dict[str, dict[str, Any]] = {
+    "pmet": dict(value_site="components", optimize_attn_delta=True, update_attn_weights=False,
+                 spread="sqrt", stop_rule="pmet"),
+    "pmet-no-attn-delta": dict(value_site="components", optimize_attn_delta=False, update_attn_weights=False,
+                               spread="sqrt", stop_rule="pmet"),
+    "pmet-with-attn-weights": dict(value_site="components", optimize_attn_delta=True, update_attn_weights=True,
+                                   spread="sqrt", stop_rule="pmet"),
+    "pmet-even-spread": dict(value_site="components", optimize_attn_delta=True, update_attn_weights=False,
+                             spread="even", stop_rule="pmet"),
+    "memit": dict(value_site="block", optimize_attn_delta=False, update_attn_weights=False,
+                  spread="even", stop_rule="memit"),
+}
+METHODS = tuple(METHOD_SWITCHES)
+
+
+@dataclass(frozen=True)
+class EditHparams:
+    """Every knob of :func:`pmet.editing.edit`. Defaults are PMET's GPT-J CounterFact values (Appendix D)
+    except ``mom2_n_tokens``, which is kept CPU-friendly."""
+
+    method: str = "pmet"
+    # --- where to edit -----------------------------------------------------------------------------------
+    layers: tuple[int, ...] | None = None  # critical layers R; None = model.layout.critical_layers; L = max
+    # --- switches (see the table in the module docstring) ------------------------------------------------
+    value_site: str = "components"  # "components": δ^a, δ^m on a^L, m^L (PMET); "block": δ on h^L (MEMIT)
+    optimize_attn_delta: bool = True  # False = ablation "w/o δ^a"
+    update_attn_weights: bool = False  # True = ablation "w/ W_O^MHSA"
+    spread: str = "sqrt"  # Eq. 11: "sqrt" (PMET) or "even" (MEMIT)
+    stop_rule: str = "pmet"  # "pmet" (Appendix D) or "memit" (loss < loss_stop only)
+    # --- value optimisation (Eq. 10) ---------------------------------------------------------------------
+    v_lr: float = 0.2
+    v_num_grad_steps: int = 30
+    clamp_norm_factor: float = 0.75
+    v_weight_decay: float = 0.5
+    kl_factor: float = 1.0  # μ
+    nll_loss_factor: float = 1.0  # φ (initial)
+    phi_after_fit: float = 0.1  # φ once the target is the argmax everywhere (paper: 0.1, authors: 0.1·φ)
+    kl_stop: float = 0.01  # stop when μ·KL <= kl_stop after the fit (authors compare the weighted term)
+    loss_stop: float = 5e-2  # MEMIT's early stop (the authors' PMET code keeps it too)
+    kl_prompt: str = "{} is a"
+    v_batch_size: int = 16  # requests optimised together (fast path)
+    # --- context templates (prefixes of Eqs. 10 and 12) ---------------------------------------------------
+    context_length: int = 10  # tokens per generated prefix, start word included (MEMIT: max_out_len=10)
+    context_n_per_start: int = 1  # MEMIT: 5 generations over 5 start words
+    context_seed: int = 0
+    key_averaging: str = "groups"  # "groups" (MEMIT compute_ks: mean of per-group means) or "uniform" (Eq. 12)
+    # --- update (Eq. 9) ----------------------------------------------------------------------------------
+    mom2_update_weight: float = 6000.0  # λ
+    mom2_n_tokens: int = 100_000
+    mom2_dtype: str = "float32"
+    mom2_corpus: str = "wikitext"
+
+    def __post_init__(self):
+        checks = {
+            "value_site": ("components", "block"), "spread": ("sqrt", "even"),
+            "stop_rule": ("pmet", "memit"), "key_averaging": ("groups", "uniform"),
+            "mom2_dtype": ("float32", "float64"),
+        }
+        for name, allowed in checks.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"EditHparams.{name} must be one of {allowed}, not {getattr(self, name)!r}")
+        if self.value_site == "block" and (self.optimize_attn_delta or self.update_attn_weights):
+            raise ValueError("value_site='block' (MEMIT) has no attention delta and no attention values: "
+                             "set optimize_attn_delta=False and update_attn_weights=False")
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(sorted(int(l) for l in self.layers)))
+            if not self.layers:
+                raise ValueError("EditHparams.layers must be None or a non-empty list of layer indices")
+        if "{}" not in self.kl_prompt:
+            raise ValueError("kl_prompt must contain '{}' for the subject")
+        if self.v_num_grad_steps < 1 or self.v_batch_size < 1:
+            raise ValueError("v_num_grad_steps and v_batch_size must be >= 1")
+
+    def with_method(self, method: str) -> "EditHparams":
+        """A copy with ``method``'s switches (see :data:`METHOD_SWITCHES`)."""
+        return replace(self, method=method, **_switches(method))
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["layers"] = list(self.layers) if self.layers is not None else None
+        return d
+
+
+def _switches(method: str) -> dict:
+    if method not in METHOD_SWITCHES:
+        raise ValueError(f"unknown editing method {method!r}; known: {', '.join(METHODS)}")
+    return METHOD_SWITCHES[method]
+
+
+def hparams_from_dict(d: dict, method: str | None = None) -> EditHparams:
+    """Build :class:`EditHparams` from a dict (e.g. a JSON file); unknown keys raise ValueError."""
+    known = {f.name for f in fields(EditHparams)}
+    clean = {k: v for k, v in d.items() if not k.startswith("_") and k != "version"}
+    unknown = sorted(set(clean) - known)
+    if unknown:
+        raise ValueError(f"unknown hyperparameter(s) {unknown}; known: {sorted(known)}")
+    if d.get("version", FILE_VERSION) != FILE_VERSION:
+        raise ValueError(f"hparams file version {d.get('version')} not supported (expected {FILE_VERSION})")
+    if method is not None:
+        clean.update(method=method, **_switches(method))
+    return EditHparams(**clean)
+
+
+def _candidates(method: str, model_name: str, dataset: str) -> list[str]:
+    base = "memit" if method == "memit" else "pmet"
+    names = [f"{method}_{model_name}_{dataset}", f"{base}_{model_name}_{dataset}", f"{base}_{model_name}"]
+    if model_name.startswith("tiny-"):
+        names += [f"{base}_tiny_{dataset}", f"{base}_tiny"]
+    names.append(f"{base}_default")
+    return list(dict.fromkeys(names))
+
+
+def hparams_path(method: str, model: Any, dataset: str = "counterfact") -> Path:
+    """The JSON file :func:`load_hparams` would read."""
+    _switches(method)
+    name = model if isinstance(model, str) else getattr(model, "pmet_name", None) or "default"
+    for cand in _candidates(method, name, dataset):
+        p = HPARAMS_DIR / f"{cand}.json"
+        if p.exists():
+            return p
+    raise FileNotFoundError(f"no hyperparameter file for {method}/{name}/{dataset} in {HPARAMS_DIR}")
+
+
+def load_hparams(method: str = "pmet", model: Any = "default", dataset: str = "counterfact",
+                 **overrides) -> EditHparams:
+    """Hyperparameters for ``method`` on ``model`` (a registry name or a loaded model) and ``dataset``
+    (``"counterfact"`` or ``"zsre"``). The method's switches win over the file (so ablations share the
+    PMET file); ``overrides`` (single fields) win over both."""
+    path = hparams_path(method, model, dataset)
+    d = json.loads(path.read_text())
+    d.update(method=method, **_switches(method))
+    d.update(overrides)
+    return hparams_from_dict(d)

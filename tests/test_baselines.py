@@ -1,0 +1,202 @@
+"""Baselines FT-W, ROME and MEND on the tiny random models (fast: the whole file runs in well under a minute)."""
+
+import pytest
+import torch
+
+from pmet.editing.editor import normalize_requests
+from pmet.editing.ft import FTHparams, apply_ft, target_batch, target_nll
+from pmet.editing.mend import (MendEditor, MendHparams, apply_mend, gradient_factors, load_editor, sample_batch, train,
+                               training_examples, training_step)
+from pmet.editing.rome import RomeHparams, apply_rome
+
+REQS = [
+    {"prompt": "The mother tongue of {} is", "subject": "Danielle Darrieux", "target_new": "English", "case_id": 0},
+    {"prompt": "{} plays the", "subject": "Toko Yasuda", "target_new": {"str": "piano"}, "case_id": 1},
+]
+
+
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _assert_same(model, state):
+    now = model.state_dict()
+    assert all(torch.equal(now[k], v) for k, v in state.items())
+
+
+def _changed(model, state):
+    now = model.state_dict()
+    return {k for k, v in state.items() if not torch.equal(now[k], v)}
+
+
+# ---------------------------------------------------------------------------------------------- FT-W
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
+def test_ft_linf_ball_only_its_layer_and_restore(tiny_models, name):
+    model, tok = tiny_models[name]
+    before = _state(model)
+    eps = 2e-3
+    hp = FTHparams(layers=(2,), num_steps=5, lr=1e-2, norm_constraint=eps)
+    res = apply_ft(model, tok, REQS, hparams=hp)
+    wname = model.layout.weight_name("mlp_out", 2)
+    assert _changed(model, before) == {wname}
+    assert set(res.deltas) == {wname}
+    d = res.deltas[wname]
+    assert d.shape == tuple(model.layout.get_weight(model, "mlp_out", 2).shape)
+    assert d.abs().max() <= eps * (1 + 1e-5) and d.abs().max() > 0.5 * eps
+    w0 = before[wname].T if model.layout.conv1d else before[wname]
+    torch.testing.assert_close(model.layout.get_weight(model, "mlp_out", 2).detach(), w0 + d, rtol=0, atol=1e-6)
+    curve = res.value_info[0]["loss_curve"]
+    assert curve[-1] < curve[0]
+    res.restore()
+    _assert_same(model, before)
+
+
+# ---------------------------------------------------------------------------------------------- ROME
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gptj"])  # without and with a bias in W_O^FFN
+def test_rome_rank_one_and_key_maps_to_value(tiny_models, tmp_cache, name):
+    model, tok = tiny_models[name]
+    before = _state(model)
+    hp = RomeHparams(layer=1, v_num_grad_steps=5, mom2_n_tokens=1000)
+    res = apply_rome(model, tok, REQS[:1], hparams=hp)
+    wname = model.layout.weight_name("mlp_out", 1)
+    assert _changed(model, before) == {wname}
+    d = res.deltas[wname].double()
+    s = torch.linalg.svdvals(d)
+    assert s[1] / s[0] < 1e-6  # rank one
+    k, v = res.keys[wname][0].double(), res.values["mlp"][0].double()
+    w0 = (before[wname].T if model.layout.conv1d else before[wname]).double()
+    bias = model.layout.module(model, "mlp_out", 1).bias
+    b = bias.detach().double() if bias is not None else 0.0
+    torch.testing.assert_close((w0 + d) @ k + b, v, rtol=1e-4, atol=1e-4)  # (W + Δ) k* = v*
+    assert not torch.allclose(w0 @ k + b, v, atol=1e-3)
+    res.restore()
+    _assert_same(model, before)
+
+
+def test_rome_sequential_two_requests(tiny_models, tmp_cache):
+    model, tok = tiny_models["tiny-neox"]
+    before = _state(model)
+    hp = RomeHparams(layer=1, v_num_grad_steps=5, mom2_n_tokens=1000)
+    res = apply_rome(model, tok, REQS, hparams=hp)
+    wname = model.layout.weight_name("mlp_out", 1)
+    s = torch.linalg.svdvals(res.deltas[wname].double())
+    assert s[1] / s[0] > 1e-4 and s[2] / s[0] < 1e-6  # two rank-one edits
+    assert len(res.value_info) == 2 and res.values["mlp"].shape[0] == 2
+    # the second edit was computed on the model with the first one applied: its key still maps to its value
+    w = model.layout.get_weight(model, "mlp_out", 1).detach().double()
+    b = model.layout.module(model, "mlp_out", 1).bias.detach().double()
+    k2, v2 = res.keys[wname][1].double(), res.values["mlp"][1].double()
+    torch.testing.assert_close(w @ k2 + b, v2, rtol=1e-4, atol=1e-4)
+    res.restore()
+    _assert_same(model, before)
+
+
+# ---------------------------------------------------------------------------------------------- MEND
+def _tiny_mend_hp(**kw):
+    return MendHparams(**{**dict(rank=8, edit_lr_init=1e-2, lr=1e-3, lr_lr=1e-3, batch_size=2, steps=4,
+                                 checkpoint_every=2, log_every=1), **kw})
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
+def test_mend_identity_init_is_a_gradient_step(tiny_models, name):
+    model, tok = tiny_models[name]
+    before = _state(model)
+    hp = _tiny_mend_hp()
+    editor = MendEditor.for_model(model, hp)
+    reqs = normalize_requests(REQS, tok)
+    batch, labels = target_batch(tok, [r["prompt"].format(r["subject"]) for r in reqs], [r["target_new"] for r in reqs])
+    grads = {}
+    params = dict(model.named_parameters())
+    flags = {n: params[n].requires_grad for n in editor.names}
+    try:
+        for n in editor.names:
+            params[n].requires_grad_(True)
+        with torch.enable_grad():
+            g = torch.autograd.grad(target_nll(model(**batch).logits, labels).sum(), [params[n] for n in editor.names])
+    finally:
+        for n in editor.names:
+            params[n].requires_grad_(flags[n])
+    for n, gi in zip(editor.names, g):
+        grads[n] = gi.T if model.layout.conv1d else gi
+    factors, _ = gradient_factors(model, tok, reqs, editor.names)  # (u_t, δ_t) of the tokens with a gradient
+    res = apply_mend(model, tok, REQS, hparams=hp, editor=editor)
+    assert set(res.deltas) == set(editor.names) and len(editor.names) == 6  # mlp_in, mlp_out of the last 3
+    for n in editor.names:
+        d = res.deltas[n]
+        assert d.shape == grads[n].shape
+        torch.testing.assert_close(d, -hp.edit_lr_init * grads[n], rtol=1e-4, atol=1e-9)  # ΔW = -α ∇W
+        u, delta = factors[n]
+        torch.testing.assert_close(d, -hp.edit_lr_init * delta.T @ u, rtol=1e-4, atol=1e-9)  # Σ_t δ_t u_t^T
+        sv = torch.linalg.svdvals(d.double())
+        assert int((sv > 1e-5 * sv[0]).sum()) <= u.shape[0] < min(d.shape)  # rank <= number of tokens
+    res.restore()
+    _assert_same(model, before)
+
+
+@pytest.fixture(scope="module")
+def mend_examples():
+    return {"counterfact": training_examples("counterfact", limit=6), "zsre": training_examples("zsre", limit=6)}
+
+
+def test_mend_one_training_step_reduces_edit_loss(tiny_models, mend_examples):
+    model, tok = tiny_models["tiny-llama"]
+    before = _state(model)
+    hp = _tiny_mend_hp(c_loc=0.0, use_rephrase=False, lr=1e-3)
+    torch.manual_seed(0)
+    editor = MendEditor.for_model(model, hp).train()
+    opt = torch.optim.Adam(editor.parameters(), lr=hp.lr)
+    batch = sample_batch(mend_examples, hp, 0)
+    loss0, info0 = training_step(model, tok, editor, batch, hp)
+    opt.zero_grad()
+    loss0.backward()
+    opt.step()
+    editor.eval()  # the normalisation statistics of the first call (training mode updates them)
+    _, info1 = training_step(model, tok, editor, batch, hp)
+    assert info1["edit_nll_post"] < info0["edit_nll_post"]
+    _assert_same(model, before)  # training never writes into the model
+
+
+def test_mend_checkpoint_resume_and_missing_editor(tiny_models, tmp_cache, mend_examples):
+    model, tok = tiny_models["tiny-gptj"]
+    hp = _tiny_mend_hp()
+    with pytest.raises(FileNotFoundError, match="train it with: python -m pmet.editing.mend train"):
+        load_editor(model, hp)
+    straight = train(model, tok, hp, out_dir=tmp_cache / "a", examples=mend_examples, progress=False)
+    part = train(model, tok, hp, out_dir=tmp_cache / "b", examples=mend_examples, progress=False,
+                 max_steps_this_run=2)
+    assert not part.exists() and (tmp_cache / "b" / "checkpoints" / "latest.json").exists()
+    resumed = train(model, tok, hp, out_dir=tmp_cache / "b", examples=mend_examples, progress=False)
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(straight)), load_file(str(resumed))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)
+    rows = (tmp_cache / "b" / "curve.csv").read_text().strip().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3", "4"]
+    # the default location is used by the editing API
+    train(model, tok, hp, examples=mend_examples, progress=False)
+    before = _state(model)
+    res = apply_mend(model, tok, REQS, hparams=hp)
+    assert _changed(model, before) == set(res.deltas)
+    res.restore()
+    _assert_same(model, before)
+
+
+# ---------------------------------------------------------------------------------------------- API
+@pytest.mark.parametrize("method", ["ft", "rome"])
+def test_shared_edit_dispatch(tiny_models, tmp_cache, method):
+    from pmet.editing import edit
+
+    model, tok = tiny_models["tiny-llama"]
+    before = _state(model)
+    try:
+        res = edit(model, tok, REQS[:1], method=method, progress=False,
+                   hparams={"ft": {"num_steps": 2}, "rome": {"v_num_grad_steps": 3}}[method])
+    except ValueError as exc:
+        if "unknown editing method" in str(exc):
+            pytest.skip(f"pmet.editing.edit does not dispatch {method!r} yet")
+        raise
+    assert res.method == method and res.deltas
+    res.restore()
+    _assert_same(model, before)

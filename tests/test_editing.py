@@ -1,0 +1,233 @@
+"""Editor tests on the tiny random models (fast).
+
+The tiny models are random, so an edit can only be observed where the subject's last token is the
+position that predicts the target (prompt ``"... of {}"``): only one block follows the last critical layer
+and random attention barely carries information between positions.
+"""
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+from pmet.data import InvalidRecordError
+from pmet.editing import (
+    METHODS, EditHparams, compute_keys, compute_values, edit, forward_from_layer, load_hparams, solve_update,
+    spread_residual,
+)
+from pmet.editing.context import flatten, get_context_templates
+from pmet.editing.editor import normalize_requests
+from pmet.editing.values import block_input, pad_id_of, pad_right
+
+REQ = {"prompt": "The mother tongue of {}", "subject": "Danielle Darrieux", "target_new": "Paris"}
+REQS = [
+    REQ,
+    {"prompt": "{} plays the", "subject": "Toko Yasuda", "target_new": "basketball"},
+    {"prompt": "The capital of {} is", "subject": "Italy", "target_new": " London"},
+]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The tiny models are far faster on one thread (and the machine is shared)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _params(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _changed(model, before):
+    return {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+
+
+def _top(model, tok, text):
+    enc = tok(text, return_tensors="pt")
+    with torch.no_grad():
+        return int(model(**enc).logits[0, -1].argmax())
+
+
+# ---------------------------------------------------------------------------------------------- pure math
+def test_solve_update_normal_equations():
+    g = torch.Generator().manual_seed(0)
+    d_out, d_in, n = 7, 11, 3
+    R, K1 = torch.randn(d_out, n, generator=g), torch.randn(d_in, n, generator=g)
+    A = torch.randn(d_in, 2 * d_in, generator=g)
+    C0, lam = A @ A.T / (2 * d_in), 3.5
+    delta = solve_update(R, K1, C0, lam)
+    assert delta.dtype == torch.float64 and delta.shape == (d_out, d_in)
+    lhs = delta @ (lam * C0.double() + K1.double() @ K1.double().T)
+    torch.testing.assert_close(lhs, R.double() @ K1.double().T, rtol=1e-9, atol=1e-9)
+
+
+def test_spread_residual_eq11():
+    R = torch.randn(5, 2)
+    for L, l in [(8, 3), (8, 8), (5, 0)]:
+        torch.testing.assert_close(spread_residual(R, L, l, "sqrt"), R / math.sqrt(L - l + 1))
+        torch.testing.assert_close(spread_residual(R, L, l, "even"), R / (L - l + 1))
+    with pytest.raises(ValueError):
+        spread_residual(R, 3, 4)
+
+
+def test_compute_keys_groups_and_uniform():
+    k = torch.arange(12.0).view(1, 6, 2)  # one request, P = 1 + 5 prompts
+    torch.testing.assert_close(compute_keys(k, [1, 5], "uniform"), k.mean(1))
+    expected = (k[:, 0] + k[:, 1:].mean(1)) / 2  # MEMIT compute_ks: mean of the group means
+    torch.testing.assert_close(compute_keys(k, [1, 5], "groups"), expected)
+
+
+# ---------------------------------------------------------------------------------------------- hparams
+def test_load_hparams_files_and_switches():
+    hp = load_hparams("pmet", "gptj", "counterfact")
+    assert (hp.layers, hp.mom2_update_weight, hp.v_num_grad_steps, hp.v_lr, hp.clamp_norm_factor) == (
+        (3, 4, 5, 6, 7, 8), 6000, 30, 0.2, 0.75)
+    z = load_hparams("pmet", "gptj", "zsre")
+    assert (z.mom2_update_weight, z.v_num_grad_steps, z.v_lr) == (4500, 20, 0.5)
+    neox = load_hparams("pmet", "neox")
+    assert (neox.layers, neox.mom2_update_weight, neox.clamp_norm_factor) == ((6, 7, 8, 9, 10), 15000, 0.8)
+    memit = load_hparams("memit", "gptj")
+    assert (memit.value_site, memit.spread, memit.stop_rule, memit.kl_factor, memit.mom2_update_weight) == (
+        "block", "even", "memit", 0.0625, 15000)
+    assert load_hparams("pmet", "some-unknown-model").layers is None  # default file: layout's layers
+    assert load_hparams("pmet-with-attn-weights", "gptj").update_attn_weights
+    assert not load_hparams("pmet-no-attn-delta", "gptj").optimize_attn_delta
+    assert load_hparams("pmet-even-spread", "gptj").spread == "even"
+    with pytest.raises(ValueError, match="unknown hyperparameter"):
+        load_hparams("pmet", "gptj", not_a_field=1)
+    with pytest.raises(ValueError, match="unknown editing method"):
+        load_hparams("rome", "gptj")
+    with pytest.raises(ValueError):
+        EditHparams(value_site="block", optimize_attn_delta=True)
+
+
+# ---------------------------------------------------------------------------------------------- fast path
+def test_truncated_forward_equals_full(tiny):
+    model, tok = tiny
+    seqs = [tok("The mother tongue of Danielle Darrieux is")["input_ids"], tok("Paris is")["input_ids"]]
+    ids, mask = pad_right(seqs, pad_id_of(tok), "cpu")
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask).logits
+        for L in range(model.layout.n_layers):
+            h, _ = block_input(model, ids, mask, L)
+            top = model.get_output_embeddings()(forward_from_layer(model, h, L, mask))
+            torch.testing.assert_close(top[mask.bool()], full[mask.bool()], rtol=1e-5, atol=1e-6)
+    assert len(model.layout.blocks(model)) == model.layout.n_layers  # the block list is put back
+
+
+def test_batched_values_equal_one_at_a_time(tiny_models, tmp_cache):
+    model, tok = tiny_models["tiny-gptj"]
+    reqs = normalize_requests(REQS, tok)
+    flat, _ = flatten(get_context_templates(model, tok))
+    for method in ("pmet", "memit"):
+        hp = load_hparams(method, model, v_num_grad_steps=12, v_batch_size=len(reqs))
+        L = max(model.layout.critical_layers)
+        batched, _ = compute_values(model, tok, reqs, hp, flat, L, use_cache=False, progress=False)
+        single = [compute_values(model, tok, [r], replace(hp, v_batch_size=1), flat, L,
+                                 use_cache=False, progress=False)[0] for r in reqs]
+        for name, v in batched.items():
+            one = torch.cat([s[name] for s in single])
+            assert (v - one).norm(dim=1).max() <= 1e-4 * one.norm(dim=1).min(), (method, name)
+
+
+# ---------------------------------------------------------------------------------------------- the editor
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
+@pytest.mark.parametrize("method", ["pmet", "memit"])
+def test_edit_makes_target_top_and_restores(tiny_models, tmp_cache, name, method):
+    model, tok = tiny_models[name]
+    before = _params(model)
+    prompt = REQ["prompt"].format(REQ["subject"])
+    target = tok(" " + REQ["target_new"], add_special_tokens=False)["input_ids"][0]
+    assert _top(model, tok, prompt) != target
+    result = edit(model, tok, [REQ], method=method, progress=False)
+    try:
+        assert _top(model, tok, prompt) == target
+        crit = model.layout.critical_layers
+        assert _changed(model, before) == {model.layout.weight_name("mlp_out", l) for l in crit}
+        assert set(result.deltas) == {model.layout.weight_name("mlp_out", l) for l in crit}
+        # each Δ solves the normal equations of Eq. 8 with the keys, statistics and spread residual used
+        lam = result.hparams.mom2_update_weight
+        for w, delta in result.deltas.items():
+            K = result.keys[w].T.double()
+            lhs = delta.double() @ (lam * result.stats[w].double() + K @ K.T)
+            rhs = result.residuals[w] @ K.T
+            assert (lhs - rhs).norm() <= 1e-4 * rhs.norm()
+    finally:
+        result.restore()
+    assert not _changed(model, before)  # bit for bit
+
+
+def test_ablation_switches_change_exactly_their_weights(tiny_models, tmp_cache):
+    model, tok = tiny_models["tiny-llama"]
+    lay = model.layout
+    crit = lay.critical_layers
+    mlp_out = {lay.weight_name("mlp_out", l) for l in crit}
+    attn_out = {lay.weight_name("attn_out", l) for l in crit}
+    before = _params(model)
+    for method in METHODS:
+        result = edit(model, tok, [REQ], method=method, hparams={"v_num_grad_steps": 5}, progress=False)
+        changed = _changed(model, before)
+        result.restore()
+        expected = mlp_out | (attn_out if method == "pmet-with-attn-weights" else set())
+        assert changed == expected, method
+        info = result.value_info[0]
+        if method == "pmet-no-attn-delta":
+            assert info["delta_norm_attn"] == 0.0 and info["delta_norm_mlp"] > 0
+        elif method == "memit":
+            assert set(result.values) == {"block"}
+        else:
+            assert info["delta_norm_attn"] > 0 and info["delta_norm_mlp"] > 0
+    assert not _changed(model, before)
+
+
+def test_even_vs_sqrt_spread_scales_the_first_layer_update(tiny_models, tmp_cache):
+    model, tok = tiny_models["tiny-neox"]
+    hp = {"v_num_grad_steps": 5}
+    sqrt = edit(model, tok, [REQ], method="pmet", hparams=hp, progress=False)
+    sqrt.restore()
+    even = edit(model, tok, [REQ], method="pmet-even-spread", hparams=hp, progress=False)
+    even.restore()
+    assert all(i["cached"] for i in even.value_info)  # same values (the spread does not change them)
+    first = model.layout.weight_name("mlp_out", min(model.layout.critical_layers))
+    n = len(model.layout.critical_layers)  # L - l + 1 at the first critical layer
+    torch.testing.assert_close(sqrt.deltas[first], even.deltas[first] * n / math.sqrt(n), rtol=1e-4, atol=1e-7)
+    last = model.layout.weight_name("mlp_out", max(model.layout.critical_layers))
+    assert last in sqrt.deltas and last in even.deltas
+
+
+def test_value_cache_is_hit_on_second_call(tiny_models, tmp_cache):
+    model, tok = tiny_models["tiny-gpt2"]
+    first = edit(model, tok, REQS[:2], method="pmet", hparams={"v_num_grad_steps": 5}, progress=False)
+    first.restore()
+    assert not any(i["cached"] for i in first.value_info)
+    assert list((tmp_cache / "values").rglob("*.safetensors"))
+    second = edit(model, tok, REQS[:2], method="pmet", hparams={"v_num_grad_steps": 5}, progress=False)
+    second.restore()
+    assert all(i["cached"] for i in second.value_info)
+    for k in first.values:
+        assert torch.equal(first.values[k], second.values[k])
+    third = edit(model, tok, REQS[:2], method="pmet", hparams={"v_num_grad_steps": 6}, progress=False)
+    third.restore()
+    assert not any(i["cached"] for i in third.value_info)  # a different setting is a different key
+
+
+@pytest.mark.parametrize("bad", [
+    {"prompt": "no slot here", "subject": "Danielle Darrieux", "target_new": "Paris"},
+    {"prompt": "The mother tongue of {}", "subject": "Danielle Darrieux"},
+    {"prompt": "The mother tongue of {}", "subject": "Danielle Darrieux", "target_new": "  "},
+    {"prompt": "The mother tongue of {}", "subject": "", "target_new": "Paris"},
+])
+def test_bad_request_raises_before_any_change(tiny_models, tmp_cache, bad):
+    model, tok = tiny_models["tiny-gptj"]
+    before = _params(model)
+    with pytest.raises(InvalidRecordError):
+        edit(model, tok, [REQ, bad], method="pmet", progress=False)
+    assert not _changed(model, before)
+
+
+def test_targets_get_a_leading_space():
+    reqs = normalize_requests([{**REQ, "target_new": {"str": "Paris"}}, {**REQ, "target_new": " Paris"}])
+    assert [r["target_new"] for r in reqs] == [" Paris", " Paris"]
