@@ -1,0 +1,132 @@
+"""Per-record evaluation results as JSON Lines, appended and flushed per batch, resumable.
+
+File format: an optional first line ``{"_meta": {...}}`` (what produced the file: dataset, whether
+generation metrics were computed, ...) followed by one JSON object per record with a ``case_id``.
+Opening an existing file checks that its meta agrees with the caller's on the keys both give (a file
+written without generation cannot be resumed with generation, or vice versa) and drops a trailing
+partial line left by an interrupted write. ``done_ids()`` are the case_ids to skip when resuming.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+__all__ = ["ResultsFile", "load_results", "summarize_file"]
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return _jsonable(x.tolist())
+    if isinstance(x, (np.bool_,)):
+        return bool(x)
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, (np.floating, float)):
+        f = float(x)
+        return None if math.isnan(f) or math.isinf(f) else f
+    return x
+
+
+class ResultsFile:
+    """Append-only JSON Lines file of per-record results (one per ``case_id``)."""
+
+    def __init__(self, path: str | os.PathLike, meta: dict | None = None):
+        self.path = Path(path)
+        self.meta = dict(meta or {})
+        self._rows: dict = {}
+        if self.path.exists():
+            file_meta, rows = self._read_and_repair()
+            clash = {k: (file_meta[k], v) for k, v in self.meta.items() if k in file_meta and file_meta[k] != v}
+            if clash:
+                raise ValueError(f"{self.path} was written with different settings {clash} (file, now); "
+                                 "use another out_path or delete the file to start over")
+            self.meta = {**file_meta, **self.meta}
+            for r in rows:
+                self._rows[r["case_id"]] = r
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "w", encoding="utf-8") as f:
+                if self.meta:
+                    f.write(json.dumps({"_meta": _jsonable(self.meta)}) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+
+    def _read_and_repair(self) -> tuple[dict, list[dict]]:
+        raw = self.path.read_bytes()
+        good_end = raw.rfind(b"\n") + 1  # everything after the last newline is a partial write
+        if good_end < len(raw):
+            with open(self.path, "r+b") as f:
+                f.truncate(good_end)
+        meta, rows = {}, []
+        for line in raw[:good_end].decode("utf-8").splitlines():
+            if not line.strip():
+                continue
+            obj = json.loads(line)
+            if "_meta" in obj:
+                meta = obj["_meta"]
+            else:
+                rows.append(obj)
+        return meta, rows
+
+    def done_ids(self) -> set:
+        return set(self._rows)
+
+    def rows(self) -> list[dict]:
+        return list(self._rows.values())
+
+    def get(self, case_id):
+        return self._rows.get(case_id)
+
+    def append(self, rows: Iterable[dict]) -> None:
+        """Append rows (one line each) and flush + fsync, so a crash loses at most the current batch."""
+        rows = [_jsonable(r) for r in rows]
+        if not rows:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            for r in rows:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        for r in rows:
+            self._rows[r["case_id"]] = r
+
+
+def load_results(path: str | os.PathLike) -> tuple[dict, list[dict]]:
+    """``(meta, rows)`` of a results file (a trailing partial line is ignored, the file is not modified)."""
+    meta, rows = {}, []
+    text = Path(path).read_text(encoding="utf-8")
+    lines = text.split("\n")
+    for line in lines[:-1] if not text.endswith("\n") else lines:
+        if not line.strip():
+            continue
+        obj = json.loads(line)
+        if "_meta" in obj:
+            meta = obj["_meta"]
+        else:
+            rows.append(obj)
+    return meta, rows
+
+
+def summarize_file(path: str | os.PathLike, ci: str = "normal", **kwargs) -> dict:
+    """Summary of a results file (CounterFact or zsRE, from its meta ``dataset``)."""
+    meta, rows = load_results(path)
+    dataset = meta.get("dataset")
+    if dataset == "zsre":
+        from .zsre import summarize_zsre
+
+        return summarize_zsre(rows, ci=ci, **kwargs)
+    if dataset == "counterfact":
+        from .counterfact import summarize_counterfact
+
+        return summarize_counterfact(rows, ci=ci, **kwargs)
+    raise ValueError(f"{path}: unknown dataset {dataset!r} in its meta line")
