@@ -31,10 +31,9 @@ def configure(params: dict, small: dict | None = None, names: list[str] | None =
     becomes a fresh temporary directory (with its own cache, so nothing is reused from earlier runs), so CI
     runs are fast, honest and never overwrite committed results.
     """
-    import types
-
-    keys = names or [k for k, v in params.items() if not k.startswith("_") and k.islower()
-                     and not isinstance(v, (types.ModuleType, types.FunctionType, type)) and k not in ("In", "Out")]
+    simple = (str, int, float, bool, list, tuple, dict, type(None))
+    keys = names or [k for k, v in params.items() if not k.startswith("_") and k.islower() and isinstance(v, simple)
+                     and k not in ("In", "Out")]
     cfg = {k: params[k] for k in keys if k in params}
     if os.environ.get(SMALL_ENV) == "1":
         cfg.update(small or {})
@@ -156,7 +155,8 @@ def ablation_table(summaries: dict, reference: str = "pmet") -> pd.DataFrame:
     """Table 3 layout: ``summaries[(n_edits, method)]``; each ablation's cells carry the signed difference
     to PMET at the same edit count (↑ / ↓ / →)."""
     rows = []
-    for (n, method), s in sorted(summaries.items(), key=lambda kv: (kv[0][0], kv[0][1] != reference, kv[0][1])):
+    order = {m: i for i, m in enumerate([reference, *DISPLAY])}  # the paper's row order
+    for (n, method), s in sorted(summaries.items(), key=lambda kv: (kv[0][0], order.get(kv[0][1], 99))):
         ref = summaries.get((n, reference))
         row = {"Edits": n, "Editor": DISPLAY.get(method, method)}
         for head, key in CF_COLUMNS:

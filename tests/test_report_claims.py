@@ -1,0 +1,61 @@
+import json
+
+import pandas as pd
+import pytest
+
+from pmet.claims import claims_frame, save_summaries, verdict, write_claims
+from pmet.report import ablation_table, grid_table, save_table, sweep_sizes
+
+
+def _s(**kw):
+    out = {"n_edits": 10}
+    for k, (m, lo, hi) in kw.items():
+        out[k], out[f"{k}_ci"], out[f"{k}_n"] = m, (lo, hi), 10
+    return out
+
+
+def test_sweep_sizes_follow_the_paper():
+    sizes = sweep_sizes(10_000)
+    assert sizes[0] == 1 and sizes[-1] == 10_000 and len(sizes) == 17
+    assert 5623 in sizes  # the paper's middle size of Table 3
+    assert sweep_sizes(4) == [1, 2, 3, 4]
+
+
+def test_verdicts():
+    a, b = _s(efficacy=(90, 88, 92)), _s(efficacy=(80, 78, 82))
+    assert verdict(a, b, "efficacy", +1)[0] == "holds"
+    assert verdict(a, b, "efficacy", -1)[0] == "does not hold"
+    c = _s(efficacy=(81, 75, 87))
+    assert verdict(c, b, "efficacy", +1)[0] == "inconclusive (CIs overlap)"
+    assert verdict(a, {}, "efficacy", +1)[0] == "not measured"
+
+
+def test_tables_and_claims_roundtrip(tmp_path):
+    pm = _s(efficacy=(99, 98, 100), generalization=(90, 88, 92), specificity=(60, 58, 62))
+    pm["score"] = 80.0
+    me = _s(efficacy=(95, 94, 96), generalization=(80, 78, 82), specificity=(70, 68, 72))
+    me["score"] = 80.5
+    grid = {"m": {"memit": me, "pmet": pm, "mend": {"unavailable": "not trained", "n_edits": 10}}}
+    t = grid_table(grid)
+    assert list(t.Editor) == ["MEMIT", "PMET", "MEND"] and t.loc[2, "Efficacy"] == "n/a"
+    assert t.loc[1, "Efficacy"] == "99.0 (1.0)"
+    paths = save_table(t, "table1_m", tmp_path, "caption")
+    assert all(p.exists() for p in paths) and "caption" in paths[1].read_text()
+    assert json.loads((tmp_path / "tables" / "manifest.json").read_text())["table1_m.csv"]["caption"] == "caption"
+    save_summaries(grid, "table1_m", tmp_path)
+    df = write_claims(tmp_path)
+    got = dict(zip(df.claim, df.verdict))
+    assert got["PMET > MEMIT on efficacy"] == "holds"
+    assert got["PMET < MEMIT on specificity"] == "holds"
+    assert got["PMET > MEMIT on score"] == "inconclusive (CIs overlap)"
+    assert (tmp_path / "tables" / "claims.md").read_text().startswith("# The paper's claims")
+
+
+def test_ablation_table_marks_differences(tmp_path):
+    s = {(10, "pmet"): _s(efficacy=(90, 0, 0)), (10, "pmet-even-spread"): _s(efficacy=(80, 0, 0))}
+    t = ablation_table(s)
+    assert list(t.Editor) == ["PMET", "Even spread"]
+    assert t.loc[1, "Efficacy"] == "80.0 (↓10.0)"
+    save_summaries(s, "table3_m", tmp_path)
+    df = claims_frame(tmp_path)
+    assert (df.artifact == "Table 3").any()
