@@ -38,13 +38,13 @@ def grid_search(model, tok, method: str, grid: dict, n: int = 10, seed: int = 0,
     done = set()
     if out_csv.exists():
         with open(out_csv) as f:
-            done = {r["config"] for r in csv.DictReader(f)}
+            done = {(r["config"], int(r["n"]), int(r["seed"])) for r in csv.DictReader(f)}
     keys = sorted(grid)
     rows = []
     for combo in itertools.product(*(grid[k] for k in keys)):
         overrides = {**(base or {}), **dict(zip(keys, combo))}
         tag = json.dumps(overrides, sort_keys=True)
-        if tag in done:
+        if (tag, len(records), seed) in done:
             continue
         hp = load_hparams(method, model, "counterfact", **overrides)
         t0 = time.perf_counter()
