@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from .editing.editor import MethodUnavailable  # noqa: F401  (re-exported for notebooks)
 from .paths import cache_dir
 
 UNEDITED = "none"
@@ -129,10 +130,6 @@ def run_edit_eval(
     tmp.write_text(json.dumps(summary, indent=1, sort_keys=True, default=str))
     os.replace(tmp, summary_path)
     return summary
-
-
-class MethodUnavailable(RuntimeError):
-    """An editor cannot run here (e.g. MEND's hypernetwork was never trained for this model)."""
 
 
 PAPER_SIZES = {"gptj": 10_000, "neox": 10_000}

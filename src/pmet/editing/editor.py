@@ -167,6 +167,11 @@ def _resolve_hparams(method: str, model: nn.Module, hparams) -> EditHparams:
 BASELINES = ("rome", "ft", "mend")
 
 
+class MethodUnavailable(FileNotFoundError):
+    """An editor cannot run here because something it needs was never produced (e.g. MEND's trained
+    hypernetwork for this model); the message says how to produce it."""
+
+
 def edit(model: nn.Module, tok, requests, method: str = "pmet", hparams: EditHparams | dict | None = None,
          cache_dir: str | Path | None = None, progress: bool = True, use_value_cache: bool = True) -> EditResult:
     """Edit ``model`` in place so that each request's prompt continues with its ``target_new``.

@@ -267,7 +267,9 @@ def load_editor(model: nn.Module, hp: MendHparams, cache_dir=None) -> MendEditor
     path = editor_dir(model, hp, cache_dir) / "editor.safetensors"
     if not path.exists():
         name = getattr(model, "pmet_name", "<model>")
-        raise FileNotFoundError(
+        from .editor import MethodUnavailable
+
+        raise MethodUnavailable(
             f"no trained MEND editor for {name} at {path}; train it with: {train_command(name)} "
             "(set PMET_CACHE_DIR to the same cache directory)")
     editor, _ = load_editor_file(path, hp)
