@@ -42,8 +42,8 @@ class ModelSpec:
 
 
 # smollm2's critical layers come from causal tracing (notebooks/causal_trace.ipynb); see
-# src/pmet/editing/hparams/README.md for the evidence. Until then the layout default applies.
-SMOLLM2_CRITICAL_LAYERS: tuple[int, ...] | None = None
+# src/pmet/editing/hparams/CRITICAL_LAYERS.md for the evidence and the choice between the traced candidates.
+SMOLLM2_CRITICAL_LAYERS: tuple[int, ...] | None = (4, 5, 6, 7, 8)
 
 MODEL_SPECS: dict[str, ModelSpec] = {
     "smollm2": ModelSpec(
