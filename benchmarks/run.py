@@ -50,7 +50,7 @@ def main(argv=None) -> int:
 
     if a.threads:
         torch.set_num_threads(a.threads)
-    from pmet.data import corpus_id, load_counterfact, load_text_corpus, load_zsre  # noqa: F401
+    from pmet.data import load_text_corpus, load_zsre
     from pmet.editing import core, load_hparams
     from pmet.editing.context import flatten, get_context_templates
     from pmet.editing.values import compute_values

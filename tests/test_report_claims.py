@@ -1,7 +1,7 @@
 import json
 
-import pandas as pd
-import pytest
+
+
 
 from pmet.claims import claims_frame, save_summaries, verdict, write_claims
 from pmet.report import ablation_table, grid_table, save_table, sweep_sizes

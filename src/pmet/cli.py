@@ -35,16 +35,14 @@ def cmd_models(args) -> int:
 
 
 def cmd_edit(args) -> int:
-    from .editing import edit, load_hparams
-    from .editing.editor import BASELINES
+    from .editing import edit, hparams_for
     from .models import load_model
 
     model, tok = load_model(args.model, device=args.device)
     request = {"prompt": args.prompt, "subject": args.subject, "target_new": args.target}
     if args.target_true:
         request["target_true"] = args.target_true
-    # baselines resolve their own hyperparameter files (hparams/{rome,ft,mend}_<model>.json)
-    hparams = None if args.method in BASELINES else load_hparams(args.method, model, args.dataset)
+    hparams = hparams_for(args.method, model, args.dataset)
     filled = args.prompt.format(args.subject) if "{}" in args.prompt else args.prompt
     before = _top_predictions(model, tok, filled, args.top_k)
     result = edit(model, tok, [request], method=args.method, hparams=hparams, cache_dir=args.cache_dir)

@@ -85,12 +85,12 @@ def run_edit_eval(
     The summary holds the metrics in percent with 95% CIs (normal approximation) and their n's, the
     editor's timings, and ``delta_norms`` (Frobenius norm of Δ per edited weight, for Fig. 4).
     """
-    from .editing import edit, load_hparams
+    from .editing import edit, hparams_for
     from .evaluation import evaluate_counterfact, evaluate_zsre, summarize_counterfact, summarize_zsre
 
     runs_dir = Path(runs_dir) if runs_dir is not None else cache_dir() / "runs"
     records = table_records(dataset, n_edits, seed)
-    hp = None if method == UNEDITED else (hparams or load_hparams(method, model, dataset))
+    hp = None if method == UNEDITED else (hparams or hparams_for(method, model, dataset))
     name = getattr(model, "pmet_name", "model")
     out = run_dir(runs_dir, name, dataset, method, len(records), seed, _hparams_id(hp), generation)
     summary_path = out / "summary.json"

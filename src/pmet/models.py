@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .layouts import Layout, layout_for
+from .layouts import layout_for
 from .paths import cache_dir
 
 

@@ -14,19 +14,16 @@ every token and needs no padding. MEMIT calls the statistic ``mom2`` and stores 
 from __future__ import annotations
 
 import json
-import os
-import warnings
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from .hooks import Trace
 from .models import model_fingerprint
 from .paths import cache_dir as default_cache_dir
+from .tensor_cache import load_entry, save_entry
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -51,34 +48,6 @@ def corpus_token_windows(tok, texts: list[str], seq_len: int, n_tokens: int) -> 
 def _cache_path(root: Path, fingerprint: str, component: str, layer: int, corpus: str, n_tokens: int,
                 dtype: str, seq_len: int) -> Path:
     return root / "stats" / fingerprint / f"{component}_l{layer}_{corpus}_n{n_tokens}_s{seq_len}_{dtype}.safetensors"
-
-
-def _load_cached(path: Path, expect: dict) -> torch.Tensor | None:
-    if not path.exists():
-        return None
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        tensors = load_file(str(path))
-        mom2 = tensors["mom2"]
-        ok = json.loads(meta.get("key", "{}")) == expect and torch.isfinite(mom2).all()
-        if ok:
-            return mom2
-        reason = "its metadata does not match or it holds non-finite values"
-    except (SafetensorError, OSError, KeyError, ValueError, RuntimeError) as exc:
-        reason = f"{type(exc).__name__}: {exc}"
-    warnings.warn(f"recomputing corrupt key-statistics cache {path} ({reason})")
-    return None
-
-
-def _save_atomic(path: Path, mom2: torch.Tensor, key: dict, count: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    save_file({"mom2": mom2.contiguous().cpu()}, str(tmp),
-              metadata={"key": json.dumps(key, sort_keys=True), "count": str(count)})
-    os.replace(tmp, path)
 
 
 @torch.no_grad()
@@ -116,9 +85,9 @@ def key_second_moments(
         key = {"model": fp, "component": component, "layer": layer, "corpus": cid, "n_tokens": n_tokens,
                "dtype": dtype, "seq_len": seq_len}
         path = _cache_path(root, fp, component, layer, cid, n_tokens, dtype, seq_len)
-        cached = _load_cached(path, key)
-        if cached is not None:
-            results[layer] = cached
+        hit = load_entry(path, json.dumps(key, sort_keys=True), ["mom2"])
+        if hit is not None:
+            results[layer] = hit[0]["mom2"]
         else:
             paths[layer] = (path, key)
     if not paths:
@@ -148,10 +117,7 @@ def key_second_moments(
     for l in todo:
         mom2 = (acc[l] / count).cpu()
         path, key = paths[l]
-        try:
-            _save_atomic(path, mom2, key, count)
-        except OSError as exc:
-            warnings.warn(f"could not cache key statistics at {path}: {exc}")
+        save_entry(path, {"mom2": mom2}, json.dumps(key, sort_keys=True), {"count": count})
         results[l] = mom2
     return results
 

@@ -10,12 +10,13 @@
 
 from .core import compute_keys, solve_update, spread_factor, spread_residual
 from .context import get_context_templates
-from .editor import EditResult, collect_keys, current_outputs, edit, normalize_requests
+from .editor import (BASELINES, EditResult, MethodUnavailable, collect_keys, current_outputs, edit, hparams_for,
+                     normalize_requests)
 from .hparams import METHODS, EditHparams, hparams_path, load_hparams
 from .values import compute_values, forward_from_layer
 
 __all__ = [
-    "edit", "EditResult", "EditHparams", "load_hparams", "hparams_path", "METHODS",
+    "edit", "EditResult", "hparams_for", "BASELINES", "MethodUnavailable", "EditHparams", "load_hparams", "hparams_path", "METHODS",
     "solve_update", "spread_residual", "spread_factor", "compute_keys", "collect_keys", "current_outputs",
     "compute_values", "forward_from_layer", "get_context_templates", "normalize_requests",
 ]

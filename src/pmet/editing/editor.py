@@ -167,6 +167,20 @@ def _resolve_hparams(method: str, model: nn.Module, hparams) -> EditHparams:
 BASELINES = ("rome", "ft", "mend")
 
 
+def hparams_for(method: str, model: nn.Module, dataset: str = "counterfact", **overrides):
+    """The hyperparameters ``edit(method=...)`` would use on ``model`` for ``dataset``: an
+    :class:`EditHparams` for PMET/MEMIT/ablations, the baseline's own dataclass for ROME/FT-W/MEND."""
+    if method in BASELINES:
+        from importlib import import_module
+
+        from .ft import resolve_hparams
+
+        cls = {"ft": "FTHparams", "rome": "RomeHparams", "mend": "MendHparams"}[method]
+        return resolve_hparams(getattr(import_module(f".{method}", __package__), cls), method, model,
+                               overrides or None, dataset)
+    return load_hparams(method, model, dataset, **overrides)
+
+
 class MethodUnavailable(FileNotFoundError):
     """An editor cannot run here because something it needs was never produced (e.g. MEND's trained
     hypernetwork for this model); the message says how to produce it."""

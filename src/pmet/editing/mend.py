@@ -34,12 +34,11 @@ import argparse
 import csv
 import hashlib
 import json
-import math
 import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch

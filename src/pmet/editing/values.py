@@ -47,8 +47,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +58,7 @@ from tqdm.auto import tqdm
 from ..hooks import Trace
 from ..models import model_fingerprint
 from ..paths import cache_dir as default_cache_dir
+from ..tensor_cache import load_entry, save_entry
 from .hparams import EditHparams
 
 CACHE_VERSION = 1
@@ -342,37 +341,6 @@ def value_cache_key(model_id: dict, hp: EditHparams, layer: int, templates: list
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def _load(path: Path, key: str, names) -> tuple[dict, dict] | None:
-    if not path.exists():
-        return None
-    try:
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        tensors = load_file(str(path))
-        if meta.get("key") == key and set(names) <= set(tensors) and all(
-                torch.isfinite(tensors[n]).all() for n in names):
-            return tensors, json.loads(meta.get("info", "{}"))
-    except Exception as exc:  # corrupt file: recompute
-        warnings.warn(f"recomputing unreadable value cache {path}: {exc}")
-    return None
-
-
-def _save(path: Path, key: str, tensors: dict, info: dict) -> None:
-    from safetensors.torch import save_file
-
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        save_file({n: t.detach().float().cpu().contiguous() for n, t in tensors.items()}, str(tmp),
-                  metadata={"key": key, "info": json.dumps(info)})
-        os.replace(tmp, path)
-    except OSError as exc:
-        warnings.warn(f"could not cache values at {path}: {exc}")
-
-
 def compute_values(model: nn.Module, tok, requests: list[dict], hp: EditHparams, templates: list[str],
                    layer: int, cache_dir: str | Path | None = None, use_cache: bool = True,
                    progress: bool = True) -> tuple[dict[str, torch.Tensor], list[dict]]:
@@ -389,7 +357,7 @@ def compute_values(model: nn.Module, tok, requests: list[dict], hp: EditHparams,
         for i, req in enumerate(requests):
             keys[i] = value_cache_key(model_id, hp, layer, templates, req)
             paths[i] = root / "values" / model_id["fingerprint"] / f"{keys[i]}.safetensors"
-            hit = _load(paths[i], keys[i], names)
+            hit = load_entry(paths[i], keys[i], names)
             if hit is not None:
                 results[i] = {n: hit[0][n].to(device) for n in names}
                 infos[i] = {**hit[1], "cached": True}
@@ -401,5 +369,5 @@ def compute_values(model: nn.Module, tok, requests: list[dict], hp: EditHparams,
             results[i] = {n: vals[n][j] for n in names}
             infos[i] = {**info[j], "cached": False}
             if use_cache:
-                _save(paths[i], keys[i], results[i], info[j])
+                save_entry(paths[i], {n: t.float() for n, t in results[i].items()}, keys[i], info[j])
     return {n: torch.stack([r[n] for r in results]) for n in names}, infos

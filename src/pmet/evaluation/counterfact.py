@@ -27,14 +27,13 @@ each mean rests on. ``score`` is the harmonic mean of the efficacy, generalizati
 from __future__ import annotations
 
 import math
-import time
 from typing import Sequence
 
 import numpy as np
 from torch import nn
 
 from .generation import ConsistencyScorer, generate_fast, n_gram_entropy, word_tokenizer_name
-from .results import ResultsFile
+from .results import ResultsFile, evaluate_resumable
 from .scoring import DEFAULT_MAX_BATCH_TOKENS, _pad_id, prompt_ids, score_id_pairs, target_ids
 from .stats import CI, harmonic_mean, mean_ci
 
@@ -136,18 +135,11 @@ def evaluate_counterfact(
         file_meta.update(seed=seed, max_out_len=max_out_len, top_k=top_k)
     store = ResultsFile(out_path, file_meta) if out_path is not None else None
     done = store.done_ids() if store is not None else set()
-    todo = [r for r in records if r.case_id not in done]
-    if generation and consistency is None and any(r.full_fields and r.generation_prompts for r in todo):
+    if generation and consistency is None and any(
+            r.full_fields and r.generation_prompts for r in records if r.case_id not in done):
         consistency = ConsistencyScorer()
-    new_rows: dict = {}
-    bar = None
-    if progress and todo:
-        from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(todo), desc="CounterFact eval", unit="rec")
-    for b0 in range(0, len(todo), batch_size):
-        chunk = todo[b0:b0 + batch_size]
-        t0 = time.perf_counter()
+    def score_batch(chunk):
         rows = _score_records(model, tok, chunk, fast, max_batch_tokens)
         if generation:
             gen_recs = [(i, r) for i, r in enumerate(chunk) if r.full_fields and r.generation_prompts]
@@ -163,22 +155,9 @@ def evaluate_counterfact(
                 rows[i].update(consistency.score(r, t))
                 if keep_texts:
                     rows[i]["generated"] = t
-        dt = (time.perf_counter() - t0) / max(len(chunk), 1)
-        for row in rows:
-            row["eval_seconds"] = dt
-        if store is not None:
-            store.append(rows)
-        for row in rows:
-            new_rows[row["case_id"]] = row
-        if bar is not None:
-            bar.update(len(chunk))
-    if bar is not None:
-        bar.close()
-    out = []
-    for r in records:
-        row = new_rows.get(r.case_id) or (store.get(r.case_id) if store is not None else None)
-        out.append(row)
-    return out
+        return rows
+
+    return evaluate_resumable(records, score_batch, batch_size, store, "CounterFact eval", progress)
 
 
 def _metric_values(rows, name):

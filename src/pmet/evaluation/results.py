@@ -130,3 +130,30 @@ def summarize_file(path: str | os.PathLike, ci: str = "normal", **kwargs) -> dic
 
         return summarize_counterfact(rows, ci=ci, **kwargs)
     raise ValueError(f"{path}: unknown dataset {dataset!r} in its meta line")
+
+
+def evaluate_resumable(records, score_batch, batch_size: int, store: "ResultsFile | None", desc: str,
+                       progress: bool = True) -> list[dict]:
+    """The loop both evaluations share: skip records already in ``store``, score the rest ``batch_size``
+    at a time with ``score_batch(chunk) -> rows`` (one row per record, with ``case_id``), time them,
+    append each batch to ``store`` as it finishes, and return one row per record in ``records`` order."""
+    import time
+
+    from tqdm.auto import tqdm
+
+    done = store.done_ids() if store is not None else set()
+    todo = [r for r in records if r.case_id not in done]
+    new_rows: dict = {}
+    with tqdm(total=len(todo), desc=desc, unit="rec", disable=not (progress and todo)) as bar:
+        for b0 in range(0, len(todo), batch_size):
+            chunk = todo[b0:b0 + batch_size]
+            t0 = time.perf_counter()
+            rows = score_batch(chunk)
+            dt = (time.perf_counter() - t0) / max(len(chunk), 1)
+            for row in rows:
+                row["eval_seconds"] = dt
+                new_rows[row["case_id"]] = row
+            if store is not None:
+                store.append(rows)
+            bar.update(len(chunk))
+    return [new_rows.get(r.case_id) or (store.get(r.case_id) if store is not None else None) for r in records]

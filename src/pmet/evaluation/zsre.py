@@ -21,13 +21,12 @@ counterfactual ``alt`` (EasyEdit convention). It must match the target the edito
 
 from __future__ import annotations
 
-import time
 from typing import Sequence
 
 from torch import nn
 
 from .counterfact import _fmt
-from .results import ResultsFile
+from .results import ResultsFile, evaluate_resumable
 from .scoring import DEFAULT_MAX_BATCH_TOKENS, _pad_id, prompt_ids, score_id_pairs, target_ids
 from .stats import mean_ci
 
@@ -87,30 +86,8 @@ def evaluate_zsre(
         raise ValueError(f"target must be 'memit' or 'alt', got {target!r}")
     file_meta = {"dataset": "zsre", "target": target, "metric_version": METRIC_VERSION, **(meta or {})}
     store = ResultsFile(out_path, file_meta) if out_path is not None else None
-    done = store.done_ids() if store is not None else set()
-    todo = [r for r in records if r.case_id not in done]
-    bar = None
-    if progress and todo:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(todo), desc="zsRE eval", unit="rec")
-    new_rows: dict = {}
-    for b0 in range(0, len(todo), batch_size):
-        chunk = todo[b0:b0 + batch_size]
-        t0 = time.perf_counter()
-        rows = _score(model, tok, chunk, target, fast, max_batch_tokens)
-        dt = (time.perf_counter() - t0) / max(len(chunk), 1)
-        for row in rows:
-            row["eval_seconds"] = dt
-        if store is not None:
-            store.append(rows)
-        for row in rows:
-            new_rows[row["case_id"]] = row
-        if bar is not None:
-            bar.update(len(chunk))
-    if bar is not None:
-        bar.close()
-    return [new_rows.get(r.case_id) or (store.get(r.case_id) if store is not None else None) for r in records]
+    return evaluate_resumable(records, lambda chunk: _score(model, tok, chunk, target, fast, max_batch_tokens),
+                              batch_size, store, "zsRE eval", progress)
 
 
 def summarize_zsre(rows: Sequence[dict], ci: str = "normal", confidence: float = 0.95, seed: int = 0,
