@@ -1,8 +1,5 @@
 import json
 
-
-
-
 from pmet.claims import claims_frame, save_summaries, verdict, write_claims
 from pmet.report import ablation_table, grid_table, save_table, sweep_sizes
 
