@@ -67,16 +67,7 @@ class ResultsFile:
         if good_end < len(raw):
             with open(self.path, "r+b") as f:
                 f.truncate(good_end)
-        meta, rows = {}, []
-        for line in raw[:good_end].decode("utf-8").splitlines():
-            if not line.strip():
-                continue
-            obj = json.loads(line)
-            if "_meta" in obj:
-                meta = obj["_meta"]
-            else:
-                rows.append(obj)
-        return meta, rows
+        return _parse_lines(raw[:good_end].decode("utf-8"))
 
     def done_ids(self) -> set:
         return set(self._rows)
@@ -103,10 +94,14 @@ class ResultsFile:
 
 def load_results(path: str | os.PathLike) -> tuple[dict, list[dict]]:
     """``(meta, rows)`` of a results file (a trailing partial line is ignored, the file is not modified)."""
-    meta, rows = {}, []
     text = Path(path).read_text(encoding="utf-8")
-    lines = text.split("\n")
-    for line in lines[:-1] if not text.endswith("\n") else lines:
+    return _parse_lines(text[: text.rfind("\n") + 1])
+
+
+def _parse_lines(text: str) -> tuple[dict, list[dict]]:
+    """``(meta, rows)`` from complete JSON Lines (the ``_meta`` line, then one row per line)."""
+    meta, rows = {}, []
+    for line in text.splitlines():
         if not line.strip():
             continue
         obj = json.loads(line)
