@@ -44,7 +44,7 @@ def test_tables_and_claims_roundtrip(tmp_path):
     got = dict(zip(df.claim, df.verdict))
     assert got["PMET > MEMIT on efficacy"] == "holds"
     assert got["PMET < MEMIT on specificity"] == "holds"
-    assert got["PMET > MEMIT on score"] == "inconclusive (CIs overlap)"
+    assert got["PMET > MEMIT on score"] == "inconclusive (no CI)"
     assert (tmp_path / "tables" / "claims.md").read_text().startswith("# The paper's claims")
 
 

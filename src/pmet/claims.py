@@ -6,7 +6,8 @@ one Markdown table: claim, the paper's numbers, ours, and a verdict:
 
 * **holds** -- the difference has the paper's sign and the 95% CIs do not overlap;
 * **does not hold** -- the opposite sign with non-overlapping CIs;
-* **inconclusive (CIs overlap)** -- otherwise (or, for the score, which has no CI, |difference| < 1 point).
+* **inconclusive (CIs overlap)** -- otherwise; **inconclusive (no CI)** for a number without a CI (the score
+  under the normal approximation), whatever the difference.
 
 Nothing here is typed by hand except the paper's numbers (Tables 1-3 of the paper, GPT-J rows).
 """
@@ -51,10 +52,9 @@ def verdict(a: dict, b: dict, metric: str, expect_sign: int) -> tuple[str, float
         return "not measured", None
     diff = a[ka] - b[kb]
     ca, cb = a.get(f"{ka}_ci"), b.get(f"{kb}_ci")
-    if ca and cb and ca[0] is not None and cb[0] is not None:
-        separated = ca[0] > cb[1] or cb[0] > ca[1]
-    else:
-        separated = abs(diff) >= 1.0
+    if not (ca and cb and ca[0] is not None and cb[0] is not None):
+        return "inconclusive (no CI)", diff
+    separated = ca[0] > cb[1] or cb[0] > ca[1]
     if not separated or expect_sign == 0:
         return "inconclusive (CIs overlap)", diff
     return ("holds" if (diff > 0) == (expect_sign > 0) else "does not hold"), diff
