@@ -36,6 +36,7 @@ def cmd_models(args) -> int:
 
 def cmd_edit(args) -> int:
     from .editing import edit, hparams_for
+    from .editing.editor import target_text
     from .models import load_model
 
     model, tok = load_model(args.model, device=args.device)
@@ -52,8 +53,7 @@ def cmd_edit(args) -> int:
     print(f"prompt: {filled!r}  target: {args.target!r}")
     _print_predictions("before the edit:", before)
     _print_predictions("after the edit:", after)
-    target_first = tok(" " + args.target.strip() if not args.target.startswith(" ") else args.target,
-                       add_special_tokens=False)["input_ids"][0]
+    target_first = tok(target_text(args.target), add_special_tokens=False)["input_ids"][0]
     ok = tok.decode(target_first) == after[0][0]
     print(f"edit {'succeeded' if ok else 'did NOT succeed'}: top prediction is {after[0][0]!r}")
     if args.restore:

@@ -76,8 +76,7 @@ def normalize_requests(requests: Any, tok=None) -> list[dict]:
         for k in ("target_new", "target_true"):
             if isinstance(r.get(k), dict):
                 r[k] = r[k].get("str")
-        if not r["target_new"].startswith(" "):
-            r["target_new"] = " " + r["target_new"]
+        r["target_new"] = target_text(r["target_new"])
         if tok is not None and not target_ids(tok, r["target_new"]):
             raise InvalidRecordError(f"request {i}: target_new {r['target_new']!r} has no tokens")
         r.setdefault("case_id", i)
@@ -162,6 +161,11 @@ def _resolve_hparams(method: str, model: nn.Module, hparams) -> EditHparams:
     if isinstance(hparams, dict):
         return load_hparams(method, model, **hparams)
     raise TypeError(f"hparams must be EditHparams, a dict of overrides or None, not {type(hparams).__name__}")
+
+
+def target_text(t: str) -> str:
+    """Targets are stored raw (``"English"``); as MEMIT, they are tokenised with a leading space."""
+    return t if t.startswith(" ") else " " + t
 
 
 BASELINES = ("rome", "ft", "mend")

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .editor import EditResult, normalize_requests
+from .editor import EditResult, normalize_requests, target_text
 
 HPARAMS_DIR = Path(__file__).resolve().parent / "hparams"
 
@@ -101,11 +101,6 @@ def resolve_hparams(cls, method: str, model, hparams, dataset: str = "counterfac
 
 
 # ------------------------------------------------------------------------------ prompt + target
-def target_text(t: str) -> str:
-    """Targets are stored raw; as MEMIT, a leading space is required for correct tokenisation."""
-    return t if t.startswith(" ") else " " + t
-
-
 def target_batch(tok, prompts: Sequence[str], targets: Sequence[str], device=None):
     """Right-padded ``input_ids``/``attention_mask`` of ``prompt + target`` and ``labels`` (-100 except on
     the target tokens), built from separate tokenisations so the target ids are exactly ``tok(target)``."""
