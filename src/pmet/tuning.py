@@ -27,7 +27,7 @@ def grid_search(model, tok, method: str, grid: dict, n: int = 10, seed: int = 0,
     import random
 
     from .data import load_counterfact
-    from .editing import edit, load_hparams
+    from .editing import edit, hparams_for
     from .evaluation import evaluate_counterfact, summarize_counterfact
 
     pool = load_counterfact("val")
@@ -46,7 +46,7 @@ def grid_search(model, tok, method: str, grid: dict, n: int = 10, seed: int = 0,
         tag = json.dumps(overrides, sort_keys=True)
         if (tag, len(records), seed) in done:
             continue
-        hp = load_hparams(method, model, "counterfact", **overrides)
+        hp = hparams_for(method, model, "counterfact", **overrides)
         t0 = time.perf_counter()
         result = edit(model, tok, [r.as_request() for r in records], method=method, hparams=hp, progress=progress)
         try:
@@ -76,13 +76,19 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="smollm2")
     p.add_argument("--method", default="pmet")
     p.add_argument("--n", type=int, default=10)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, nargs="+", default=[0],
+                   help="one or more seeds; with --n 1 each seed is a different single edit")
     p.add_argument("--grid", required=True, help="JSON dict of lists")
     p.add_argument("--base", default="{}", help="JSON dict of fixed overrides")
     p.add_argument("--out", default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     a = p.parse_args(argv)
+    if a.threads:
+        import torch
+        torch.set_num_threads(a.threads)
     model, tok = load_model(a.model)
-    grid_search(model, tok, a.method, json.loads(a.grid), a.n, a.seed, a.out, json.loads(a.base))
+    for seed in a.seed:
+        grid_search(model, tok, a.method, json.loads(a.grid), a.n, seed, a.out, json.loads(a.base))
     return 0
 
 
