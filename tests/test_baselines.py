@@ -181,6 +181,15 @@ def test_mend_checkpoint_resume_and_missing_editor(tiny_models, tmp_cache, mend_
     assert _changed(model, before) == set(res.deltas)
     res.restore()
     _assert_same(model, before)
+    # cached table runs are keyed by the trained editor too: retraining never reuses an old run
+    from pmet.editing.mend import editor_dir
+    from pmet.experiments import _artifact_id
+
+    ident = _artifact_id("mend", model, hp)
+    assert ident.startswith("_ed") and _artifact_id("pmet", model, hp) == ""
+    path = editor_dir(model, hp) / "editor.safetensors"
+    path.write_bytes(path.read_bytes() + b" ")
+    assert _artifact_id("mend", model, hp) not in ("", ident)
 
 
 # ---------------------------------------------------------------------------------------------- API

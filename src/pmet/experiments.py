@@ -60,6 +60,17 @@ def _hparams_id(hp) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
+def _artifact_id(method: str, model, hp, cache=None) -> str:
+    """Identity of what an editor loads besides its hyperparameters (MEND's trained hypernetwork), so a
+    retrained editor never reuses the cached run of an earlier one."""
+    if method != "mend":
+        return ""
+    from .editing.mend import editor_dir
+
+    path = editor_dir(model, hp, cache) / "editor.safetensors"
+    return "_ed" + hashlib.sha256(path.read_bytes()).hexdigest()[:8] if path.exists() else ""
+
+
 def run_dir(runs_dir: Path, model_name: str, dataset: str, method: str, n: int, seed: int, hp_id: str,
             generation: bool) -> Path:
     tag = f"n{n}_seed{seed}_hp{hp_id}" + ("_gen" if generation else "")
@@ -92,7 +103,8 @@ def run_edit_eval(
     records = table_records(dataset, n_edits, seed)
     hp = None if method == UNEDITED else (hparams or hparams_for(method, model, dataset))
     name = getattr(model, "pmet_name", "model")
-    out = run_dir(runs_dir, name, dataset, method, len(records), seed, _hparams_id(hp), generation)
+    hp_id = _hparams_id(hp) + _artifact_id(method, model, hp, cache)
+    out = run_dir(runs_dir, name, dataset, method, len(records), seed, hp_id, generation)
     summary_path = out / "summary.json"
     if summary_path.exists():
         return json.loads(summary_path.read_text())
@@ -104,7 +116,7 @@ def run_edit_eval(
         requests = [r.as_request() for r in records]
         result = edit(model, tok, requests, method=method, hparams=hp, cache_dir=cache, progress=progress)
     t_edit = time.perf_counter() - t0
-    meta = {"model": name, "method": method, "n_edits": len(records), "seed": seed, "hparams": _hparams_id(hp)}
+    meta = {"model": name, "method": method, "n_edits": len(records), "seed": seed, "hparams": hp_id}
     try:
         if dataset == "counterfact":
             rows = evaluate_counterfact(model, tok, records, batch_size=eval_batch_size, generation=generation,
