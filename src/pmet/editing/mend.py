@@ -514,6 +514,18 @@ def _truncate_curve(path: Path, step: int) -> None:
         w.writerows(rows)
 
 
+def curve_blocks(path: Path, every: int = 100):
+    """The training curve averaged over blocks of ``every`` steps (single logged batches are noisy):
+    one row per block with the mean of each logged quantity and the elapsed time at its end."""
+    import pandas as pd
+
+    df = pd.read_csv(path).drop(columns=["edit_lrs"], errors="ignore")
+    block = ((df["step"] - 1) // every + 1) * every
+    out = df.drop(columns=["step", "elapsed_s"]).groupby(block).mean()
+    out["elapsed_s"] = df.groupby(block)["elapsed_s"].max()
+    return out.rename_axis("steps up to").reset_index()
+
+
 # ---------------------------------------------------------------------------------- CLI
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pmet.editing.mend", description="Train MEND's editor.")
@@ -526,9 +538,23 @@ def main(argv=None) -> int:
     t.add_argument("--threads", type=int, default=1)
     t.add_argument("--no-resume", action="store_true")
     t.add_argument("--cache-dir", default=None)
+    c = sub.add_parser("curve", help="print the training curve (block means) as a Markdown table")
+    c.add_argument("--model", default="smollm2")
+    c.add_argument("--dataset", default="counterfact")
+    c.add_argument("--every", type=int, default=100)
+    c.add_argument("--cache-dir", default=None)
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads if args.cmd == "train" else 1)
     from ..models import load_model
+
+    if args.cmd == "curve":
+        from ..report import markdown_table
+
+        model, _ = load_model(args.model)
+        hp = resolve_hparams(MendHparams, "mend", model, None, args.dataset)
+        blocks = curve_blocks(editor_dir(model, hp, args.cache_dir) / "curve.csv", args.every).round(3)
+        print(markdown_table(blocks.astype({"steps up to": str})))
+        return 0
 
     model, tok = load_model(args.model)
     over = {k: v for k, v in {"steps": args.steps, "batch_size": args.batch_size}.items() if v is not None}
