@@ -41,6 +41,8 @@ def main(argv=None) -> int:
     p.add_argument("--stats-tokens", type=int, default=20_000)
     p.add_argument("--eval-records", type=int, default=50)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--autocast", default="bfloat16", choices=["bfloat16", "none"],
+                   help="also time the batched values under this autocast dtype (and use it end to end)")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
 
@@ -93,8 +95,17 @@ def main(argv=None) -> int:
                                                  hp.context_seed))
     batched = replace(hp, v_batch_size=a.n)
     t = time.perf_counter()
-    compute_values(model, tok, reqs, batched, templates, L, use_cache=False, progress=False)
+    v32, _ = compute_values(model, tok, reqs, batched, templates, L, use_cache=False, progress=False)
     t_batched = time.perf_counter() - t
+    if a.autocast != "none":  # the same batch with Eq. 10's forward/backward under autocast
+        t = time.perf_counter()
+        vlow, _ = compute_values(model, tok, reqs, replace(batched, v_autocast=a.autocast), templates, L,
+                                 use_cache=False, progress=False)
+        t_low = time.perf_counter() - t
+        res[f"values_batched_{a.autocast}_req_per_h"] = 3600 * a.n / t_low
+        res[f"values_{a.autocast}_vs_float32"] = t_batched / t_low
+        res[f"values_{a.autocast}_max_rel_diff"] = max(
+            float(((vlow[k] - v32[k]).norm(dim=1) / v32[k].norm(dim=1)).max()) for k in v32)
     single = replace(hp, v_batch_size=1)
     t = time.perf_counter()
     compute_values(model, tok, reqs[: a.n_single], single, templates, L, use_cache=False, progress=False)
@@ -131,8 +142,10 @@ def main(argv=None) -> int:
     from pmet.experiments import run_edit_eval
 
     t = time.perf_counter()
-    summary = run_edit_eval(model, tok, "pmet", "counterfact", a.n, seed=11, runs_dir=Path(work) / "runs",
-                            progress=False)
+    e2e_hp = replace(hp, v_autocast=None if a.autocast == "none" else a.autocast)
+    res["end_to_end_autocast"] = e2e_hp.v_autocast
+    summary = run_edit_eval(model, tok, "pmet", "counterfact", a.n, seed=11, hparams=e2e_hp,
+                            runs_dir=Path(work) / "runs", progress=False)
     res["end_to_end_seconds"] = time.perf_counter() - t
     res["end_to_end_efficacy"] = summary.get("efficacy")
     res["end_to_end_peak_mib"] = peak_mib()

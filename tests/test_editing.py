@@ -133,6 +133,29 @@ def test_batched_values_equal_one_at_a_time(tiny_models, tmp_cache):
             assert (v - one).norm(dim=1).max() <= 1e-4 * one.norm(dim=1).min(), (method, name)
 
 
+def test_bf16_autocast_values_are_close_and_cached_apart(tiny_models, tmp_cache):
+    from pmet.editing.values import value_cache_key
+
+    model, tok = tiny_models["tiny-llama"]
+    reqs = normalize_requests(REQS, tok)
+    flat, _ = flatten(get_context_templates(model, tok))
+    L = max(model.layout.critical_layers)
+    hp = load_hparams("pmet", model, v_num_grad_steps=8, v_batch_size=len(reqs))
+    hp16 = replace(hp, v_autocast="bfloat16")
+    ref, _ = compute_values(model, tok, reqs, hp, flat, L, use_cache=False, progress=False)
+    low, info = compute_values(model, tok, reqs, hp16, flat, L, use_cache=False, progress=False)
+    for name, v in ref.items():
+        assert low[name].dtype == torch.float32
+        # bf16 has an 8-bit mantissa: the optimised values agree to a few percent, not to 1e-4
+        rel = (low[name] - v).norm(dim=1) / v.norm(dim=1)
+        assert rel.max() < 0.05, (name, rel)
+    model_id = {"fingerprint": "x", "weights": "y"}
+    assert value_cache_key(model_id, hp, L, flat, reqs[0]) != value_cache_key(model_id, hp16, L, flat, reqs[0])
+    assert "v_autocast" not in hp.to_dict() and hp16.to_dict()["v_autocast"] == "bfloat16"
+    with pytest.raises(ValueError, match="v_autocast"):
+        replace(hp, v_autocast="int8")
+
+
 # ---------------------------------------------------------------------------------------------- the editor
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
 @pytest.mark.parametrize("method", ["pmet", "memit"])

@@ -76,6 +76,7 @@ class EditHparams:
     loss_stop: float = 5e-2  # MEMIT's early stop (the authors' PMET code keeps it too)
     kl_prompt: str = "{} is a"
     v_batch_size: int = 16  # requests optimised together (fast path)
+    v_autocast: str | None = None  # "bfloat16": Eq. 10's forward/backward under torch.autocast (None: float32)
     # --- context templates (prefixes of Eqs. 10 and 12) ---------------------------------------------------
     context_length: int = 10  # tokens per generated prefix, start word included (MEMIT: max_out_len=10)
     context_n_per_start: int = 1  # MEMIT: 5 generations over 5 start words
@@ -105,6 +106,8 @@ class EditHparams:
                 raise ValueError("EditHparams.layers must be None or a non-empty list of layer indices")
         if "{}" not in self.kl_prompt:
             raise ValueError("kl_prompt must contain '{}' for the subject")
+        if self.v_autocast not in (None, "bfloat16", "float16"):
+            raise ValueError(f"EditHparams.v_autocast must be None, 'bfloat16' or 'float16', not {self.v_autocast!r}")
         if self.v_num_grad_steps < 1 or self.v_batch_size < 1:
             raise ValueError("v_num_grad_steps and v_batch_size must be >= 1")
 
@@ -113,9 +116,18 @@ class EditHparams:
         return replace(self, method=method, **_switches(method))
 
     def to_dict(self) -> dict:
+        """All fields, except those added after the first release while they keep their neutral default
+        (:data:`LATER_FIELDS`), so the cache keys of runs made before such a field existed stay valid."""
         d = asdict(self)
         d["layers"] = list(self.layers) if self.layers is not None else None
+        for name, neutral in LATER_FIELDS.items():
+            if d.get(name) == neutral:
+                d.pop(name)
         return d
+
+
+# fields added after the first release -> their neutral default (left out of to_dict and cache keys)
+LATER_FIELDS = {"v_autocast": None}
 
 
 def _switches(method: str) -> dict:

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import contextlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,12 +60,13 @@ from ..hooks import Trace
 from ..models import model_fingerprint
 from ..paths import cache_dir as default_cache_dir
 from ..tensor_cache import load_entry, save_entry
-from .hparams import EditHparams
+from .hparams import LATER_FIELDS, EditHparams
 
 CACHE_VERSION = 1
 VALUE_FIELDS = ("value_site", "optimize_attn_delta", "stop_rule", "v_lr", "v_num_grad_steps",
                 "clamp_norm_factor", "v_weight_decay", "kl_factor", "nll_loss_factor", "phi_after_fit",
                 "kl_stop", "loss_stop", "kl_prompt")
+LATER_VALUE_FIELDS = ("v_autocast",)  # enter the key only when set (keys of older caches stay valid)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -270,9 +272,12 @@ def optimize_batch(model: nn.Module, tok, requests: list[dict], hp: EditHparams,
     done = torch.zeros(B, dtype=torch.bool, device=device)
     kl_init = None
     info = [dict(steps=0) for _ in range(B)]
+    amp = (torch.autocast(device.type, dtype=getattr(torch, hp.v_autocast)) if hp.v_autocast
+           else contextlib.nullcontext())
     for it in range(hp.v_num_grad_steps):
-        with Trace(model, add={sites[n]: adder(n) for n in opt_names}):
+        with amp, Trace(model, add={sites[n]: adder(n) for n in opt_names}):
             hidden = forward_from_layer(model, h_prev, L, bt.attention_mask)
+        hidden = hidden.float()  # the loss (unembedding at the targets, softmax, KL) in float32
         logp = torch.log_softmax(unembed(hidden[bt.t_rows, bt.t_pos]).float(), -1)
         tok_lp = logp.gather(1, bt.t_tok[:, None])[:, 0]
         missed = (tok_lp < logp.max(-1).values).float()
@@ -335,8 +340,9 @@ def weights_checksum(model: nn.Module) -> str:
 
 
 def value_cache_key(model_id: dict, hp: EditHparams, layer: int, templates: list[str], request: dict) -> str:
+    later = {f: getattr(hp, f) for f in LATER_VALUE_FIELDS if getattr(hp, f) != LATER_FIELDS[f]}
     payload = {"v": CACHE_VERSION, **model_id, "layer": layer, "templates": templates,
-               "hp": {f: getattr(hp, f) for f in VALUE_FIELDS},
+               "hp": {**{f: getattr(hp, f) for f in VALUE_FIELDS}, **later},
                "request": {k: request[k] for k in ("prompt", "subject", "target_new")}}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
 
