@@ -1,5 +1,7 @@
 """Baselines FT-W, ROME and MEND on the tiny random models (fast: the whole file runs in well under a minute)."""
 
+import json
+
 import pytest
 import torch
 
@@ -190,6 +192,29 @@ def test_mend_checkpoint_resume_and_missing_editor(tiny_models, tmp_cache, mend_
     path = editor_dir(model, hp) / "editor.safetensors"
     path.write_bytes(path.read_bytes() + b" ")
     assert _artifact_id("mend", model, hp) not in ("", ident)
+
+
+def test_rome_sweep_prefix_equals_separate_runs(tiny_models, tmp_cache):
+    """Fig. 3's ROME points come from one sequential run evaluated after n edits; they must equal runs
+    made separately with n edits (same records, same metrics, same Δ)."""
+    from pmet.experiments import run_edit_eval, run_sweep
+
+    model, tok = tiny_models["tiny-gptj"]
+    before = _state(model)
+    sizes = [1, 3]
+    swept = run_sweep(model, tok, "rome", sizes, runs_dir=tmp_cache / "sweep", progress=False)
+    _assert_same(model, before)
+    assert sorted(swept) == sizes
+    for n in sizes:
+        alone = run_edit_eval(model, tok, "rome", "counterfact", n, runs_dir=tmp_cache / "alone", progress=False)
+        for m in ("efficacy", "generalization", "specificity", "efficacy_diff", "specificity_diff"):
+            assert swept[n][m] == pytest.approx(alone[m], abs=1e-9), (n, m)
+        (name, norm), = alone["delta_norms"].items()
+        assert swept[n]["delta_norms"][name] == pytest.approx(norm, rel=1e-6)
+        assert swept[n]["n_edits"] == n and swept[n]["hparams"] == alone["hparams"]
+    # a second call reads the summaries back without editing
+    again = run_sweep(model, tok, "rome", sizes, runs_dir=tmp_cache / "sweep", progress=False)
+    assert {n: json.loads(json.dumps(s, default=str)) for n, s in swept.items()} == again
 
 
 # ---------------------------------------------------------------------------------------------- API

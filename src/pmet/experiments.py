@@ -97,18 +97,13 @@ def run_edit_eval(
     editor's timings, and ``delta_norms`` (Frobenius norm of Δ per edited weight, for Fig. 4).
     """
     from .editing import edit, hparams_for
-    from .evaluation import evaluate_counterfact, evaluate_zsre, summarize_counterfact, summarize_zsre
 
-    runs_dir = Path(runs_dir) if runs_dir is not None else cache_dir() / "runs"
     records = table_records(dataset, n_edits, seed)
     hp = None if method == UNEDITED else (hparams or hparams_for(method, model, dataset))
-    name = getattr(model, "pmet_name", "model")
-    hp_id = _hparams_id(hp) + _artifact_id(method, model, hp, cache)
-    out = run_dir(runs_dir, name, dataset, method, len(records), seed, hp_id, generation)
+    out, meta = _run_location(model, method, dataset, len(records), seed, hp, generation, runs_dir, cache)
     summary_path = out / "summary.json"
     if summary_path.exists():
         return json.loads(summary_path.read_text())
-    out.mkdir(parents=True, exist_ok=True)
 
     t0 = time.perf_counter()
     result = None
@@ -116,32 +111,95 @@ def run_edit_eval(
         requests = [r.as_request() for r in records]
         result = edit(model, tok, requests, method=method, hparams=hp, cache_dir=cache, progress=progress)
     t_edit = time.perf_counter() - t0
-    meta = {"model": name, "method": method, "n_edits": len(records), "seed": seed, "hparams": hp_id}
     try:
-        if dataset == "counterfact":
-            rows = evaluate_counterfact(model, tok, records, batch_size=eval_batch_size, generation=generation,
-                                        out_path=out / "records.jsonl", progress=progress, meta=meta)
-            summary = summarize_counterfact(rows)
-        else:
-            rows = evaluate_zsre(model, tok, records, batch_size=eval_batch_size, out_path=out / "records.jsonl",
-                                 progress=progress, meta=meta)
-            summary = summarize_zsre(rows)
+        return _evaluate_and_save(model, tok, records, dataset, out, meta, generation, eval_batch_size, progress,
+                                  t_edit, result, hp)
     finally:
         if result is not None:
             result.restore()
+
+
+def _run_location(model, method, dataset, n, seed, hp, generation, runs_dir, cache) -> tuple[Path, dict]:
+    runs_dir = Path(runs_dir) if runs_dir is not None else cache_dir() / "runs"
+    name = getattr(model, "pmet_name", "model")
+    hp_id = _hparams_id(hp) + _artifact_id(method, model, hp, cache)
+    out = run_dir(runs_dir, name, dataset, method, n, seed, hp_id, generation)
+    return out, {"model": name, "method": method, "n_edits": n, "seed": seed, "hparams": hp_id}
+
+
+def _evaluate_and_save(model, tok, records, dataset, out: Path, meta: dict, generation: bool, eval_batch_size: int,
+                       progress: bool, t_edit: float, result=None, hp=None) -> dict:
+    """Evaluate the (edited) model on ``records``, write ``records.jsonl`` + ``summary.json``; the summary."""
+    from .evaluation import evaluate_counterfact, evaluate_zsre, summarize_counterfact, summarize_zsre
+
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    if dataset == "counterfact":
+        rows = evaluate_counterfact(model, tok, records, batch_size=eval_batch_size, generation=generation,
+                                    out_path=out / "records.jsonl", progress=progress, meta=meta)
+        summary = summarize_counterfact(rows)
+    else:
+        rows = evaluate_zsre(model, tok, records, batch_size=eval_batch_size, out_path=out / "records.jsonl",
+                             progress=progress, meta=meta)
+        summary = summarize_zsre(rows)
     summary.update(meta)
     summary["edit_seconds"] = t_edit
-    summary["eval_seconds"] = time.perf_counter() - t0 - t_edit
+    summary["eval_seconds"] = time.perf_counter() - t0
     if result is not None:
         summary["timings"] = dict(getattr(result, "timings", {}))
         summary["delta_norms"] = {k: float(torch.linalg.norm(v.float())) for k, v in result.deltas.items()}
         summary["hparams_values"] = hp.to_dict() if hasattr(hp, "to_dict") else None
     summary["device"] = str(next(model.parameters()).device)
     summary["torch"] = torch.__version__
+    summary_path = out / "summary.json"
     tmp = summary_path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(summary, indent=1, sort_keys=True, default=str))
     os.replace(tmp, summary_path)
     return summary
+
+
+SEQUENTIAL = ("rome",)  # editors that apply the requests one after another
+
+
+def run_sweep(model, tok, method: str, sizes, dataset: str = "counterfact", seed: int = 0,
+              generation: bool = False, runs_dir=None, cache=None, eval_batch_size: int = 32,
+              progress: bool = True) -> dict[int, dict]:
+    """:func:`run_edit_eval` at every size of ``sizes`` (Fig. 3); ``{n: summary}``.
+
+    For a sequential editor (ROME) the run with ``n`` edits is, step for step, the first ``n`` steps of
+    the run with ``max(sizes)`` edits (the records of a smaller run are a prefix of a larger run's, and
+    each step depends only on the earlier ones). So the largest run is made once and the model is
+    evaluated when it has applied ``n`` edits, for every missing ``n``: the cost of one ROME run instead of
+    one per point. The summaries land where :func:`run_edit_eval` would put them, and are the same.
+    """
+    sizes = sorted(set(int(n) for n in sizes))
+    if method not in SEQUENTIAL:
+        return {n: run_edit_eval(model, tok, method, dataset, n, seed, generation, runs_dir=runs_dir, cache=cache,
+                                 eval_batch_size=eval_batch_size, progress=progress) for n in sizes}
+    from .editing import edit, hparams_for
+
+    hp = hparams_for(method, model, dataset)
+    records = table_records(dataset, sizes[-1], seed)
+    where = {n: _run_location(model, method, dataset, n, seed, hp, generation, runs_dir, cache) for n in sizes}
+    out = {n: json.loads((loc / "summary.json").read_text()) for n, (loc, _) in where.items()
+           if (loc / "summary.json").exists()}
+    missing = [n for n in sizes if n not in out]
+    if not missing:
+        return out
+    t0 = time.perf_counter()
+
+    def at_step(k: int, current) -> None:  # called by the editor after its k-th edit
+        if k not in missing:
+            return
+        t_edit = time.perf_counter() - t0
+        loc, meta = where[k]
+        out[k] = _evaluate_and_save(model, tok, records[:k], dataset, loc, meta, generation, eval_batch_size,
+                                    progress, t_edit, current, hp)
+
+    result = edit(model, tok, [r.as_request() for r in records[:max(missing)]], method=method, hparams=hp,
+                  cache_dir=cache, progress=progress, on_step=at_step)
+    result.restore()
+    return {n: out[n] for n in sizes}
 
 
 PAPER_SIZES = {"gptj": 10_000, "neox": 10_000}

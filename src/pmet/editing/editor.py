@@ -191,19 +191,24 @@ class MethodUnavailable(FileNotFoundError):
 
 
 def edit(model: nn.Module, tok, requests, method: str = "pmet", hparams: EditHparams | dict | None = None,
-         cache_dir: str | Path | None = None, progress: bool = True, use_value_cache: bool = True) -> EditResult:
+         cache_dir: str | Path | None = None, progress: bool = True, use_value_cache: bool = True,
+         on_step=None) -> EditResult:
     """Edit ``model`` in place so that each request's prompt continues with its ``target_new``.
 
     ``method``: ``"pmet"``, ``"memit"``, ``"pmet-no-attn-delta"``, ``"pmet-with-attn-weights"``,
     ``"pmet-even-spread"``, or a baseline ``"rome"``, ``"ft"`` (FT-W), ``"mend"`` (used to load hyperparameters when ``hparams`` is None or a dict of overrides;
     an :class:`EditHparams` is used as given). ``cache_dir``: context templates, key statistics and value
-    vectors (default ``$PMET_CACHE_DIR``). Works on the model's device and dtype.
+    vectors (default ``$PMET_CACHE_DIR``). Works on the model's device and dtype. ``on_step(k, partial)``
+    (sequential editors only) is called after the k-th request is applied, with ``partial.deltas``.
     """
     if method in BASELINES:  # ROME, FT-W and MEND: their own algorithms, the same result type
         from importlib import import_module
 
         apply = getattr(import_module(f".{method}", __package__), f"apply_{method}")
-        return apply(model, tok, requests, hparams=hparams, cache_dir=cache_dir, progress=progress)
+        extra = {"on_step": on_step} if on_step is not None else {}
+        return apply(model, tok, requests, hparams=hparams, cache_dir=cache_dir, progress=progress, **extra)
+    if on_step is not None:
+        raise ValueError(f"on_step is for sequential editors (ROME); {method!r} edits all requests at once")
     t0 = time.perf_counter()
     reqs = normalize_requests(requests, tok)
     hp = _resolve_hparams(method, model, hparams)

@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
+from types import SimpleNamespace
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..hooks import Trace
 from ..stats import key_second_moments
@@ -100,8 +102,11 @@ def rank_one_update(W: torch.Tensor, bias: torch.Tensor | None, C: torch.Tensor,
 
 
 def apply_rome(model: nn.Module, tok, requests: list[dict], hparams=None, dataset: str = "counterfact",
-               cache_dir=None, progress: bool = False, **_) -> EditResult:
-    """ROME edits of ``model`` in place, one request after another; ``restore()`` undoes all of them."""
+               cache_dir=None, progress: bool = False, on_step=None, **_) -> EditResult:
+    """ROME edits of ``model`` in place, one request after another; ``restore()`` undoes all of them.
+
+    ``on_step(k, partial)``, if given, is called after the k-th edit (``partial.deltas`` = Δ so far), so a
+    caller can evaluate the model after 1, 2, ... edits within one run (Fig. 3's sweep)."""
     t0 = time.perf_counter()
     reqs = normalize_requests(requests, tok)
     hp = resolve_hparams(RomeHparams, "rome", model, hparams, dataset)
@@ -118,9 +123,10 @@ def apply_rome(model: nn.Module, tok, requests: list[dict], hparams=None, datase
     vhp = hp.value_hparams()
     module = layout.module(model, "mlp_out", layer)
     bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
-    values, keys, infos, rank_ones = [], [], [], []
+    values, keys, infos = [], [], []
+    total = torch.zeros(layout.get_weight(model, "mlp_out", layer).shape, dtype=torch.float64)  # Σ rank-one updates
     try:
-        for req in reqs:
+        for k, req in enumerate(tqdm(reqs, desc="ROME edits", disable=not progress or len(reqs) < 2), 1):
             pk = prompt_keys(model, tok, req, templates, layer)
             k_star = compute_keys(pk[None], sizes, hp.key_averaging)[0]
             k_res = k_star if hp.residual_key == "mean" else pk[0]
@@ -129,16 +135,19 @@ def apply_rome(model: nn.Module, tok, requests: list[dict], hparams=None, datase
             W = layout.get_weight(model, "mlp_out", layer).detach()
             delta = rank_one_update(W, bias, C, k_star, k_res, v_star)
             layout.add_to_weight(model, "mlp_out", layer, delta.to(W.device))
-            rank_ones.append(delta)
+            total += delta
             values.append(v_star.float().cpu())
             keys.append(k_res.float().cpu())
             infos.append(info[0])
+            if on_step is not None:
+                on_step(k, SimpleNamespace(deltas={name: total.float()},
+                                           timings={"total": time.perf_counter() - t0}))
     except BaseException:
         restore_weights(model, originals)
         raise
     # Δ = the sum of the computed rank-one updates (float64 -> float32), as the shared editor reports its Δ;
     # W - W0 differs from it only by the rounding of the in-place float32 additions
-    deltas = {name: torch.stack(rank_ones).sum(0).float()}
+    deltas = {name: total.float()}
     return make_result("rome", model, originals, deltas, hparams=hp, layers=(layer,), requests=reqs,
                        values={"mlp": torch.stack(values)}, keys={name: torch.stack(keys)}, stats={name: C},
                        value_info=infos, context_templates=groups,
