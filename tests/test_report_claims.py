@@ -18,6 +18,16 @@ def test_sweep_sizes_follow_the_paper():
     assert sweep_sizes(4) == [1, 2, 3, 4]
 
 
+def test_resolve_n_edits_paper_default_and_per_model():
+    from pmet.experiments import resolve_n_edits
+
+    assert resolve_n_edits("gptj", None, 1000) == 10_000 and resolve_n_edits("smollm2", None, 1000) == 1000
+    assert resolve_n_edits("gptj", 7, 1000) == 7
+    per_model = {"smollm2": 100, "gemma3-270m": 50}
+    assert resolve_n_edits("gemma3-270m", per_model, 1000) == 50
+    assert resolve_n_edits("neox", per_model, 1000) == 10_000  # not named: the default rule
+
+
 def test_verdicts():
     a, b = _s(efficacy=(90, 88, 92)), _s(efficacy=(80, 78, 82))
     assert verdict(a, b, "efficacy", +1)[0] == "holds"

@@ -206,8 +206,12 @@ def run_sweep(model, tok, method: str, sizes, dataset: str = "counterfact", seed
 PAPER_SIZES = {"gptj": 10_000, "neox": 10_000}
 
 
-def resolve_n_edits(model_name: str, n_edits: int | None, default: int) -> int:
-    """``n_edits`` if given; else the paper's 10,000 for its models (gptj, neox); else ``default``."""
+def resolve_n_edits(model_name: str, n_edits: int | dict | None, default: int) -> int:
+    """``n_edits`` if given (an int, or a ``{model: n}`` dict for a per-model size, e.g. when a second
+    model's block of Table 1 has to be smaller on a CPU); else the paper's 10,000 for its models (gptj,
+    neox); else ``default``."""
+    if isinstance(n_edits, dict):
+        n_edits = n_edits.get(model_name)
     if n_edits is not None:
         return int(n_edits)
     return PAPER_SIZES.get(model_name, default)
