@@ -58,6 +58,29 @@ def test_tables_and_claims_roundtrip(tmp_path):
     assert (tmp_path / "tables" / "claims.md").read_text().startswith("# The paper's claims")
 
 
+def test_sweep_claims_count_points_in_each_direction(tmp_path):
+    hi, lo, mid = (90, 88, 92), (50, 48, 52), (89, 80, 95)
+    sweep = {
+        (1, "pmet"): _s(efficacy=hi, generalization=hi, specificity=lo),
+        (1, "memit"): _s(efficacy=mid, generalization=lo, specificity=hi),
+        (1, "rome"): _s(efficacy=lo, generalization=hi, specificity=hi),
+        (10, "pmet"): _s(efficacy=hi, generalization=lo, specificity=lo),
+        (10, "memit"): _s(efficacy=mid, generalization=lo, specificity=hi),
+        (10, "rome"): _s(efficacy=lo, generalization=lo, specificity=mid),
+    }
+    save_summaries(sweep, "fig3_sweep_m", tmp_path)
+    df = write_claims(tmp_path)
+    got = dict(zip(df.claim, df.verdict))
+    assert got["PMET > MEMIT on efficacy across edit counts"] == "inconclusive (CIs overlap)"
+    assert got["PMET > MEMIT on generalization across edit counts"] == "holds"  # 1 of 2, never against
+    assert got["PMET < MEMIT on specificity across edit counts"] == "holds"
+    assert got["PMET > ROME on efficacy across edit counts"] == "holds"
+    assert got["PMET > ROME on generalization across edit counts"] == "inconclusive (CIs overlap)"
+    assert got["PMET > ROME on specificity across edit counts"] == "does not hold"
+    ours = dict(zip(df.claim, df.ours))
+    assert ours["PMET > ROME on efficacy across edit counts"].startswith("2 of 2 points")
+
+
 def test_ablation_table_marks_differences(tmp_path):
     s = {(10, "pmet"): _s(efficacy=(90, 0, 0)), (10, "pmet-even-spread"): _s(efficacy=(80, 0, 0))}
     t = ablation_table(s)
