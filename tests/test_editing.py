@@ -64,30 +64,6 @@ def test_solve_update_normal_equations():
     torch.testing.assert_close(lhs, R.double() @ K1.double().T, rtol=1e-9, atol=1e-9)
 
 
-def test_post_norm_preimage_moves_the_normed_output():
-    from pmet.editing.core import post_norm_preimage
-
-    torch.manual_seed(0)
-    d = 16
-    gain = 1 + 0.3 * torch.randn(d)
-
-    def norm(x):  # Gemma-3's RMSNorm without eps
-        return gain * x / x.pow(2).mean(-1, keepdim=True).sqrt()
-
-    m = 3 * torch.randn(5, d)
-    assert post_norm_preimage(m, torch.zeros(5, d), norm).abs().max() < 1e-5  # float32 norm inside
-    r = 0.5 * torch.randn(5, d)
-    dm = post_norm_preimage(m, r, norm)
-    y = norm(m) + r
-    got = norm(m + dm.float())
-    cos = torch.nn.functional.cosine_similarity(got.double(), y.double(), dim=-1)
-    assert (cos > 1 - 1e-5).all()  # the direction of the target is reached exactly
-    # a target that keeps rms(y / g) = 1 (a rotation inside the norm's sphere) is reached exactly
-    y2 = norm(torch.randn(5, d) * 7)
-    dm2 = post_norm_preimage(m, y2 - norm(m), norm)
-    assert torch.allclose(norm(m + dm2.float()), y2, atol=1e-4)
-
-
 def test_spread_residual_eq11():
     R = torch.randn(5, 2)
     for L, l in [(8, 3), (8, 8), (5, 0)]:
@@ -181,13 +157,9 @@ def test_bf16_autocast_values_are_close_and_cached_apart(tiny_models, tmp_cache)
 
 
 # ---------------------------------------------------------------------------------------------- the editor
-@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2", "tiny-gemma3"])
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
 @pytest.mark.parametrize("method", ["pmet", "memit"])
-def test_edit_makes_target_top_and_restores(tiny_models, tmp_cache, name, method, request):
-    if (name, method) == ("tiny-gemma3", "pmet"):  # runs; reported as XPASS (strict: a failure) if it ever works
-        request.applymarker(pytest.mark.xfail(strict=True, reason="PMET applies only δ^m: on this random tiny Gemma-3 the optimisation stops as soon as δ^a + δ^m "
-                     "make the target top (step 2), and δ^m alone does not (a property of the algorithm, not of the "
-                     "layout: MEMIT passes on the same model, and PMET edits the real gemma3-270m)"))
+def test_edit_makes_target_top_and_restores(tiny_models, tmp_cache, name, method):
     model, tok = tiny_models[name]
     before = _params(model)
     prompt = REQ["prompt"].format(REQ["subject"])

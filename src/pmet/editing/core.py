@@ -85,24 +85,3 @@ def residual(values: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
     if values.shape != current.shape:
         raise ValueError(f"values {tuple(values.shape)} and current outputs {tuple(current.shape)} differ")
     return (values.double() - current.double().to(values.device)).T
-
-
-def post_norm_preimage(m: torch.Tensor, r: torch.Tensor, norm) -> torch.Tensor:
-    """For a sublayer whose output ``m`` enters the residual stream through an RMS post-norm
-    (Gemma-3: ``h += γ(m)``, ``γ(x) = g ⊙ x / rms(x)``): the change of ``m`` that moves ``γ(m)`` by ``r``,
-    as nearly as such a norm allows. Rows ``[n, d]``; ``norm`` is the post-norm module (or any callable γ).
-
-    ``γ`` is invariant to the scale of its input and its output always has ``rms(γ(x)/g) = 1``, so the target
-    ``y = γ(m) + r`` is reachable only up to its length: ``m* = u · rms(m)/rms(u)`` with ``u = y/g`` gives
-    ``γ(m*) = y / rms(u)`` (the direction of ``y`` exactly, ``m``'s own scale kept). Returns ``m* - m`` in
-    float64. Used by MEMIT, whose residual lives in the hidden state ``h^L``, on such layouts (the PMET
-    sites ``m^l``/``a^l`` are the pre-norm outputs, so PMET needs no mapping).
-    """
-    m64 = m.double()
-    with torch.no_grad():
-        gain = norm(torch.ones(1, m.shape[-1], dtype=m.dtype, device=m.device)).double()[0]
-        y = norm(m).double() + r.double().to(m.device)
-    gain = torch.where(gain.abs() < 1e-6, torch.full_like(gain, 1e-6), gain)
-    u = y / gain
-    rms = lambda x: x.pow(2).mean(-1, keepdim=True).sqrt()  # noqa: E731
-    return u * (rms(m64) / rms(u)) - m64

@@ -254,14 +254,6 @@ def edit(model: nn.Module, tok, requests, method: str = "pmet", hparams: EditHpa
                 cur = current_outputs(model, tok, reqs, (value_name[comp], L))
                 R = core.residual(V[value_name[comp]], cur)
                 Rl = core.spread_residual(R, len(layers) - 1, i, hp.spread)
-                post_norm = layout.attn_post_norm if comp == "attn_out" else layout.mlp_post_norm
-                if value_name[comp] == "block" and post_norm:
-                    # MEMIT on a post-norm block (Gemma-3): the residual is a change of h, but W_O^FFN moves
-                    # m^l, which reaches h through the norm; map the layer's share of R back through it
-                    site = ("attn" if comp == "attn_out" else "mlp", l)
-                    m_l = current_outputs(model, tok, reqs, site)
-                    norm = layout.block(model, l).get_submodule(post_norm)
-                    Rl = core.post_norm_preimage(m_l, Rl.T, norm).T.to(Rl.device)
                 C0 = mom2[comp][l]
                 delta = core.solve_update(Rl, K.T, C0, hp.mom2_update_weight)
                 layout.add_to_weight(model, comp, l, delta)
