@@ -157,9 +157,14 @@ def test_bf16_autocast_values_are_close_and_cached_apart(tiny_models, tmp_cache)
 
 
 # ---------------------------------------------------------------------------------------------- the editor
-@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2", "tiny-gemma3"])
 @pytest.mark.parametrize("method", ["pmet", "memit"])
-def test_edit_makes_target_top_and_restores(tiny_models, tmp_cache, name, method):
+def test_edit_makes_target_top_and_restores(tiny_models, tmp_cache, name, method, request):
+    if (name, method) == ("tiny-gemma3", "pmet"):  # runs; reported as XPASS (strict: a failure) if it ever works
+        request.applymarker(pytest.mark.xfail(strict=True, reason=(
+            "PMET applies only δ^m: on this random tiny Gemma-3 the optimisation stops as soon as δ^a + δ^m make "
+            "the target top (step 2), and δ^m alone does not; MEMIT passes on the same model and PMET edits the "
+            "real gemma3-270m")))
     model, tok = tiny_models[name]
     before = _params(model)
     prompt = REQ["prompt"].format(REQ["subject"])
