@@ -18,6 +18,18 @@ def test_sweep_sizes_follow_the_paper():
     assert sweep_sizes(4) == [1, 2, 3, 4]
 
 
+def test_run_grid_per_model_methods_and_sizes(tmp_path, monkeypatch):
+    from pmet import experiments
+
+    calls = []
+    monkeypatch.setattr(experiments, "run_edit_eval",
+                        lambda model, tok, method, dataset, n, *a, **k: calls.append((model, method, n)) or {"n_edits": n})
+    monkeypatch.setattr("pmet.models.load_model", lambda name, device="cpu": (name, None))
+    grid = experiments.run_grid(["a", "b"], {"a": ["none", "pmet"], "b": ["pmet"]}, n_edits={"a": 3, "b": 2})
+    assert calls == [("a", "none", 3), ("a", "pmet", 3), ("b", "pmet", 2)]
+    assert set(grid["a"]) == {"none", "pmet"} and set(grid["b"]) == {"pmet"}
+
+
 def test_resolve_n_edits_paper_default_and_per_model():
     from pmet.experiments import resolve_n_edits
 

@@ -222,6 +222,9 @@ def run_grid(model_names, methods, dataset: str = "counterfact", n_edits: int | 
              **kwargs) -> dict:
     """Run :func:`run_edit_eval` for every (model, method); returns ``{model: {method: summary}}``.
 
+    ``methods`` is a list, or a ``{model: [methods]}`` dict when the blocks differ (e.g. a second model
+    without a trained MEND); ``n_edits`` an int or a ``{model: n}`` dict (:func:`resolve_n_edits`).
+
     A method that cannot run here records ``{"unavailable": reason}`` instead of a summary, so a table
     shows why a row is missing rather than silently dropping it.
     """
@@ -232,7 +235,7 @@ def run_grid(model_names, methods, dataset: str = "counterfact", n_edits: int | 
         model, tok = load_model(name, device=device)
         n = resolve_n_edits(name, n_edits, default_n)
         out[name] = {}
-        for method in methods:
+        for method in (methods.get(name, []) if isinstance(methods, dict) else methods):
             try:
                 out[name][method] = run_edit_eval(model, tok, method, dataset, n, seed, generation,
                                                   runs_dir=runs_dir, progress=progress, **kwargs)
