@@ -234,3 +234,11 @@ def test_shared_edit_dispatch(tiny_models, tmp_cache, method):
     assert res.method == method and res.deltas
     res.restore()
     _assert_same(model, before)
+
+
+def test_baseline_without_hyperparameters_is_unavailable_not_a_crash():
+    from pmet.editing import MethodUnavailable
+    from pmet.editing.ft import hparams_file
+
+    with pytest.raises(MethodUnavailable, match="no mend hyperparameter file for no-such-model"):
+        hparams_file("mend", "no-such-model")

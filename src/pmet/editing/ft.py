@@ -79,7 +79,9 @@ def hparams_file(method: str, model: Any, dataset: str = "counterfact") -> Path:
         p = HPARAMS_DIR / f"{c}.json"
         if p.exists():
             return p
-    raise FileNotFoundError(f"no {method} hyperparameter file for {name}/{dataset} in {HPARAMS_DIR}")
+    from .editor import MethodUnavailable  # a FileNotFoundError: tables show the row as unavailable
+
+    raise MethodUnavailable(f"no {method} hyperparameter file for {name}/{dataset} (pmet/editing/hparams/)")
 
 
 def hparams_from(cls, d: dict, overrides: dict | None = None):
