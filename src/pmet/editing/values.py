@@ -45,9 +45,9 @@ keyed by a hash of everything that changes them.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-import contextlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
