@@ -16,7 +16,8 @@ from .hparams import METHODS, EditHparams, hparams_path, load_hparams
 from .values import compute_values, forward_from_layer
 
 __all__ = [
-    "edit", "EditResult", "hparams_for", "BASELINES", "MethodUnavailable", "EditHparams", "load_hparams", "hparams_path", "METHODS",
+    "edit", "EditResult", "hparams_for", "BASELINES", "MethodUnavailable", "EditHparams", "load_hparams",
+    "hparams_path", "METHODS",
     "solve_update", "spread_residual", "spread_factor", "compute_keys", "collect_keys", "current_outputs",
     "compute_values", "forward_from_layer", "get_context_templates", "normalize_requests",
 ]
