@@ -18,8 +18,6 @@ import json
 import time
 from pathlib import Path
 
-HPARAMS_DIR = Path(__file__).parent / "editing" / "hparams"
-
 
 def grid_search(model, tok, method: str, grid: dict, n: int = 10, seed: int = 0, out_csv: str | Path | None = None,
                 base: dict | None = None, progress: bool = False) -> list[dict]:
@@ -34,6 +32,8 @@ def grid_search(model, tok, method: str, grid: dict, n: int = 10, seed: int = 0,
     random.Random(seed).shuffle(pool)
     records = pool[:n]
     name = getattr(model, "pmet_name", "model")
+    from .editing.hparams import HPARAMS_DIR
+
     out_csv = Path(out_csv) if out_csv else HPARAMS_DIR / f"tuning_{method}_{name}.csv"
     done = set()
     if out_csv.exists():

@@ -34,8 +34,6 @@ from torch import nn
 
 from .editor import EditResult, normalize_requests, target_text
 
-HPARAMS_DIR = Path(__file__).resolve().parent / "hparams"
-
 # --------------------------------------------------------------------------------------- result type
 def make_result(method: str, model: nn.Module, originals: dict[str, torch.Tensor], deltas, *, hparams,
                 layers, requests, **fields_) -> EditResult:
@@ -68,20 +66,16 @@ def weight_delta(model: nn.Module, name: str, original: torch.Tensor, conv1d: bo
 
 # --------------------------------------------------------------------------------- hyperparameters
 def hparams_file(method: str, model: Any, dataset: str = "counterfact") -> Path:
-    """``{method}_{model}_{dataset}.json``, ``{method}_{model}.json``, ``{method}_tiny.json`` (tiny-*),
-    ``{method}_default.json`` -- the first that exists."""
-    name = model if isinstance(model, str) else getattr(model, "pmet_name", None) or "default"
-    cands = [f"{method}_{name}_{dataset}", f"{method}_{name}"]
-    if name.startswith("tiny-"):
-        cands += [f"{method}_tiny_{dataset}", f"{method}_tiny"]
-    cands.append(f"{method}_default")
-    for c in cands:
-        p = HPARAMS_DIR / f"{c}.json"
-        if p.exists():
-            return p
-    from .editor import MethodUnavailable  # a FileNotFoundError: tables show the row as unavailable
+    """``{method}_{model}_{dataset}.json``, ``{method}_{model}.json``, ``{method}_tiny[_{dataset}].json``
+    (tiny-*), ``{method}_default.json`` -- the first that exists (:func:`pmet.editing.hparams.find_hparams_file`)."""
+    from .hparams import find_hparams_file
 
-    raise MethodUnavailable(f"no {method} hyperparameter file for {name}/{dataset} (pmet/editing/hparams/)")
+    path, name = find_hparams_file(method, model, dataset, base=method)
+    if path is None:
+        from .editor import MethodUnavailable  # a FileNotFoundError: tables show the row as unavailable
+
+        raise MethodUnavailable(f"no {method} hyperparameter file for {name}/{dataset} (pmet/editing/hparams/)")
+    return path
 
 
 def hparams_from(cls, d: dict, overrides: dict | None = None):

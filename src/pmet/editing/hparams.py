@@ -150,8 +150,7 @@ def hparams_from_dict(d: dict, method: str | None = None) -> EditHparams:
     return EditHparams(**clean)
 
 
-def _candidates(method: str, model_name: str, dataset: str) -> list[str]:
-    base = "memit" if method == "memit" else "pmet"
+def _candidates(method: str, model_name: str, dataset: str, base: str) -> list[str]:
     names = [f"{method}_{model_name}_{dataset}", f"{base}_{model_name}_{dataset}", f"{base}_{model_name}"]
     if model_name.startswith("tiny-"):
         names += [f"{base}_tiny_{dataset}", f"{base}_tiny"]
@@ -159,15 +158,28 @@ def _candidates(method: str, model_name: str, dataset: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def find_hparams_file(method: str, model: Any, dataset: str = "counterfact", base: str | None = None
+                      ) -> tuple[Path | None, str]:
+    """``(path, model name)``: the first existing of ``{method}_{model}_{dataset}``, ``{base}_{model}_{dataset}``,
+    ``{base}_{model}``, ``{base}_tiny[_{dataset}]`` (tiny-* models), ``{base}_default`` (``.json`` in
+    :data:`HPARAMS_DIR`), or ``None``. ``base`` is the file family: ``"memit"`` for MEMIT, ``"pmet"`` for PMET
+    and its ablations (the default), the method itself for a baseline."""
+    name = model if isinstance(model, str) else getattr(model, "pmet_name", None) or "default"
+    base = base or ("memit" if method == "memit" else "pmet")
+    for cand in _candidates(method, name, dataset, base):
+        p = HPARAMS_DIR / f"{cand}.json"
+        if p.exists():
+            return p, name
+    return None, name
+
+
 def hparams_path(method: str, model: Any, dataset: str = "counterfact") -> Path:
     """The JSON file :func:`load_hparams` would read."""
     _switches(method)
-    name = model if isinstance(model, str) else getattr(model, "pmet_name", None) or "default"
-    for cand in _candidates(method, name, dataset):
-        p = HPARAMS_DIR / f"{cand}.json"
-        if p.exists():
-            return p
-    raise FileNotFoundError(f"no hyperparameter file for {method}/{name}/{dataset} in {HPARAMS_DIR}")
+    path, name = find_hparams_file(method, model, dataset)
+    if path is None:
+        raise FileNotFoundError(f"no hyperparameter file for {method}/{name}/{dataset} in {HPARAMS_DIR}")
+    return path
 
 
 def load_hparams(method: str = "pmet", model: Any = "default", dataset: str = "counterfact",
