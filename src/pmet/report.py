@@ -104,7 +104,8 @@ def fmt_ci(mean: float, half_width: float | None, digits: int = 1) -> str:
 
 
 # ---- the paper's tables and figures from run summaries (see pmet.experiments) --------------------------
-DISPLAY = {"none": "Unedited", "ft": "FT-W", "mend": "MEND", "rome": "ROME", "memit": "MEMIT", "pmet": "PMET",
+DISPLAY = {"none": "Unedited", "ft": "FT-W", "mend": "MEND", "rome": "ROME", "memit": "MEMIT",
+           "memit-ffn": "MEMIT (δ on m^L)", "pmet": "PMET",
            "pmet-no-attn-delta": "w/o δ^a", "pmet-with-attn-weights": "w/ W_O^MHSA",
            "pmet-even-spread": "Even spread"}
 CF_COLUMNS = [("Score", "score"), ("Efficacy", "efficacy"), ("Generalization", "generalization"),

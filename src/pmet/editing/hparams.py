@@ -10,16 +10,25 @@ method                     value_site     optimize_attn_delta update_attn_weight
 ``pmet-with-attn-weights`` components     True                True                sqrt     pmet
 ``pmet-even-spread``       components     True                False               even     pmet
 ``memit``                  block          False               False               even     memit
+``memit-ffn``              components     False               False               even     memit
 ========================== ============== =================== =================== ======== =========
+
+``memit-ffn`` is MEMIT with its value vector moved from the hidden state h^L to the FFN output m^L (δ
+added where W_O^FFN writes, no δ^a). On pre-norm blocks (GPT-J, NeoX, Llama) adding δ to m^L adds it to
+h^L unchanged, so it differs from MEMIT only in the clamp's reference norm (|m^L| instead of |h^L|) and in
+which vector the residual is measured on. On blocks that normalise the FFN output before the residual add
+(Gemma-3's post-norms) it is the adaptation that keeps Eq. 9's linear key -> value relation for the edited
+weight: MEMIT's hidden-state residual is not something a change of W_O^FFN can write there (TUNING.md).
 
 Files live in ``pmet/editing/hparams/`` and are looked up by :func:`load_hparams` in this order (the
 first that exists wins; ablations read the ``pmet`` files and then apply their switches):
 
 1. ``{method}_{model}_{dataset}.json``  2. ``{base}_{model}_{dataset}.json``  3. ``{base}_{model}.json``
-4. ``{base}_{family}_{dataset}.json`` / ``{base}_{family}.json`` for ``tiny-*`` models (family ``tiny``)
-5. ``{base}_default.json``
+4. ``{base}_{model}_counterfact.json`` (a model tuned on CounterFact only edits zsRE with those values)
+5. ``{base}_{family}_{dataset}.json`` / ``{base}_{family}.json`` for ``tiny-*`` models (family ``tiny``)
+6. ``{base}_default.json``
 
-where ``base`` is ``memit`` for MEMIT and ``pmet`` otherwise. ``layers: null`` means "the model's
+where ``base`` is ``memit`` for MEMIT and ``memit-ffn`` and ``pmet`` otherwise. ``layers: null`` means "the model's
 ``layout.critical_layers``" (e.g. smollm2's causal-tracing choice, set in :mod:`pmet.models`).
 Keys starting with ``_`` are comments; ``version`` is the file format version; any other unknown key
 raises :class:`ValueError`.
@@ -46,6 +55,8 @@ METHOD_SWITCHES: dict[str, dict[str, Any]] = {
                              spread="even", stop_rule="pmet"),
     "memit": dict(value_site="block", optimize_attn_delta=False, update_attn_weights=False,
                   spread="even", stop_rule="memit"),
+    "memit-ffn": dict(value_site="components", optimize_attn_delta=False, update_attn_weights=False,
+                      spread="even", stop_rule="memit"),
 }
 METHODS = tuple(METHOD_SWITCHES)
 
@@ -151,7 +162,8 @@ def hparams_from_dict(d: dict, method: str | None = None) -> EditHparams:
 
 
 def _candidates(method: str, model_name: str, dataset: str, base: str) -> list[str]:
-    names = [f"{method}_{model_name}_{dataset}", f"{base}_{model_name}_{dataset}", f"{base}_{model_name}"]
+    names = [f"{method}_{model_name}_{dataset}", f"{base}_{model_name}_{dataset}", f"{base}_{model_name}",
+             f"{base}_{model_name}_counterfact"]
     if model_name.startswith("tiny-"):
         names += [f"{base}_tiny_{dataset}", f"{base}_tiny"]
     names.append(f"{base}_default")
@@ -161,11 +173,14 @@ def _candidates(method: str, model_name: str, dataset: str, base: str) -> list[s
 def find_hparams_file(method: str, model: Any, dataset: str = "counterfact", base: str | None = None
                       ) -> tuple[Path | None, str]:
     """``(path, model name)``: the first existing of ``{method}_{model}_{dataset}``, ``{base}_{model}_{dataset}``,
-    ``{base}_{model}``, ``{base}_tiny[_{dataset}]`` (tiny-* models), ``{base}_default`` (``.json`` in
-    :data:`HPARAMS_DIR`), or ``None``. ``base`` is the file family: ``"memit"`` for MEMIT, ``"pmet"`` for PMET
-    and its ablations (the default), the method itself for a baseline."""
+    ``{base}_{model}``, ``{base}_{model}_counterfact``, ``{base}_tiny[_{dataset}]`` (tiny-* models),
+    ``{base}_default`` (``.json`` in :data:`HPARAMS_DIR`), or ``None``. A model tuned on CounterFact only
+    (smollm2, gemma3-270m) thus edits zsRE with its own CounterFact values rather than the GPT-J defaults:
+    the norms, λ and clamp that fit a model's width matter more than the dataset. ``base`` is the file
+    family: ``"memit"`` for MEMIT and ``memit-ffn``, ``"pmet"`` for PMET and its ablations (the default), the method itself
+    for a baseline."""
     name = model if isinstance(model, str) else getattr(model, "pmet_name", None) or "default"
-    base = base or ("memit" if method == "memit" else "pmet")
+    base = base or ("memit" if method.startswith("memit") else "pmet")
     for cand in _candidates(method, name, dataset, base):
         p = HPARAMS_DIR / f"{cand}.json"
         if p.exists():
