@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from pmet.hooks import Trace
-from pmet.stats import corpus_token_windows, key_second_moments
+from pmet.stats import add_gram, corpus_token_windows, key_second_moments, mirror_upper
 
 
 def test_streamed_statistic_equals_direct(tiny, tmp_cache):
@@ -20,6 +20,17 @@ def test_streamed_statistic_equals_direct(tiny, tmp_cache):
         k = tr["mlp_key", l].reshape(-1, tr["mlp_key", l].shape[-1])[:700].double()
         direct = k.T @ k / k.shape[0]
         torch.testing.assert_close(stats[l], direct, rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("d,n_blocks", [(10, 4), (7, 3), (5, 1), (3, 4)])
+def test_blocked_gram_equals_full(d, n_blocks):
+    g = torch.Generator().manual_seed(d)
+    ks = [torch.randn(n, d, generator=g, dtype=torch.float64) for n in (11, 4)]
+    acc = None
+    for k in ks:
+        acc = add_gram(acc, k, n_blocks)
+    full = torch.cat(ks).T @ torch.cat(ks)
+    torch.testing.assert_close(mirror_upper(acc, n_blocks), full, rtol=1e-12, atol=1e-12)
 
 
 def test_cache_reused_and_corruption_recovered(tiny_models, tmp_cache):
