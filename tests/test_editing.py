@@ -137,6 +137,24 @@ def test_batched_values_equal_one_at_a_time(tiny_models, tmp_cache):
             assert (v - one).norm(dim=1).max() <= 1e-4 * one.norm(dim=1).min(), (method, name)
 
 
+def test_attention_implementation_switch_restores(tiny_models):
+    from pmet.editing.values import attention_implementation
+
+    model, tok = tiny_models["tiny-llama"]
+    before = model.config._attn_implementation
+    other = "eager" if before != "eager" else "sdpa"
+    ids = tok("Paris is the capital of", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        ref = model(ids).logits
+        with attention_implementation(model, other):
+            assert model.config._attn_implementation == other
+            torch.testing.assert_close(model(ids).logits, ref, rtol=1e-4, atol=1e-5)
+    assert model.config._attn_implementation == before
+    with pytest.raises(RuntimeError), attention_implementation(model, other):
+        raise RuntimeError
+    assert model.config._attn_implementation == before
+
+
 def test_bf16_autocast_values_are_close_and_cached_apart(tiny_models, tmp_cache):
     from pmet.editing.values import value_cache_key
 
@@ -147,7 +165,9 @@ def test_bf16_autocast_values_are_close_and_cached_apart(tiny_models, tmp_cache)
     hp = load_hparams("pmet", model, v_num_grad_steps=8, v_batch_size=len(reqs))
     hp16 = replace(hp, v_autocast="bfloat16")
     ref, _ = compute_values(model, tok, reqs, hp, flat, L, use_cache=False, progress=False)
+    impl = model.config._attn_implementation
     low, info = compute_values(model, tok, reqs, hp16, flat, L, use_cache=False, progress=False)
+    assert model.config._attn_implementation == impl  # eager attention only while optimising
     for name, v in ref.items():
         assert low[name].dtype == torch.float32
         # bf16 has an 8-bit mantissa: the optimised values agree to a few percent, not to 1e-4

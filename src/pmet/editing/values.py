@@ -39,6 +39,12 @@ request follows exactly its own trajectory), all prompts of all requests in one 
 model runs once up to layer L without gradients; every step then runs only blocks L..end on the cached
 ``h^{L-1}`` (:func:`forward_from_layer`) and the unembedding only at the target positions.
 
+Under ``v_autocast`` (bf16) :func:`compute_values` runs the blocks' attention as ``"eager"`` (matrix
+products + softmax) instead of PyTorch's fused SDPA while it optimises: on a CPU the fused kernel's bf16
+backward is several times slower than its float32 one and ate most of autocast's gain
+(``benchmarks/results/profile_values_bf16.txt``); eager attention turns it into bf16 matrix products.
+Float32 runs keep the model's own implementation (their cached values stay bit-identical).
+
 Values are cached per request (safetensors, atomic write) under ``cache_dir/values/<fingerprint>/``,
 keyed by a hash of everything that changes them.
 """
@@ -241,6 +247,22 @@ def build_batch(tok, requests: list[dict], templates: list[str], kl_prompt: str,
                   t(t_tok), t(t_prompt), t(t_req), t(t_len).float(), P)
 
 
+@contextmanager
+def attention_implementation(model: nn.Module, name: str):
+    """Run ``model``'s attention as ``name`` (a transformers attention implementation) inside the block,
+    restoring the previous one on exit. Models without ``set_attn_implementation`` are left as they are."""
+    config = getattr(model, "config", None)
+    before = getattr(config, "_attn_implementation", None)
+    if before is None or before == name or not hasattr(model, "set_attn_implementation"):
+        yield
+        return
+    model.set_attn_implementation(name)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(before)
+
+
 def _sites(hp: EditHparams, L: int) -> dict[str, tuple[str, int]]:
     if hp.value_site == "block":
         return {"block": ("block", L)}
@@ -341,6 +363,8 @@ def weights_checksum(model: nn.Module) -> str:
 
 def value_cache_key(model_id: dict, hp: EditHparams, layer: int, templates: list[str], request: dict) -> str:
     later = {f: getattr(hp, f) for f in LATER_VALUE_FIELDS if getattr(hp, f) != LATER_FIELDS[f]}
+    if hp.v_autocast:
+        later["attn"] = "eager"  # low-precision values are computed with eager attention (module docstring)
     payload = {"v": CACHE_VERSION, **model_id, "layer": layer, "templates": templates,
                "hp": {**{f: getattr(hp, f) for f in VALUE_FIELDS}, **later},
                "request": {k: request[k] for k in ("prompt", "subject", "target_new")}}
@@ -369,11 +393,13 @@ def compute_values(model: nn.Module, tok, requests: list[dict], hp: EditHparams,
                 infos[i] = {**hit[1], "cached": True}
     todo = [i for i, r in enumerate(results) if r is None]
     batches = [todo[s:s + hp.v_batch_size] for s in range(0, len(todo), hp.v_batch_size)]
-    for batch in tqdm(batches, desc=f"values ({hp.method}, layer {layer})", disable=not progress or not batches):
-        vals, info = optimize_batch(model, tok, [requests[i] for i in batch], hp, templates, layer)
-        for j, i in enumerate(batch):
-            results[i] = {n: vals[n][j] for n in names}
-            infos[i] = {**info[j], "cached": False}
-            if use_cache:
-                save_entry(paths[i], {n: t.float() for n, t in results[i].items()}, keys[i], info[j])
+    attn = attention_implementation(model, "eager") if hp.v_autocast else contextlib.nullcontext()
+    with attn:
+        for batch in tqdm(batches, desc=f"values ({hp.method}, layer {layer})", disable=not progress or not batches):
+            vals, info = optimize_batch(model, tok, [requests[i] for i in batch], hp, templates, layer)
+            for j, i in enumerate(batch):
+                results[i] = {n: vals[n][j] for n in names}
+                infos[i] = {**info[j], "cached": False}
+                if use_cache:
+                    save_entry(paths[i], {n: t.float() for n, t in results[i].items()}, keys[i], info[j])
     return {n: torch.stack([r[n] for r in results]) for n in names}, infos
