@@ -54,8 +54,10 @@ def test_tables_and_claims_roundtrip(tmp_path):
     pm["score"] = 80.0
     me = _s(efficacy=(95, 94, 96), generalization=(80, 78, 82), specificity=(70, 68, 72))
     me["score"] = 80.5
-    grid = {"m": {"memit": me, "pmet": pm, "mend": {"unavailable": "not trained", "n_edits": 10}}}
-    t = grid_table(grid)
+    mf = _s(efficacy=(99, 98, 100), generalization=(95, 94, 96), specificity=(60, 58, 62))
+    grid = {"m": {"memit": me, "pmet": pm, "mend": {"unavailable": "not trained", "n_edits": 10}},
+            "g": {"memit-ffn": mf, "pmet": pm}}
+    t = grid_table({"m": grid["m"]})
     assert list(t.Editor) == ["MEMIT", "PMET", "MEND"] and t.loc[2, "Efficacy"] == "n/a"
     assert t.loc[1, "Efficacy"] == "99.0 (1.0)"
     paths = save_table(t, "table1_m", tmp_path, "caption")
@@ -67,6 +69,8 @@ def test_tables_and_claims_roundtrip(tmp_path):
     assert got["PMET > MEMIT on efficacy"] == "holds"
     assert got["PMET < MEMIT on specificity"] == "holds"
     assert got["PMET > MEMIT on score"] == "inconclusive (no CI)"
+    assert got["PMET > MEMIT (δ on m^L) on generalization"] == "does not hold"
+    assert got["PMET > MEMIT (δ on m^L) on efficacy"].startswith("inconclusive")
     assert (tmp_path / "tables" / "claims.md").read_text().startswith("# The paper's claims")
 
 
