@@ -199,8 +199,9 @@ def edit(model: nn.Module, tok, requests, method: str = "pmet", hparams: EditHpa
     ``"pmet-no-attn-delta"``, ``"pmet-with-attn-weights"``, ``"pmet-even-spread"``, or a baseline
     ``"rome"``, ``"ft"`` (FT-W), ``"mend"`` (used to load hyperparameters when ``hparams`` is None or a dict
     of overrides; an :class:`EditHparams` is used as given). ``cache_dir``: context templates, key
-    statistics and value vectors (default ``$PMET_CACHE_DIR``). Works on the model's device and dtype. ``on_step(k, partial)``
-    (sequential editors only) is called after the k-th request is applied, with ``partial.deltas``.
+    statistics and value vectors (default ``$PMET_CACHE_DIR``). Works on the model's device and dtype.
+    ``on_step(k, partial)`` (sequential editors only) is called after the k-th request is applied, with
+    ``partial.deltas``.
     """
     if method in BASELINES:  # ROME, FT-W and MEND: their own algorithms, the same result type
         from importlib import import_module

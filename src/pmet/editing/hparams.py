@@ -28,8 +28,8 @@ first that exists wins; ablations read the ``pmet`` files and then apply their s
 5. ``{base}_{family}_{dataset}.json`` / ``{base}_{family}.json`` for ``tiny-*`` models (family ``tiny``)
 6. ``{base}_default.json``
 
-where ``base`` is ``memit`` for MEMIT and ``memit-ffn`` and ``pmet`` otherwise. ``layers: null`` means "the model's
-``layout.critical_layers``" (e.g. smollm2's causal-tracing choice, set in :mod:`pmet.models`).
+where ``base`` is ``memit`` for MEMIT and ``memit-ffn`` and ``pmet`` otherwise. ``layers: null`` means
+"the model's ``layout.critical_layers``" (e.g. smollm2's causal-tracing choice, set in :mod:`pmet.models`).
 Keys starting with ``_`` are comments; ``version`` is the file format version; any other unknown key
 raises :class:`ValueError`.
 """
@@ -177,8 +177,8 @@ def find_hparams_file(method: str, model: Any, dataset: str = "counterfact", bas
     ``{base}_default`` (``.json`` in :data:`HPARAMS_DIR`), or ``None``. A model tuned on CounterFact only
     (smollm2, gemma3-270m) thus edits zsRE with its own CounterFact values rather than the GPT-J defaults:
     the norms, λ and clamp that fit a model's width matter more than the dataset. ``base`` is the file
-    family: ``"memit"`` for MEMIT and ``memit-ffn``, ``"pmet"`` for PMET and its ablations (the default), the method itself
-    for a baseline."""
+    family: ``"memit"`` for MEMIT and ``memit-ffn``, ``"pmet"`` for PMET and its ablations (the default),
+    the method itself for a baseline."""
     name = model if isinstance(model, str) else getattr(model, "pmet_name", None) or "default"
     base = base or ("memit" if method.startswith("memit") else "pmet")
     for cand in _candidates(method, name, dataset, base):
