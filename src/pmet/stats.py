@@ -3,9 +3,9 @@
 The keys of a weight are its inputs (Eq. 12), taken at every token of a Wikipedia-like corpus. The
 second moment is streamed batch by batch (never materialising all keys), the model runs only up to the
 deepest requested layer, and all requested layers are filled from the same forward passes; each batch's
-``k^T k`` is accumulated from its upper block triangle only (:func:`add_gram`), mirrored once at the end. Results are
-cached as safetensors, keyed by everything that changes them; writes are atomic, a corrupt file is
-recomputed with a warning.
+``k^T k`` is accumulated from its upper block triangle only (:func:`add_gram`), mirrored once at the end.
+Results are cached as safetensors, keyed by everything that changes them; writes are atomic, a corrupt
+file is recomputed with a warning.
 
 The authors' implementation (kmeng01/memit ``layer_stats``) samples whole Wikipedia articles truncated to
 the model's context; we stream the corpus as one token sequence cut into ``seq_len`` windows, which uses
