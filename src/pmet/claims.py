@@ -96,8 +96,9 @@ def claims_frame(out_dir: str | Path) -> pd.DataFrame:
         paper = PAPER_T1 if stem.startswith("table1") else PAPER_T2
         for model, runs in grid.items():
             # against MEMIT as published, and against memit-ffn (its value on m^L) where that row exists
+            p = runs.get("pmet")
             for other, label in (("memit", "MEMIT"), ("memit-ffn", "MEMIT (δ on m^L)")):
-                p, m = runs.get("pmet"), runs.get(other)
+                m = runs.get(other)
                 if not p or not m or "unavailable" in p or "unavailable" in m:
                     continue
                 for metric in paper["pmet"]:
@@ -111,7 +112,7 @@ def claims_frame(out_dir: str | Path) -> pd.DataFrame:
                                  "verdict": v})
     # Table 3: direction of each ablation (paper's 1K-edit row)
     for stem, runs in _load(tables, "table3_*.json").items():
-        by = {(int(k.split("|")[0]), k.split("|")[1]): v for k, v in runs.items()}
+        by = _by_size(runs)
         for n in sorted({n for n, _ in by}):
             ref = by.get((n, "pmet"))
             if ref is None:
@@ -134,6 +135,16 @@ def claims_frame(out_dir: str | Path) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["artifact", "model", "claim", "paper", "ours", "verdict"])
 
 
+def _by_size(runs: dict) -> dict:
+    """``{(n_edits, method): summary}`` from the ``"n|method"`` keys :func:`save_summaries` writes."""
+    out = {}
+    for key, summary in runs.items():
+        if "|" in key:
+            n, method = key.split("|", 1)
+            out[int(n), method] = summary
+    return out
+
+
 def _sweep_claims(tables: Path) -> list[dict]:
     """One row per (baseline, metric): at how many of the sweep's points PMET is above / below the baseline
     with separated CIs. *holds* = separated in the paper's direction at one point at least and never
@@ -142,7 +153,7 @@ def _sweep_claims(tables: Path) -> list[dict]:
     names = {"ft": "FT-W", "mend": "MEND", "rome": "ROME", "memit": "MEMIT"}
     rows = []
     for stem, runs in _load(tables, "fig3_sweep_*.json").items():
-        by = {(int(k.split("|")[0]), k.split("|")[1]): v for k, v in runs.items() if "|" in k}
+        by = _by_size(runs)
         sizes = sorted({n for n, m in by if m == "pmet"})
         for base, label in names.items():
             for metric in ("efficacy", "generalization", "specificity"):

@@ -46,6 +46,10 @@ def corpus_token_windows(tok, texts: list[str], seq_len: int, n_tokens: int) -> 
     return torch.tensor(stream[: n_windows * seq_len]).view(n_windows, seq_len)
 
 
+def _block_bounds(d: int, n_blocks: int) -> list[int]:
+    return [round(i * d / n_blocks) for i in range(n_blocks + 1)]
+
+
 def add_gram(acc: torch.Tensor | None, k: torch.Tensor, n_blocks: int = 4) -> torch.Tensor:
     """``acc + k^T k`` for keys ``k`` of shape ``[tokens, d]``, computing only the upper block triangle.
 
@@ -56,7 +60,7 @@ def add_gram(acc: torch.Tensor | None, k: torch.Tensor, n_blocks: int = 4) -> to
     d = k.shape[1]
     if acc is None:
         acc = k.new_zeros(d, d)
-    bounds = [round(i * d / n_blocks) for i in range(n_blocks + 1)]
+    bounds = _block_bounds(d, n_blocks)
     for i in range(n_blocks):
         a, b = bounds[i], bounds[i + 1]
         acc[a:b, a:].addmm_(k[:, a:b].T, k[:, a:])
@@ -66,7 +70,7 @@ def add_gram(acc: torch.Tensor | None, k: torch.Tensor, n_blocks: int = 4) -> to
 def mirror_upper(acc: torch.Tensor, n_blocks: int = 4) -> torch.Tensor:
     """Fill the blocks below the diagonal left empty by :func:`add_gram` from those above it."""
     d = acc.shape[0]
-    bounds = [round(i * d / n_blocks) for i in range(n_blocks + 1)]
+    bounds = _block_bounds(d, n_blocks)
     for i in range(1, n_blocks):
         a, b = bounds[i], bounds[i + 1]
         acc[a:b, :a] = acc[:a, a:b].T

@@ -26,14 +26,13 @@ def grid_search(model, tok, method: str, grid: dict, n: int = 10, seed: int = 0,
 
     from .data import load_counterfact
     from .editing import edit, hparams_for
+    from .editing.hparams import HPARAMS_DIR
     from .evaluation import evaluate_counterfact, summarize_counterfact
 
     pool = load_counterfact("val")
     random.Random(seed).shuffle(pool)
     records = pool[:n]
     name = getattr(model, "pmet_name", "model")
-    from .editing.hparams import HPARAMS_DIR
-
     out_csv = Path(out_csv) if out_csv else HPARAMS_DIR / f"tuning_{method}_{name}.csv"
     done = set()
     if out_csv.exists():

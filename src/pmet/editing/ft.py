@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .editor import EditResult, normalize_requests, target_text
+from .editor import EditResult, MethodUnavailable, normalize_requests, target_text
+from .hparams import find_hparams_file
 
 # --------------------------------------------------------------------------------------- result type
 def make_result(method: str, model: nn.Module, originals: dict[str, torch.Tensor], deltas, *, hparams,
@@ -67,13 +68,10 @@ def weight_delta(model: nn.Module, name: str, original: torch.Tensor, conv1d: bo
 # --------------------------------------------------------------------------------- hyperparameters
 def hparams_file(method: str, model: Any, dataset: str = "counterfact") -> Path:
     """``{method}_{model}_{dataset}.json``, ``{method}_{model}.json``, ``{method}_tiny[_{dataset}].json``
-    (tiny-*), ``{method}_default.json`` -- the first that exists (:func:`pmet.editing.hparams.find_hparams_file`)."""
-    from .hparams import find_hparams_file
-
+    (tiny-*), ``{method}_default.json`` -- the first that exists (:func:`.hparams.find_hparams_file`);
+    none raises :class:`MethodUnavailable` (a FileNotFoundError: tables show the row as unavailable)."""
     path, name = find_hparams_file(method, model, dataset, base=method)
     if path is None:
-        from .editor import MethodUnavailable  # a FileNotFoundError: tables show the row as unavailable
-
         raise MethodUnavailable(f"no {method} hyperparameter file for {name}/{dataset} (pmet/editing/hparams/)")
     return path
 
