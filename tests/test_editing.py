@@ -180,6 +180,21 @@ def test_bf16_autocast_values_are_close_and_cached_apart(tiny_models, tmp_cache)
         replace(hp, v_autocast="int8")
 
 
+def test_run_edit_eval_overrides_enter_the_run(tiny_models, tmp_cache):
+    """Notebooks pass hyperparameter overrides (Table 3's ``value_autocast``): they reach the editor, land in a
+    run folder of their own, and None means "the file's value" (the same run as no override)."""
+    from pmet.experiments import run_edit_eval
+
+    model, tok = tiny_models["tiny-llama"]
+    kw = dict(runs_dir=tmp_cache / "runs", progress=False)
+    plain = run_edit_eval(model, tok, "pmet", "counterfact", 2, **kw)
+    same = run_edit_eval(model, tok, "pmet", "counterfact", 2, overrides={"v_autocast": None}, **kw)
+    low = run_edit_eval(model, tok, "pmet", "counterfact", 2, overrides={"v_autocast": "bfloat16"}, **kw)
+    assert same["hparams"] == plain["hparams"] and same["edit_seconds"] == plain["edit_seconds"]  # read back
+    assert low["hparams"] != plain["hparams"]
+    assert low["hparams_values"]["v_autocast"] == "bfloat16" and "v_autocast" not in plain["hparams_values"]
+
+
 # ---------------------------------------------------------------------------------------------- the editor
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2", "tiny-gemma3"])
 @pytest.mark.parametrize("method", ["pmet", "memit", "memit-ffn"])

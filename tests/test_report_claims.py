@@ -105,3 +105,6 @@ def test_ablation_table_marks_differences(tmp_path):
     save_summaries(s, "table3_m", tmp_path)
     df = claims_frame(tmp_path)
     assert (df.artifact == "Table 3").any()
+    save_summaries(s, "table3_m_bfloat16", tmp_path)  # Table 3 rendered with value_autocast="bfloat16"
+    models = set(claims_frame(tmp_path).query("artifact == 'Table 3'").model)
+    assert models == {"m", "m (values bfloat16)"}

@@ -125,7 +125,7 @@ def claims_frame(out_dir: str | Path) -> pd.DataFrame:
                     if d == 0:
                         continue
                     v, diff = verdict(s, ref, metric, 1 if d > 0 else -1)
-                    rows.append({"artifact": "Table 3", "model": stem.replace("table3_", ""),
+                    rows.append({"artifact": "Table 3", "model": _model_label(stem, "table3_"),
                                  "claim": f"{method} vs PMET on {metric}: {'↑' if d > 0 else '↓'}",
                                  "paper": f"{d:+.1f} (1K edits)", "ours": f"{_fmt(diff) if diff is None else f'{diff:+.1f}'} "
                                  f"({n} edits)", "verdict": v})
@@ -133,6 +133,16 @@ def claims_frame(out_dir: str | Path) -> pd.DataFrame:
     # all other metrics" over the sweep's edit counts
     rows += _sweep_claims(tables)
     return pd.DataFrame(rows, columns=["artifact", "model", "claim", "paper", "ours", "verdict"])
+
+
+def _model_label(stem: str, prefix: str) -> str:
+    """The model named by a result file's stem (``table3_smollm2_bfloat16`` -> ``smollm2 (values bfloat16)``:
+    Table 3 rendered with its value vectors optimised under autocast)."""
+    name = stem.removeprefix(prefix)
+    for precision in ("bfloat16", "float16"):
+        if name.endswith("_" + precision):
+            return f"{name.removesuffix('_' + precision)} (values {precision})"
+    return name
 
 
 def _by_size(runs: dict) -> dict:

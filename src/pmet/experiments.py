@@ -90,8 +90,13 @@ def run_edit_eval(
     cache: str | Path | None = None,
     eval_batch_size: int = 32,
     progress: bool = True,
+    overrides: dict | None = None,
 ) -> dict:
     """Edit ``n_edits`` records with ``method`` (``"none"`` = unedited), evaluate, restore; return the summary.
+
+    ``hparams``: used as given; otherwise the model's hyperparameter file for ``method`` and ``dataset`` with
+    ``overrides`` applied (e.g. ``{"v_autocast": "bfloat16"}``; entries that are None are ignored). Either
+    way the hyperparameters enter the run's cache folder, so differently configured runs never mix.
 
     The summary holds the metrics in percent with 95% CIs (normal approximation) and their n's, the
     editor's timings, and ``delta_norms`` (Frobenius norm of Δ per edited weight, for Fig. 4).
@@ -99,7 +104,8 @@ def run_edit_eval(
     from .editing import edit, hparams_for
 
     records = table_records(dataset, n_edits, seed)
-    hp = None if method == UNEDITED else (hparams or hparams_for(method, model, dataset))
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    hp = None if method == UNEDITED else (hparams or hparams_for(method, model, dataset, **overrides))
     out, meta = _run_location(model, method, dataset, len(records), seed, hp, generation, runs_dir, cache)
     summary_path = out / "summary.json"
     if summary_path.exists():
