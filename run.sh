@@ -3,7 +3,8 @@
 #   ./run.sh setup        create/reuse .venv and install pmet with everything the tests and notebooks need
 #   ./run.sh test         setup + the whole test suite (unit/integration tests + every notebook via nbval)
 #   ./run.sh main         setup + the main job: regenerate Table 1 on the embedded model with papermill
-#   ./run.sh reproduce    setup + every notebook (all figures and tables), reusing caches
+#   ./run.sh reproduce    setup + every notebook at its default (the issue's) sizes, reusing caches
+#   ./run.sh rerender     setup + every committed notebooks/rendered/ copy again, with the parameters recorded in it
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3.11}
@@ -72,5 +73,6 @@ case "$cmd" in
   test) setup; run_tests "$@" ;;
   main) setup; main_job "$@" ;;
   reproduce) setup; reproduce ;;
-  *) echo "usage: ./run.sh {setup|test|main|reproduce}" >&2; exit 2 ;;
+  rerender) setup; TOKENIZERS_PARALLELISM=false "$VENV/bin/python" -m pmet rerender "$@" ;;
+  *) echo "usage: ./run.sh {setup|test|main|reproduce|rerender}" >&2; exit 2 ;;
 esac

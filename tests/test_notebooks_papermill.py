@@ -69,3 +69,29 @@ def test_fig4_papermill_writes_figure_and_data(tmp_path, monkeypatch):
     per_method = df.groupby("method")["weight"].agg(set).to_dict()
     assert per_method == {"PMET": {"FFN"}, "w/ W_O^MHSA": {"FFN", "MHSA"}}
     assert len(df[df.method != "PMET"]) == 2 * len(df[df.method == "PMET"])
+
+
+def test_rerender_repeats_the_recorded_parameters(tmp_path, monkeypatch):
+    """``pmet rerender`` runs a rendered notebook's source again with the parameters papermill recorded."""
+    from pmet.rerender import recorded_run, rerender
+
+    monkeypatch.delenv("PMET_NOTEBOOK_SMALL", raising=False)
+    (tmp_path / "notebooks" / "rendered").mkdir(parents=True)
+    source = tmp_path / "notebooks" / "table3.ipynb"
+    source.write_text((NOTEBOOKS / "table3.ipynb").read_text())
+    rendered = tmp_path / "notebooks" / "rendered" / "table3_tiny.ipynb"
+    out = tmp_path / "out"
+    params = {"model": "tiny-llama", "edit_counts": [2], "methods": ["pmet", "pmet-even-spread"],
+              "generation": False, "out_dir": str(out), "cache_dir": str(tmp_path / "cache")}
+    papermill.execute_notebook(str(source), str(rendered), parameters=params, cwd=str(source.parent),
+                               progress_bar=False, kernel_name="python3")
+    assert recorded_run(rendered) == (source.resolve(), params)
+    table = out / "tables" / "table3_tiny-llama.csv"
+    first = table.read_text()
+    table.unlink()
+    (done,) = rerender([rendered], progress=False)
+    assert done[2] == params and table.read_text() == first  # the cached runs give the same table
+    assert json.loads(rendered.read_text())["metadata"]["papermill"]["parameters"] == params
+    source.with_name("plain.ipynb").write_text(json.dumps({"cells": [], "metadata": {}}))
+    with pytest.raises(ValueError, match="not written by papermill"):
+        recorded_run(source.with_name("plain.ipynb"))

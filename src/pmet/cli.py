@@ -74,6 +74,13 @@ def cmd_stats(args) -> int:
     return 0
 
 
+def cmd_rerender(args) -> int:
+    from .rerender import rerender
+
+    rerender(args.notebooks, dry_run=args.dry_run)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .models import DEFAULT_MODEL
 
@@ -106,6 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     s.add_argument("--cache-dir", default=None)
     s.set_defaults(func=cmd_stats)
+
+    r = sub.add_parser("rerender", help="re-execute rendered notebooks with the parameters recorded in them")
+    r.add_argument("notebooks", nargs="*", help="rendered notebooks (default: every notebooks/rendered/*.ipynb)")
+    r.add_argument("--dry-run", action="store_true", help="only print the papermill commands")
+    r.set_defaults(func=cmd_rerender)
     return p
 
 
