@@ -93,6 +93,42 @@ def test_rome_sequential_two_requests(tiny_models, tmp_cache):
     _assert_same(model, before)
 
 
+def test_rome_checkpoint_resume_is_bit_exact(tiny_models, tmp_cache):
+    """A ROME run continued from a checkpoint ends in exactly the state of an uninterrupted run; a shorter
+    run never replaces a longer checkpoint; a checkpoint of other requests is not resumed."""
+    from pmet.experiments import table_records
+    from pmet.editing.rome import _checkpoint_key, load_checkpoint
+
+    model, tok = tiny_models["tiny-gptj"]
+    before = _state(model)
+    hp = RomeHparams(layer=1, v_num_grad_steps=4, mom2_n_tokens=1000)
+    reqs = [r.as_request() for r in table_records("counterfact", 4)]
+    wname = model.layout.weight_name("mlp_out", 1)
+    straight = apply_rome(model, tok, reqs, hparams=hp)
+    w_straight = model.get_parameter(wname).detach().clone()
+    straight.restore()
+    ckpt = tmp_cache / "rome.safetensors"
+    apply_rome(model, tok, reqs[:2], hparams=hp, checkpoint=ckpt, checkpoint_every=1).restore()
+    _assert_same(model, before)
+    seen = []
+    resumed = apply_rome(model, tok, reqs, hparams=hp, checkpoint=ckpt, checkpoint_every=1,
+                         on_step=lambda k, part: seen.append(k))
+    assert resumed.timings["resumed_at"] == 2 and seen == [2, 3, 4]
+    assert torch.equal(model.get_parameter(wname).detach(), w_straight)
+    assert torch.equal(resumed.deltas[wname], straight.deltas[wname])
+    assert torch.equal(resumed.values["mlp"], straight.values["mlp"]) and len(resumed.value_info) == 4
+    resumed.restore()
+    short = apply_rome(model, tok, reqs[:1], hparams=hp, checkpoint=ckpt, checkpoint_every=1)
+    short.restore()
+    assert short.timings["resumed_at"] == 0  # the checkpoint lies past its only request
+    key = _checkpoint_key(hp, wname, before[wname])
+    assert load_checkpoint(ckpt, key, reqs)[0] == 4  # the 4-edit state was kept
+    other = apply_rome(model, tok, [reqs[1], reqs[0]], hparams=hp, checkpoint=ckpt)
+    other.restore()
+    assert other.timings["resumed_at"] == 0
+    _assert_same(model, before)
+
+
 # ---------------------------------------------------------------------------------------------- MEND
 def _tiny_mend_hp(**kw):
     return MendHparams(**{**dict(rank=8, edit_lr_init=1e-2, lr=1e-3, lr_lr=1e-3, batch_size=2, steps=4,
@@ -215,6 +251,14 @@ def test_rome_sweep_prefix_equals_separate_runs(tiny_models, tmp_cache):
     # a second call reads the summaries back without editing
     again = run_sweep(model, tok, "rome", sizes, runs_dir=tmp_cache / "sweep", progress=False)
     assert {n: json.loads(json.dumps(s, default=str)) for n, s in swept.items()} == again
+    # a longer sweep continues from the checkpoint at 3 edits and lands where a fresh run lands
+    longer = run_sweep(model, tok, "rome", sizes + [4], runs_dir=tmp_cache / "sweep", progress=False)
+    alone = run_edit_eval(model, tok, "rome", "counterfact", 4, runs_dir=tmp_cache / "fresh", progress=False)
+    assert longer[3] == again[3]
+    for m in ("efficacy", "generalization", "specificity", "efficacy_diff", "specificity_diff"):
+        assert longer[4][m] == alone[m], m
+    assert longer[4]["delta_norms"] == alone["delta_norms"]
+    _assert_same(model, before)
 
 
 # ---------------------------------------------------------------------------------------------- API

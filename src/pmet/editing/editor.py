@@ -192,7 +192,7 @@ class MethodUnavailable(FileNotFoundError):
 
 def edit(model: nn.Module, tok, requests, method: str = "pmet", hparams: EditHparams | dict | None = None,
          cache_dir: str | Path | None = None, progress: bool = True, use_value_cache: bool = True,
-         on_step=None) -> EditResult:
+         on_step=None, checkpoint: str | Path | None = None, **checkpoint_kw) -> EditResult:
     """Edit ``model`` in place so that each request's prompt continues with its ``target_new``.
 
     ``method``: ``"pmet"``, ``"memit"``, ``"memit-ffn"`` (MEMIT's value on m^L: the post-norm adaptation),
@@ -201,16 +201,19 @@ def edit(model: nn.Module, tok, requests, method: str = "pmet", hparams: EditHpa
     of overrides; an :class:`EditHparams` is used as given). ``cache_dir``: context templates, key
     statistics and value vectors (default ``$PMET_CACHE_DIR``). Works on the model's device and dtype.
     ``on_step(k, partial)`` (sequential editors only) is called after the k-th request is applied, with
-    ``partial.deltas``.
+    ``partial.deltas``. ``checkpoint`` (+ ``checkpoint_every``, ``resume_max_step``; sequential editors
+    only): a file a long run resumes from (:func:`pmet.editing.rome.apply_rome`).
     """
-    if method in BASELINES:  # ROME, FT-W and MEND: their own algorithms, the same result type
+    sequential = {"on_step": on_step, "checkpoint": checkpoint, **checkpoint_kw}
+    sequential = {k: v for k, v in sequential.items() if v is not None}
+    if method == "rome" or (method in BASELINES and not sequential):  # baselines: their own algorithms
         from importlib import import_module
 
         apply = getattr(import_module(f".{method}", __package__), f"apply_{method}")
-        extra = {"on_step": on_step} if on_step is not None else {}
-        return apply(model, tok, requests, hparams=hparams, cache_dir=cache_dir, progress=progress, **extra)
-    if on_step is not None:
-        raise ValueError(f"on_step is for sequential editors (ROME); {method!r} edits all requests at once")
+        return apply(model, tok, requests, hparams=hparams, cache_dir=cache_dir, progress=progress, **sequential)
+    if sequential:
+        raise ValueError(f"{', '.join(sequential)}: only for sequential editors (ROME); {method!r} edits all "
+                         "requests at once")
     t0 = time.perf_counter()
     reqs = normalize_requests(requests, tok)
     hp = _resolve_hparams(method, model, hparams)

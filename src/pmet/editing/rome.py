@@ -16,12 +16,26 @@ edits one after another):
    ``k_r = k*`` (``residual_key="mean"``, the paper's Eq. 2: ``(W+Δ) k* + b = v*``) or the key of the
    unprefixed prompt (``"prompt"``, the released code's ``cur_input``). ``b`` is ``W_O^FFN``'s bias
    (GPT-J), zero for Llama. ``Δ`` is invariant to the scale of ``C``, so ROME needs no λ.
+
+``v_autocast="bfloat16"`` optimises ``δ`` under autocast with eager attention, as the shared value optimiser
+does for PMET/MEMIT (:mod:`pmet.editing.values`); keys, ``C`` and the update stay float32/float64.
+
+Checkpoints (not in ROME's code: long sequential runs on a CPU outlive a session). With ``checkpoint=path``
+the state after every ``checkpoint_every`` edits is written there (safetensors, atomic): the edited weight
+``W_k`` exactly, the float64 sum of the updates, the keys and values so far, and a hash of the first ``k``
+requests. A later call whose first ``k`` requests, hyperparameters and unedited weights are the same
+continues from edit ``k + 1``, so the result is bit for bit that of an uninterrupted run. A checkpoint is
+never replaced by a shorter one (a 100-edit run does not overwrite the state of 600 edits).
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -30,12 +44,13 @@ from tqdm.auto import tqdm
 
 from ..hooks import Trace
 from ..stats import key_second_moments
+from ..tensor_cache import load_entry, save_entry
 from .context import flatten, get_context_templates
 from .core import compute_keys
 from .editor import EditResult, normalize_requests
 from .ft import make_result, resolve_hparams, restore_weights, snapshot
 from .hparams import EditHparams
-from .values import encode_with_subject, optimize_batch, pad_id_of, pad_right
+from .values import attention_implementation, encode_with_subject, optimize_batch, pad_id_of, pad_right
 
 
 @dataclass(frozen=True)
@@ -55,6 +70,7 @@ class RomeHparams:
     context_seed: int = 0
     key_averaging: str = "groups"
     residual_key: str = "mean"  # "mean" (paper Eq. 2) or "prompt" (released code)
+    v_autocast: str | None = None  # "bfloat16": δ optimised under torch.autocast (None: float32)
     # C = E[kk^T]
     mom2_n_tokens: int = 100_000
     mom2_dtype: str = "float32"
@@ -63,6 +79,8 @@ class RomeHparams:
     def __post_init__(self):
         if self.residual_key not in ("mean", "prompt"):
             raise ValueError(f"residual_key must be 'mean' or 'prompt', not {self.residual_key!r}")
+        if self.v_autocast not in (None, "bfloat16", "float16"):
+            raise ValueError(f"v_autocast must be None, 'bfloat16' or 'float16', not {self.v_autocast!r}")
 
     def value_hparams(self) -> EditHparams:
         """The shared value optimiser configured as ROME's compute_v (δ on m^l only, loss < loss_stop)."""
@@ -70,10 +88,15 @@ class RomeHparams:
                            update_attn_weights=False, stop_rule="memit", v_lr=self.v_lr,
                            v_num_grad_steps=self.v_num_grad_steps, clamp_norm_factor=self.clamp_norm_factor,
                            v_weight_decay=self.v_weight_decay, kl_factor=self.kl_factor,
-                           loss_stop=self.loss_stop, kl_prompt=self.kl_prompt, key_averaging=self.key_averaging)
+                           loss_stop=self.loss_stop, kl_prompt=self.kl_prompt, key_averaging=self.key_averaging,
+                           v_autocast=self.v_autocast)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """All fields except ``v_autocast`` while it is None (added later; run ids made before it stay valid)."""
+        d = asdict(self)
+        if d["v_autocast"] is None:
+            d.pop("v_autocast")
+        return d
 
 
 @torch.no_grad()
@@ -101,12 +124,51 @@ def rank_one_update(W: torch.Tensor, bias: torch.Tensor | None, C: torch.Tensor,
     return torch.outer(v_star - cur, u) / (u @ k_res)
 
 
+def _requests_hash(requests: list[dict]) -> str:
+    fields_ = [{k: r[k] for k in ("prompt", "subject", "target_new")} for r in normalize_requests(requests)]
+    return hashlib.sha256(json.dumps(fields_, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _checkpoint_key(hp: RomeHparams, name: str, w0: torch.Tensor) -> str:
+    """What a checkpoint is valid for besides its requests: hyperparameters and the unedited weight."""
+    payload = {"hp": hp.to_dict(), "weight": name, "w0": hashlib.sha256(w0.float().cpu().numpy().tobytes()).hexdigest()}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def load_checkpoint(path: Path | None, key: str, requests: list[dict], max_step: int | None = None):
+    """``(k, tensors, info)`` of a valid checkpoint at ``path`` whose ``k`` requests are a prefix of
+    ``requests`` (and ``k <= max_step``), else None."""
+    if path is None:
+        return None
+    hit = load_entry(Path(path), key, ("weight", "total")) if Path(path).exists() else None
+    if hit is None:
+        return None
+    tensors, info = hit
+    k = int(info.get("k", 0))
+    limit = len(requests) if max_step is None else min(max_step, len(requests))
+    if not 1 <= k <= limit or info.get("requests") != _requests_hash(requests[:k]):
+        return None
+    return k, tensors, info
+
+
+def _save_checkpoint(path: Path, key: str, k: int, requests, weight, total, values, keys, infos, elapsed) -> None:
+    old = load_entry(path, key, ("weight", "total")) if path.exists() else None
+    if old is not None and int(old[1].get("k", 0)) > k:
+        return  # never replace a longer trajectory by a shorter one
+    save_entry(path, {"weight": weight, "total": total, "values": torch.stack(values), "keys": torch.stack(keys)}, key,
+               {"k": k, "requests": _requests_hash(requests[:k]), "value_info": infos, "seconds": elapsed})
+
+
 def apply_rome(model: nn.Module, tok, requests: list[dict], hparams=None, dataset: str = "counterfact",
-               cache_dir=None, progress: bool = False, on_step=None, **_) -> EditResult:
+               cache_dir=None, progress: bool = False, on_step=None, checkpoint: str | Path | None = None,
+               checkpoint_every: int = 25, resume_max_step: int | None = None, **_) -> EditResult:
     """ROME edits of ``model`` in place, one request after another; ``restore()`` undoes all of them.
 
     ``on_step(k, partial)``, if given, is called after the k-th edit (``partial.deltas`` = Δ so far), so a
-    caller can evaluate the model after 1, 2, ... edits within one run (Fig. 3's sweep)."""
+    caller can evaluate the model after 1, 2, ... edits within one run (Fig. 3's sweep); after resuming from
+    a checkpoint at ``k`` it is called for that ``k`` first. ``checkpoint``: a file to resume from and write
+    to every ``checkpoint_every`` edits and at the end (module docstring); ``resume_max_step``: ignore
+    checkpoints past this edit (a sweep that still needs an earlier point)."""
     t0 = time.perf_counter()
     reqs = normalize_requests(requests, tok)
     hp = resolve_hparams(RomeHparams, "rome", model, hparams, dataset)
@@ -125,23 +187,53 @@ def apply_rome(model: nn.Module, tok, requests: list[dict], hparams=None, datase
     bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
     values, keys, infos = [], [], []
     total = torch.zeros(layout.get_weight(model, "mlp_out", layer).shape, dtype=torch.float64)  # Σ rank-one updates
+    ckpt_path = Path(checkpoint) if checkpoint is not None else None
+    ckpt_key = _checkpoint_key(hp, name, originals[name]) if ckpt_path is not None else ""
+    start, before, in_hook = 0, 0.0, [0.0]  # edit seconds of earlier sessions; seconds spent in on_step
+    resumed = load_checkpoint(ckpt_path, ckpt_key, reqs, resume_max_step)
+    param = model.get_parameter(name)
+    attn = attention_implementation(model, "eager") if hp.v_autocast else contextlib.nullcontext()
+
+    def elapsed():  # editing seconds, without the caller's evaluations in on_step
+        return before + time.perf_counter() - t0 - in_hook[0]
+
+    def step_done(k):
+        if on_step is not None:
+            t1 = time.perf_counter()
+            on_step(k, SimpleNamespace(deltas={name: total.float()}, timings={"total": elapsed()}))
+            in_hook[0] += time.perf_counter() - t1
+
+    def save(k):
+        _save_checkpoint(ckpt_path, ckpt_key, k, reqs, param.detach(), total, values, keys, infos, elapsed())
+
     try:
-        for k, req in enumerate(tqdm(reqs, desc="ROME edits", disable=not progress or len(reqs) < 2), 1):
-            pk = prompt_keys(model, tok, req, templates, layer)
-            k_star = compute_keys(pk[None], sizes, hp.key_averaging)[0]
-            k_res = k_star if hp.residual_key == "mean" else pk[0]
-            vals, info = optimize_batch(model, tok, [req], vhp, templates, layer)
-            v_star = vals["mlp"][0].detach()
-            W = layout.get_weight(model, "mlp_out", layer).detach()
-            delta = rank_one_update(W, bias, C, k_star, k_res, v_star)
-            layout.add_to_weight(model, "mlp_out", layer, delta.to(W.device))
-            total += delta
-            values.append(v_star.float().cpu())
-            keys.append(k_res.float().cpu())
-            infos.append(info[0])
-            if on_step is not None:
-                on_step(k, SimpleNamespace(deltas={name: total.float()},
-                                           timings={"total": time.perf_counter() - t0}))
+        if resumed is not None:
+            start, tensors, info = resumed
+            with torch.no_grad():
+                param.copy_(tensors["weight"].to(param.device, param.dtype))
+            total = tensors["total"].to(torch.float64)
+            values, keys = list(tensors["values"].unbind(0)), list(tensors["keys"].unbind(0))
+            infos, before = list(info.get("value_info", [])), float(info.get("seconds", 0.0))
+            step_done(start)
+        bar = tqdm(total=len(reqs), initial=start, desc="ROME edits", disable=not progress or len(reqs) < 2)
+        with attn, bar:
+            for k, req in enumerate(reqs[start:], start + 1):
+                pk = prompt_keys(model, tok, req, templates, layer)
+                k_star = compute_keys(pk[None], sizes, hp.key_averaging)[0]
+                k_res = k_star if hp.residual_key == "mean" else pk[0]
+                vals, info = optimize_batch(model, tok, [req], vhp, templates, layer)
+                v_star = vals["mlp"][0].detach()
+                W = layout.get_weight(model, "mlp_out", layer).detach()
+                delta = rank_one_update(W, bias, C, k_star, k_res, v_star)
+                layout.add_to_weight(model, "mlp_out", layer, delta.to(W.device))
+                total += delta
+                values.append(v_star.float().cpu())
+                keys.append(k_res.float().cpu())
+                infos.append(info[0])
+                bar.update(1)
+                step_done(k)
+                if ckpt_path is not None and (k % checkpoint_every == 0 or k == len(reqs)):
+                    save(k)
     except BaseException:
         restore_weights(model, originals)
         raise
@@ -151,4 +243,4 @@ def apply_rome(model: nn.Module, tok, requests: list[dict], hparams=None, datase
     return make_result("rome", model, originals, deltas, hparams=hp, layers=(layer,), requests=reqs,
                        values={"mlp": torch.stack(values)}, keys={name: torch.stack(keys)}, stats={name: C},
                        value_info=infos, context_templates=groups,
-                       timings={"total": time.perf_counter() - t0})
+                       timings={"total": elapsed(), "resumed_at": start})
