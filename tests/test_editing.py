@@ -195,6 +195,47 @@ def test_run_edit_eval_overrides_enter_the_run(tiny_models, tmp_cache):
     assert low["hparams_values"]["v_autocast"] == "bfloat16" and "v_autocast" not in plain["hparams_values"]
 
 
+def test_run_edit_eval_resumes_an_interrupted_evaluation_without_editing(tiny_models, tmp_cache, monkeypatch):
+    """The edited weights wait in the run folder until the evaluation is complete: a second call after an
+    interruption evaluates the same edited model without calling the editor, then removes them."""
+    import pmet.editing
+    import pmet.experiments as ex
+
+    model, tok = tiny_models["tiny-llama"]
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    fresh = ex.run_edit_eval(model, tok, "pmet", "counterfact", 2, runs_dir=tmp_cache / "a", progress=False)
+    real = ex._evaluate_and_save
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ex, "_evaluate_and_save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ex.run_edit_eval(model, tok, "pmet", "counterfact", 2, runs_dir=tmp_cache / "b", progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # restored
+    assert len(list((tmp_cache / "b").rglob("edited_weights.safetensors"))) == 1
+    monkeypatch.setattr(ex, "_evaluate_and_save", real)
+    monkeypatch.setattr(pmet.editing, "edit", lambda *a, **k: pytest.fail("edited again"))
+    again = ex.run_edit_eval(model, tok, "pmet", "counterfact", 2, runs_dir=tmp_cache / "b", progress=False)
+    for m in ("efficacy", "generalization", "specificity", "efficacy_diff", "specificity_diff"):
+        assert again[m] == fresh[m], m
+    assert again["delta_norms"] == pytest.approx(fresh["delta_norms"], rel=1e-6)
+    assert not list((tmp_cache / "b").rglob("edited_weights.safetensors"))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_value_autocast_reaches_the_editors_that_have_values(tiny_models):
+    from pmet.experiments import method_hparams
+
+    model, _ = tiny_models["tiny-llama"]
+    o = {"v_autocast": "bfloat16"}
+    assert method_hparams("rome", model, "counterfact", o).value_hparams().v_autocast == "bfloat16"
+    assert method_hparams("pmet", model, "counterfact", o).v_autocast == "bfloat16"
+    assert method_hparams("ft", model, "counterfact", o) == method_hparams("ft", model, "counterfact")
+    assert "v_autocast" not in method_hparams("rome", model, "counterfact").to_dict()  # old run ids stay
+    assert method_hparams("none", model, "counterfact", o) is None
+
+
 # ---------------------------------------------------------------------------------------------- the editor
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2", "tiny-gemma3"])
 @pytest.mark.parametrize("method", ["pmet", "memit", "memit-ffn"])

@@ -72,6 +72,8 @@ def test_tables_and_claims_roundtrip(tmp_path):
     assert got["PMET > MEMIT (δ on m^L) on generalization"] == "does not hold"
     assert got["PMET > MEMIT (δ on m^L) on efficacy"].startswith("inconclusive")
     assert (tmp_path / "tables" / "claims.md").read_text().startswith("# The paper's claims")
+    save_summaries(grid, "table1_m_bfloat16", tmp_path)  # rendered with value_autocast="bfloat16"
+    assert {"m", "m (values bfloat16)"} <= set(write_claims(tmp_path).query("artifact == 'Table 1'").model)
 
 
 def test_sweep_claims_count_points_in_each_direction(tmp_path):
@@ -95,6 +97,8 @@ def test_sweep_claims_count_points_in_each_direction(tmp_path):
     assert got["PMET > ROME on specificity across edit counts"] == "does not hold"
     ours = dict(zip(df.claim, df.ours))
     assert ours["PMET > ROME on efficacy across edit counts"].startswith("2 of 2 points")
+    save_summaries(sweep, "fig3_sweep_m_bfloat16", tmp_path)
+    assert set(claims_frame(tmp_path).model) == {"m", "m (values bfloat16)"}
 
 
 def test_ablation_table_marks_differences(tmp_path):

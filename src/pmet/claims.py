@@ -105,7 +105,8 @@ def claims_frame(out_dir: str | Path) -> pd.DataFrame:
                     sign = 1 if paper["pmet"][metric] > paper["memit"][metric] else -1
                     v, diff = verdict(p, m, metric, sign)
                     rows.append({"artifact": "Table 1" if stem.startswith("table1") else "Table 2",
-                                 "model": model, "claim": f"PMET {'>' if sign > 0 else '<'} {label} on {metric}",
+                                 "model": model + _precision(stem),
+                                 "claim": f"PMET {'>' if sign > 0 else '<'} {label} on {metric}",
                                  "paper": f"{paper['pmet'][metric]} vs {paper['memit'][metric]}",
                                  "ours": f"{_fmt(p.get(_key(p, metric)))} vs {_fmt(m.get(_key(m, metric)))} "
                                          f"(n={p.get('n_edits')})",
@@ -135,14 +136,23 @@ def claims_frame(out_dir: str | Path) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["artifact", "model", "claim", "paper", "ours", "verdict"])
 
 
-def _model_label(stem: str, prefix: str) -> str:
-    """The model named by a result file's stem (``table3_smollm2_bfloat16`` -> ``smollm2 (values bfloat16)``:
-    Table 3 rendered with its value vectors optimised under autocast)."""
-    name = stem.removeprefix(prefix)
+def _split_precision(stem: str) -> tuple[str, str]:
+    """``("table3_smollm2", " (values bfloat16)")`` for a result file rendered with ``value_autocast`` (the
+    notebooks end its name in ``_bfloat16``/``_float16``); ``(stem, "")`` otherwise."""
     for precision in ("bfloat16", "float16"):
-        if name.endswith("_" + precision):
-            return f"{name.removesuffix('_' + precision)} (values {precision})"
-    return name
+        if stem.endswith("_" + precision):
+            return stem.removesuffix("_" + precision), f" (values {precision})"
+    return stem, ""
+
+
+def _precision(stem: str) -> str:
+    return _split_precision(stem)[1]
+
+
+def _model_label(stem: str, prefix: str) -> str:
+    """The model named by a result file's stem (``table3_smollm2_bfloat16`` -> ``smollm2 (values bfloat16)``)."""
+    base, precision = _split_precision(stem)
+    return base.removeprefix(prefix) + precision
 
 
 def _by_size(runs: dict) -> dict:
@@ -175,7 +185,7 @@ def _sweep_claims(tables: Path) -> list[dict]:
                 n_for, n_against = verdicts.count("holds"), verdicts.count("does not hold")
                 v = ("holds" if n_for and not n_against else "does not hold" if n_against and not n_for
                      else "inconclusive (CIs overlap)" if not n_for else "mixed")
-                rows.append({"artifact": "Fig. 3", "model": stem.replace("fig3_sweep_", ""),
+                rows.append({"artifact": "Fig. 3", "model": _model_label(stem, "fig3_sweep_"),
                              "claim": f"PMET {'>' if sign > 0 else '<'} {label} on {metric} across edit counts",
                              "paper": "GPT-J, 1 to 10,000 edits",
                              "ours": f"{n_for} of {len(pts)} points in the paper's direction with separated CIs, "

@@ -22,6 +22,7 @@ import os
 import random
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -77,6 +78,22 @@ def run_dir(runs_dir: Path, model_name: str, dataset: str, method: str, n: int, 
     return runs_dir / model_name / dataset / method / tag
 
 
+def method_hparams(method: str, model, dataset: str, overrides: dict | None = None):
+    """The hyperparameters of ``method`` for ``model``/``dataset`` with those ``overrides`` the method has
+    (e.g. ``v_autocast`` reaches ROME, MEMIT and PMET, which optimise value vectors, not FT-W or MEND);
+    entries that are None are ignored. None for the unedited model."""
+    import dataclasses
+
+    from .editing import hparams_for
+
+    if method == UNEDITED:
+        return None
+    hp = hparams_for(method, model, dataset)
+    known = {f.name for f in dataclasses.fields(hp)}
+    applicable = {k: v for k, v in (overrides or {}).items() if v is not None and k in known}
+    return hparams_for(method, model, dataset, **applicable) if applicable else hp
+
+
 def run_edit_eval(
     model,
     tok,
@@ -94,35 +111,94 @@ def run_edit_eval(
 ) -> dict:
     """Edit ``n_edits`` records with ``method`` (``"none"`` = unedited), evaluate, restore; return the summary.
 
-    ``hparams``: used as given; otherwise the model's hyperparameter file for ``method`` and ``dataset`` with
-    ``overrides`` applied (e.g. ``{"v_autocast": "bfloat16"}``; entries that are None are ignored). Either
-    way the hyperparameters enter the run's cache folder, so differently configured runs never mix.
+    ``hparams``: used as given; otherwise :func:`method_hparams` (the model's hyperparameter file for
+    ``method`` and ``dataset`` with the applicable ``overrides``, e.g. ``{"v_autocast": "bfloat16"}``).
+    Either way the hyperparameters enter the run's cache folder, so differently configured runs never mix.
+
+    Resuming: the edited weights are kept in the run folder until the evaluation is complete, so an
+    interrupted evaluation (long with ``generation``) continues without editing again; ROME's sequential
+    edits also resume from their checkpoint (:func:`rome_checkpoint`).
 
     The summary holds the metrics in percent with 95% CIs (normal approximation) and their n's, the
     editor's timings, and ``delta_norms`` (Frobenius norm of Δ per edited weight, for Fig. 4).
     """
-    from .editing import edit, hparams_for
+    from .editing import edit
 
     records = table_records(dataset, n_edits, seed)
-    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    hp = None if method == UNEDITED else (hparams or hparams_for(method, model, dataset, **overrides))
+    hp = None if method == UNEDITED else (hparams or method_hparams(method, model, dataset, overrides))
     out, meta = _run_location(model, method, dataset, len(records), seed, hp, generation, runs_dir, cache)
     summary_path = out / "summary.json"
     if summary_path.exists():
         return json.loads(summary_path.read_text())
+    if method == UNEDITED:
+        return _evaluate_and_save(model, tok, records, dataset, out, meta, generation, eval_batch_size, progress)
 
-    t0 = time.perf_counter()
-    result = None
-    if method != UNEDITED:
-        requests = [r.as_request() for r in records]
-        result = edit(model, tok, requests, method=method, hparams=hp, cache_dir=cache, progress=progress)
-    t_edit = time.perf_counter() - t0
+    saved = EditedWeights(out / "edited_weights.safetensors", model, meta["hparams"])
+    edited = saved.load()
+    if edited is None:
+        t0 = time.perf_counter()
+        extra = ({"checkpoint": rome_checkpoint(model, dataset, seed, hp, runs_dir, cache)}
+                 if method in SEQUENTIAL else {})
+        result = edit(model, tok, [r.as_request() for r in records], method=method, hparams=hp, cache_dir=cache,
+                      progress=progress, **extra)
+        edited = saved.save(result, time.perf_counter() - t0)
     try:
-        return _evaluate_and_save(model, tok, records, dataset, out, meta, generation, eval_batch_size, progress,
-                                  t_edit, result, hp)
+        summary = _evaluate_and_save(model, tok, records, dataset, out, meta, generation, eval_batch_size,
+                                     progress, edited, hp)
     finally:
-        if result is not None:
-            result.restore()
+        edited.restore()
+    saved.path.unlink(missing_ok=True)  # complete: the summary is the result
+    return summary
+
+
+class EditedWeights:
+    """The weights an edit changed, saved in its run folder so the evaluation can resume without editing
+    again. ``load`` puts them into the model (exact copies) and returns a handle whose ``restore()`` puts the
+    originals back; the handle also carries the edit's seconds, timings and Δ norms for the summary."""
+
+    def __init__(self, path: Path, model, hp_id: str):
+        from .models import model_fingerprint
+
+        self.path, self.model = Path(path), model
+        self.key = f"{model_fingerprint(model)}|{hp_id}"
+
+    def save(self, result, seconds: float) -> SimpleNamespace:
+        from .tensor_cache import save_entry
+
+        names = list(result._originals)
+        info = {"seconds": seconds, "timings": dict(getattr(result, "timings", {})),
+                "delta_norms": {k: float(torch.linalg.norm(v.float())) for k, v in result.deltas.items()}}
+        save_entry(self.path, {n: self.model.get_parameter(n).detach() for n in names}, self.key, info)
+        return SimpleNamespace(restore=result.restore, **info)
+
+    def load(self) -> SimpleNamespace | None:
+        from .tensor_cache import load_entry
+
+        hit = load_entry(self.path, self.key) if self.path.exists() else None
+        if hit is None:
+            return None
+        tensors, info = hit
+        originals = {n: self.model.get_parameter(n).detach().clone() for n in tensors}
+
+        def restore():
+            with torch.no_grad():
+                for n, w0 in originals.items():
+                    self.model.get_parameter(n).copy_(w0)
+
+        with torch.no_grad():
+            for n, w in tensors.items():
+                p = self.model.get_parameter(n)
+                p.copy_(w.to(p.device, p.dtype))
+        return SimpleNamespace(restore=restore, **info)
+
+
+def rome_checkpoint(model, dataset: str, seed: int, hp, runs_dir=None, cache=None) -> Path:
+    """Where the sequential ROME edits of ``(model, dataset, seed, hparams)`` keep their checkpoint. One
+    file serves every run size: a run of ``n`` edits edits a prefix of a longer run's records, so Table 1's
+    run and Fig. 3's sweep continue the same trajectory."""
+    runs_dir = Path(runs_dir) if runs_dir is not None else cache_dir() / "runs"
+    name = getattr(model, "pmet_name", "model")
+    return runs_dir / name / dataset / "rome" / f"checkpoint_seed{seed}_hp{_hparams_id(hp)}.safetensors"
 
 
 def _run_location(model, method, dataset, n, seed, hp, generation, runs_dir, cache) -> tuple[Path, dict]:
@@ -134,8 +210,9 @@ def _run_location(model, method, dataset, n, seed, hp, generation, runs_dir, cac
 
 
 def _evaluate_and_save(model, tok, records, dataset, out: Path, meta: dict, generation: bool, eval_batch_size: int,
-                       progress: bool, t_edit: float, result=None, hp=None) -> dict:
-    """Evaluate the (edited) model on ``records``, write ``records.jsonl`` + ``summary.json``; the summary."""
+                       progress: bool, edited=None, hp=None) -> dict:
+    """Evaluate the (edited) model on ``records``, write ``records.jsonl`` + ``summary.json``; the summary.
+    ``edited``: what the edit reported (``seconds``, ``timings``, ``delta_norms``), None when unedited."""
     from .evaluation import evaluate_counterfact, evaluate_zsre, summarize_counterfact, summarize_zsre
 
     out.mkdir(parents=True, exist_ok=True)
@@ -149,11 +226,11 @@ def _evaluate_and_save(model, tok, records, dataset, out: Path, meta: dict, gene
                              progress=progress, meta=meta)
         summary = summarize_zsre(rows)
     summary.update(meta)
-    summary["edit_seconds"] = t_edit
+    summary["edit_seconds"] = edited.seconds if edited is not None else 0.0
     summary["eval_seconds"] = time.perf_counter() - t0
-    if result is not None:
-        summary["timings"] = dict(getattr(result, "timings", {}))
-        summary["delta_norms"] = {k: float(torch.linalg.norm(v.float())) for k, v in result.deltas.items()}
+    if edited is not None:
+        summary["timings"] = dict(edited.timings)
+        summary["delta_norms"] = dict(edited.delta_norms)
         summary["hparams_values"] = hp.to_dict() if hasattr(hp, "to_dict") else None
     summary["device"] = str(next(model.parameters()).device)
     summary["torch"] = torch.__version__
@@ -169,22 +246,24 @@ SEQUENTIAL = ("rome",)  # editors that apply the requests one after another
 
 def run_sweep(model, tok, method: str, sizes, dataset: str = "counterfact", seed: int = 0,
               generation: bool = False, runs_dir=None, cache=None, eval_batch_size: int = 32,
-              progress: bool = True) -> dict[int, dict]:
+              progress: bool = True, overrides: dict | None = None) -> dict[int, dict]:
     """:func:`run_edit_eval` at every size of ``sizes`` (Fig. 3); ``{n: summary}``.
 
     For a sequential editor (ROME) the run with ``n`` edits is, step for step, the first ``n`` steps of
     the run with ``max(sizes)`` edits (the records of a smaller run are a prefix of a larger run's, and
     each step depends only on the earlier ones). So the largest run is made once and the model is
     evaluated when it has applied ``n`` edits, for every missing ``n``: the cost of one ROME run instead of
-    one per point. The summaries land where :func:`run_edit_eval` would put them, and are the same.
+    one per point. The run resumes from ROME's checkpoint when that lies at or before the first missing
+    point. The summaries land where :func:`run_edit_eval` would put them, and are the same.
     """
     sizes = sorted(set(int(n) for n in sizes))
     if method not in SEQUENTIAL:
         return {n: run_edit_eval(model, tok, method, dataset, n, seed, generation, runs_dir=runs_dir, cache=cache,
-                                 eval_batch_size=eval_batch_size, progress=progress) for n in sizes}
-    from .editing import edit, hparams_for
+                                 eval_batch_size=eval_batch_size, progress=progress, overrides=overrides)
+                for n in sizes}
+    from .editing import edit
 
-    hp = hparams_for(method, model, dataset)
+    hp = method_hparams(method, model, dataset, overrides)
     records = table_records(dataset, sizes[-1], seed)
     where = {n: _run_location(model, method, dataset, n, seed, hp, generation, runs_dir, cache) for n in sizes}
     out = {n: json.loads((loc / "summary.json").read_text()) for n, (loc, _) in where.items()
@@ -192,19 +271,18 @@ def run_sweep(model, tok, method: str, sizes, dataset: str = "counterfact", seed
     missing = [n for n in sizes if n not in out]
     if not missing:
         return out
-    t0, evaluating = time.perf_counter(), [0.0]  # editing time excludes the evaluations made on the way
-
-    def at_step(k: int, current) -> None:  # called by the editor after its k-th edit
-        if k not in missing:
+    def at_step(k: int, current) -> None:  # called by the editor after its k-th edit (its timings exclude these)
+        if k not in missing or k in out:
             return
-        t1 = time.perf_counter()
         loc, meta = where[k]
+        edited = SimpleNamespace(seconds=current.timings["total"], timings=current.timings,
+                                 delta_norms={n: float(torch.linalg.norm(d)) for n, d in current.deltas.items()})
         out[k] = _evaluate_and_save(model, tok, records[:k], dataset, loc, meta, generation, eval_batch_size,
-                                    progress, t1 - t0 - evaluating[0], current, hp)
-        evaluating[0] += time.perf_counter() - t1
+                                    progress, edited, hp)
 
     result = edit(model, tok, [r.as_request() for r in records[:max(missing)]], method=method, hparams=hp,
-                  cache_dir=cache, progress=progress, on_step=at_step)
+                  cache_dir=cache, progress=progress, on_step=at_step,
+                  checkpoint=rome_checkpoint(model, dataset, seed, hp, runs_dir, cache), resume_max_step=min(missing))
     result.restore()
     return {n: out[n] for n in sizes}
 
