@@ -10,6 +10,8 @@ Stages (each measured in this one run, on the same machine, with fresh caches in
   over the same tokens up to the same layer, and their ratio;
 * the Eq. 9 update: solve time per layer;
 * evaluation: CounterFact records/s without and with generation (``--gen-records``) and zsRE records/s;
+* ROME: seconds per sequential edit (``--rome-edits`` edits, key statistics excluded), in float32 and with
+  its value optimisation under autocast, and the relative difference of the two Δ's;
 * end to end: a PMET CounterFact run of ``n`` edits (values + update + evaluation without generation),
   under bf16 autocast unless ``--autocast none``, extrapolated to 1,000 and 10,000 edits as the run's
   once-only cost (key statistics, context prefixes) plus ``n`` times its per-edit cost.
@@ -43,6 +45,7 @@ def main(argv=None) -> int:
     p.add_argument("--stats-tokens", type=int, default=20_000)
     p.add_argument("--eval-records", type=int, default=50)
     p.add_argument("--gen-records", type=int, default=4, help="CounterFact records evaluated with generation")
+    p.add_argument("--rome-edits", type=int, default=4, help="sequential ROME edits timed (0: skip)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--autocast", default="bfloat16", choices=["bfloat16", "none"],
                    help="also time the batched values under this autocast dtype (and use it end to end)")
@@ -144,6 +147,26 @@ def main(argv=None) -> int:
     evaluate_zsre(model, tok, zs, progress=False)
     res["eval_zsre_rec_per_s"] = len(zs) / (time.perf_counter() - t)
     res["eval_peak_mib"] = peak_mib()
+
+    # ---- ROME: sequential edits, float32 vs autocast ---------------------------------------------------
+    if a.rome_edits:
+        from pmet.editing import edit, hparams_for
+
+        rome_hp = replace(hparams_for("rome", model, "counterfact"), mom2_n_tokens=a.stats_tokens)
+        rome_reqs = requests[: a.rome_edits]
+        edit(model, tok, rome_reqs[:1], "rome", hparams=rome_hp, progress=False).restore()  # statistics, warm-up
+        variants = [None] + ([a.autocast] if a.autocast != "none" else [])
+        deltas = {}
+        for dtype in variants:
+            t = time.perf_counter()
+            r = edit(model, tok, rome_reqs, "rome", hparams=replace(rome_hp, v_autocast=dtype), progress=False)
+            res[f"rome_{dtype or 'float32'}_seconds_per_edit"] = (time.perf_counter() - t) / len(rome_reqs)
+            deltas[dtype] = next(iter(r.deltas.values()))
+            r.restore()
+        if len(deltas) == 2:
+            res[f"rome_{a.autocast}_delta_rel_diff"] = float(
+                (deltas[a.autocast] - deltas[None]).norm() / deltas[None].norm())
+        res["rome_peak_mib"] = peak_mib()
 
     # ---- end to end ------------------------------------------------------------------------------------
     from pmet.experiments import run_edit_eval
