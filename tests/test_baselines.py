@@ -93,11 +93,11 @@ def test_rome_sequential_two_requests(tiny_models, tmp_cache):
     _assert_same(model, before)
 
 
-def test_rome_checkpoint_resume_is_bit_exact(tiny_models, tmp_cache):
-    """A ROME run continued from a checkpoint ends in exactly the state of an uninterrupted run; a shorter
-    run never replaces a longer checkpoint; a checkpoint of other requests is not resumed."""
-    from pmet.experiments import table_records
+def test_rome_trajectory_replay_is_bit_exact(tiny_models, tmp_cache):
+    """Edits taken from a trajectory file give exactly the weights of an uninterrupted run; shorter runs
+    replay a longer file for free; a file is only replaced by a longer trajectory."""
     from pmet.editing.rome import _checkpoint_key, load_checkpoint
+    from pmet.experiments import table_records
 
     model, tok = tiny_models["tiny-gptj"]
     before = _state(model)
@@ -107,25 +107,30 @@ def test_rome_checkpoint_resume_is_bit_exact(tiny_models, tmp_cache):
     straight = apply_rome(model, tok, reqs, hparams=hp)
     w_straight = model.get_parameter(wname).detach().clone()
     straight.restore()
+    one = apply_rome(model, tok, reqs[:1], hparams=hp)
+    w_one = model.get_parameter(wname).detach().clone()
+    one.restore()
     ckpt = tmp_cache / "rome.safetensors"
-    apply_rome(model, tok, reqs[:2], hparams=hp, checkpoint=ckpt, checkpoint_every=1).restore()
+    part = apply_rome(model, tok, reqs[:2], hparams=hp, checkpoint=ckpt, checkpoint_every=1)
+    part.restore()
+    assert part.timings["replayed"] == 0
     _assert_same(model, before)
     seen = []
     resumed = apply_rome(model, tok, reqs, hparams=hp, checkpoint=ckpt, checkpoint_every=1,
-                         on_step=lambda k, part: seen.append(k))
-    assert resumed.timings["resumed_at"] == 2 and seen == [2, 3, 4]
+                         on_step=lambda k, p: seen.append((k, float(p.deltas[wname].norm()))))
+    assert resumed.timings["replayed"] == 2 and [k for k, _ in seen] == [1, 2, 3, 4]
     assert torch.equal(model.get_parameter(wname).detach(), w_straight)
     assert torch.equal(resumed.deltas[wname], straight.deltas[wname])
     assert torch.equal(resumed.values["mlp"], straight.values["mlp"]) and len(resumed.value_info) == 4
     resumed.restore()
-    short = apply_rome(model, tok, reqs[:1], hparams=hp, checkpoint=ckpt, checkpoint_every=1)
+    short = apply_rome(model, tok, reqs[:1], hparams=hp, checkpoint=ckpt)
+    assert short.timings["replayed"] == 1 and torch.equal(model.get_parameter(wname).detach(), w_one)
     short.restore()
-    assert short.timings["resumed_at"] == 0  # the checkpoint lies past its only request
-    key = _checkpoint_key(hp, wname, before[wname])
-    assert load_checkpoint(ckpt, key, reqs)[0] == 4  # the 4-edit state was kept
     other = apply_rome(model, tok, [reqs[1], reqs[0]], hparams=hp, checkpoint=ckpt)
     other.restore()
-    assert other.timings["resumed_at"] == 0
+    assert other.timings["replayed"] == 0
+    m, tensors, _ = load_checkpoint(ckpt, _checkpoint_key(hp, wname, before[wname]), reqs)
+    assert m == 4 and tensors["a"].shape[0] == 4  # the 4-edit trajectory was kept
     _assert_same(model, before)
 
 

@@ -117,7 +117,7 @@ def run_edit_eval(
 
     Resuming: the edited weights are kept in the run folder until the evaluation is complete, so an
     interrupted evaluation (long with ``generation``) continues without editing again; ROME's sequential
-    edits also resume from their checkpoint (:func:`rome_checkpoint`).
+    edits are replayed from its trajectory file where they exist (:func:`rome_trajectory`).
 
     The summary holds the metrics in percent with 95% CIs (normal approximation) and their n's, the
     editor's timings, and ``delta_norms`` (Frobenius norm of Δ per edited weight, for Fig. 4).
@@ -137,7 +137,7 @@ def run_edit_eval(
     edited = saved.load()
     if edited is None:
         t0 = time.perf_counter()
-        extra = ({"checkpoint": rome_checkpoint(model, dataset, seed, hp, runs_dir, cache)}
+        extra = ({"checkpoint": rome_trajectory(model, dataset, seed, hp, runs_dir, cache)}
                  if method in SEQUENTIAL else {})
         result = edit(model, tok, [r.as_request() for r in records], method=method, hparams=hp, cache_dir=cache,
                       progress=progress, **extra)
@@ -192,13 +192,13 @@ class EditedWeights:
         return SimpleNamespace(restore=restore, **info)
 
 
-def rome_checkpoint(model, dataset: str, seed: int, hp, runs_dir=None, cache=None) -> Path:
-    """Where the sequential ROME edits of ``(model, dataset, seed, hparams)`` keep their checkpoint. One
+def rome_trajectory(model, dataset: str, seed: int, hp, runs_dir=None, cache=None) -> Path:
+    """Where the sequential ROME edits of ``(model, dataset, seed, hparams)`` keep their trajectory. One
     file serves every run size: a run of ``n`` edits edits a prefix of a longer run's records, so Table 1's
-    run and Fig. 3's sweep continue the same trajectory."""
+    run and Fig. 3's sweep (any N) replay and extend the same trajectory."""
     runs_dir = Path(runs_dir) if runs_dir is not None else cache_dir() / "runs"
     name = getattr(model, "pmet_name", "model")
-    return runs_dir / name / dataset / "rome" / f"checkpoint_seed{seed}_hp{_hparams_id(hp)}.safetensors"
+    return runs_dir / name / dataset / "rome" / f"trajectory_seed{seed}_hp{_hparams_id(hp)}.safetensors"
 
 
 def _run_location(model, method, dataset, n, seed, hp, generation, runs_dir, cache) -> tuple[Path, dict]:
@@ -253,8 +253,9 @@ def run_sweep(model, tok, method: str, sizes, dataset: str = "counterfact", seed
     the run with ``max(sizes)`` edits (the records of a smaller run are a prefix of a larger run's, and
     each step depends only on the earlier ones). So the largest run is made once and the model is
     evaluated when it has applied ``n`` edits, for every missing ``n``: the cost of one ROME run instead of
-    one per point. The run resumes from ROME's checkpoint when that lies at or before the first missing
-    point. The summaries land where :func:`run_edit_eval` would put them, and are the same.
+    one per point. Edits already in ROME's trajectory file are replayed, not recomputed (any earlier run
+    with the same first records, of any size). The summaries land where :func:`run_edit_eval` would put
+    them, and are the same.
     """
     sizes = sorted(set(int(n) for n in sizes))
     if method not in SEQUENTIAL:
@@ -282,7 +283,7 @@ def run_sweep(model, tok, method: str, sizes, dataset: str = "counterfact", seed
 
     result = edit(model, tok, [r.as_request() for r in records[:max(missing)]], method=method, hparams=hp,
                   cache_dir=cache, progress=progress, on_step=at_step,
-                  checkpoint=rome_checkpoint(model, dataset, seed, hp, runs_dir, cache), resume_max_step=min(missing))
+                  checkpoint=rome_trajectory(model, dataset, seed, hp, runs_dir, cache))
     result.restore()
     return {n: out[n] for n in sizes}
 

@@ -201,8 +201,8 @@ def edit(model: nn.Module, tok, requests, method: str = "pmet", hparams: EditHpa
     of overrides; an :class:`EditHparams` is used as given). ``cache_dir``: context templates, key
     statistics and value vectors (default ``$PMET_CACHE_DIR``). Works on the model's device and dtype.
     ``on_step(k, partial)`` (sequential editors only) is called after the k-th request is applied, with
-    ``partial.deltas``. ``checkpoint`` (+ ``checkpoint_every``, ``resume_max_step``; sequential editors
-    only): a file a long run resumes from (:func:`pmet.editing.rome.apply_rome`).
+    ``partial.deltas``. ``checkpoint`` (+ ``checkpoint_every``; sequential editors only): the trajectory
+    file a long run resumes from and shorter runs replay (:func:`pmet.editing.rome.apply_rome`).
     """
     sequential = {"on_step": on_step, "checkpoint": checkpoint, **checkpoint_kw}
     sequential = {k: v for k, v in sequential.items() if v is not None}

@@ -20,12 +20,14 @@ edits one after another):
 ``v_autocast="bfloat16"`` optimises ``δ`` under autocast with eager attention, as the shared value optimiser
 does for PMET/MEMIT (:mod:`pmet.editing.values`); keys, ``C`` and the update stay float32/float64.
 
-Checkpoints (not in ROME's code: long sequential runs on a CPU outlive a session). With ``checkpoint=path``
-the state after every ``checkpoint_every`` edits is written there (safetensors, atomic): the edited weight
-``W_k`` exactly, the float64 sum of the updates, the keys and values so far, and a hash of the first ``k``
-requests. A later call whose first ``k`` requests, hyperparameters and unedited weights are the same
-continues from edit ``k + 1``, so the result is bit for bit that of an uninterrupted run. A checkpoint is
-never replaced by a shorter one (a 100-edit run does not overwrite the state of 600 edits).
+Trajectory file (not in ROME's code: long sequential runs on a CPU outlive a session). With
+``checkpoint=path`` every ``checkpoint_every`` edits (and at the end) the run's trajectory is written there
+(safetensors, atomic): each edit's rank-one factors ``a = v* − W k_r − b``, ``u = C^{-1} k*`` and ``u^T k_r``
+(float64, ~17 KB per edit for SmolLM2), its key and value, and a hash of each request. A later call replays
+the edits its requests share with the file (the same ``Δ_j`` recomputed from the same factors and added in
+the same order: bit for bit the weights of the original run, in seconds) and edits the rest. So a run of
+``n`` edits is free once a longer run with the same first ``n`` requests exists, and an interrupted run
+continues where its file ends. A file is only replaced by a longer trajectory.
 """
 
 from __future__ import annotations
@@ -115,60 +117,79 @@ def prompt_keys(model: nn.Module, tok, request: dict, templates: list[str], laye
     return k[torch.arange(len(seqs), device=device), torch.tensor(look, device=device)].float()
 
 
-def rank_one_update(W: torch.Tensor, bias: torch.Tensor | None, C: torch.Tensor, k_star: torch.Tensor,
-                    k_res: torch.Tensor, v_star: torch.Tensor) -> torch.Tensor:
-    """ROME Eq. 2 in float64: ``(v* − W k_r − b) u^T / (u^T k_r)`` with ``u = C^{-1} k*``."""
+def rank_one_factors(W: torch.Tensor, bias: torch.Tensor | None, C: torch.Tensor, k_star: torch.Tensor,
+                     k_res: torch.Tensor, v_star: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ROME Eq. 2's factors in float64: ``a = v* − W k_r − b``, ``u = C^{-1} k*`` and ``u^T k_r``."""
     W, C, k_star, k_res, v_star = (x.double().cpu() for x in (W, C, k_star, k_res, v_star))
     u = torch.linalg.solve(C, k_star)
     cur = W @ k_res + (bias.double().cpu() if bias is not None else 0.0)
-    return torch.outer(v_star - cur, u) / (u @ k_res)
+    return v_star - cur, u, u @ k_res
 
 
-def _requests_hash(requests: list[dict]) -> str:
-    fields_ = [{k: r[k] for k in ("prompt", "subject", "target_new")} for r in normalize_requests(requests)]
-    return hashlib.sha256(json.dumps(fields_, sort_keys=True).encode()).hexdigest()[:32]
+def rank_one_delta(a: torch.Tensor, u: torch.Tensor, denom: torch.Tensor) -> torch.Tensor:
+    """``Δ = a u^T / (u^T k_r)`` (the same operations whether computed or replayed, so the same bits)."""
+    return torch.outer(a, u) / denom
+
+
+def rank_one_update(W: torch.Tensor, bias: torch.Tensor | None, C: torch.Tensor, k_star: torch.Tensor,
+                    k_res: torch.Tensor, v_star: torch.Tensor) -> torch.Tensor:
+    """ROME Eq. 2 in float64: ``(v* − W k_r − b) u^T / (u^T k_r)`` with ``u = C^{-1} k*``."""
+    return rank_one_delta(*rank_one_factors(W, bias, C, k_star, k_res, v_star))
+
+
+def _request_hashes(requests: list[dict]) -> list[str]:
+    return [hashlib.sha256(json.dumps({k: r[k] for k in ("prompt", "subject", "target_new")},
+                                      sort_keys=True).encode()).hexdigest()[:16] for r in normalize_requests(requests)]
 
 
 def _checkpoint_key(hp: RomeHparams, name: str, w0: torch.Tensor) -> str:
-    """What a checkpoint is valid for besides its requests: hyperparameters and the unedited weight."""
+    """What a trajectory is valid for besides its requests: hyperparameters and the unedited weight."""
     payload = {"hp": hp.to_dict(), "weight": name, "w0": hashlib.sha256(w0.float().cpu().numpy().tobytes()).hexdigest()}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def load_checkpoint(path: Path | None, key: str, requests: list[dict], max_step: int | None = None):
-    """``(k, tensors, info)`` of a valid checkpoint at ``path`` whose ``k`` requests are a prefix of
-    ``requests`` (and ``k <= max_step``), else None."""
-    if path is None:
+TRAJECTORY = ("a", "u", "denom", "values", "keys")
+
+
+def load_checkpoint(path: str | Path | None, key: str, requests: list[dict]):
+    """``(m, tensors, info)``: the trajectory at ``path`` cut to the first ``m`` edits, ``m`` = how many of
+    ``requests`` it holds in the same order (None when it holds none or is not valid for ``key``)."""
+    if path is None or not Path(path).exists():
         return None
-    hit = load_entry(Path(path), key, ("weight", "total")) if Path(path).exists() else None
+    hit = load_entry(Path(path), key, TRAJECTORY)
     if hit is None:
         return None
     tensors, info = hit
-    k = int(info.get("k", 0))
-    limit = len(requests) if max_step is None else min(max_step, len(requests))
-    if not 1 <= k <= limit or info.get("requests") != _requests_hash(requests[:k]):
+    m = 0
+    for stored, wanted in zip(info.get("requests", []), _request_hashes(requests)):
+        if stored != wanted:
+            break
+        m += 1
+    if m == 0:
         return None
-    return k, tensors, info
+    return m, {n: t[:m] for n, t in tensors.items()}, info
 
 
-def _save_checkpoint(path: Path, key: str, k: int, requests, weight, total, values, keys, infos, elapsed) -> None:
-    old = load_entry(path, key, ("weight", "total")) if path.exists() else None
-    if old is not None and int(old[1].get("k", 0)) > k:
-        return  # never replace a longer trajectory by a shorter one
-    save_entry(path, {"weight": weight, "total": total, "values": torch.stack(values), "keys": torch.stack(keys)}, key,
-               {"k": k, "requests": _requests_hash(requests[:k]), "value_info": infos, "seconds": elapsed})
+def _save_checkpoint(path: Path, key: str, requests, factors, values, keys, infos, seconds) -> None:
+    k = len(values)
+    if path.exists():
+        old = load_entry(path, key, TRAJECTORY)
+        if old is not None and len(old[1].get("requests", [])) >= k:
+            return  # only a longer trajectory replaces a file
+    tensors = {"a": torch.stack([f[0] for f in factors]), "u": torch.stack([f[1] for f in factors]),
+               "denom": torch.stack([f[2] for f in factors]), "values": torch.stack(values), "keys": torch.stack(keys)}
+    save_entry(path, tensors, key, {"requests": _request_hashes(requests[:k]), "value_info": infos, "seconds": seconds})
 
 
 def apply_rome(model: nn.Module, tok, requests: list[dict], hparams=None, dataset: str = "counterfact",
                cache_dir=None, progress: bool = False, on_step=None, checkpoint: str | Path | None = None,
-               checkpoint_every: int = 25, resume_max_step: int | None = None, **_) -> EditResult:
+               checkpoint_every: int = 25, **_) -> EditResult:
     """ROME edits of ``model`` in place, one request after another; ``restore()`` undoes all of them.
 
     ``on_step(k, partial)``, if given, is called after the k-th edit (``partial.deltas`` = Δ so far), so a
-    caller can evaluate the model after 1, 2, ... edits within one run (Fig. 3's sweep); after resuming from
-    a checkpoint at ``k`` it is called for that ``k`` first. ``checkpoint``: a file to resume from and write
-    to every ``checkpoint_every`` edits and at the end (module docstring); ``resume_max_step``: ignore
-    checkpoints past this edit (a sweep that still needs an earlier point)."""
+    caller can evaluate the model after 1, 2, ... edits within one run (Fig. 3's sweep); replayed edits
+    count too. ``checkpoint``: the trajectory file to replay from and to write every ``checkpoint_every``
+    edits and at the end (module docstring). ``timings["replayed"]``: edits taken from the file."""
     t0 = time.perf_counter()
     reqs = normalize_requests(requests, tok)
     hp = resolve_hparams(RomeHparams, "rome", model, hparams, dataset)
@@ -185,55 +206,54 @@ def apply_rome(model: nn.Module, tok, requests: list[dict], hparams=None, datase
     vhp = hp.value_hparams()
     module = layout.module(model, "mlp_out", layer)
     bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
-    values, keys, infos = [], [], []
-    total = torch.zeros(layout.get_weight(model, "mlp_out", layer).shape, dtype=torch.float64)  # Σ rank-one updates
+    W = layout.get_weight(model, "mlp_out", layer)
+    total = torch.zeros(W.shape, dtype=torch.float64)  # Σ rank-one updates
+    factors, values, keys, infos, seconds = [], [], [], [], []  # per edit; seconds: cumulative editing time
     ckpt_path = Path(checkpoint) if checkpoint is not None else None
     ckpt_key = _checkpoint_key(hp, name, originals[name]) if ckpt_path is not None else ""
-    start, before, in_hook = 0, 0.0, [0.0]  # edit seconds of earlier sessions; seconds spent in on_step
-    resumed = load_checkpoint(ckpt_path, ckpt_key, reqs, resume_max_step)
-    param = model.get_parameter(name)
+    stored = load_checkpoint(ckpt_path, ckpt_key, reqs)
+    in_hook = [0.0]  # seconds spent in on_step (the caller's evaluations), not editing time
     attn = attention_implementation(model, "eager") if hp.v_autocast else contextlib.nullcontext()
 
-    def elapsed():  # editing seconds, without the caller's evaluations in on_step
-        return before + time.perf_counter() - t0 - in_hook[0]
-
-    def step_done(k):
+    def apply(f, v, k_r, info, secs):
+        nonlocal total
+        delta = rank_one_delta(*f)
+        layout.add_to_weight(model, "mlp_out", layer, delta.to(W.device))
+        total += delta
+        factors.append(f)
+        values.append(v)
+        keys.append(k_r)
+        infos.append(info)
+        seconds.append(secs)
         if on_step is not None:
             t1 = time.perf_counter()
-            on_step(k, SimpleNamespace(deltas={name: total.float()}, timings={"total": elapsed()}))
+            on_step(len(values), SimpleNamespace(deltas={name: total.float()}, timings={"total": secs}))
             in_hook[0] += time.perf_counter() - t1
 
-    def save(k):
-        _save_checkpoint(ckpt_path, ckpt_key, k, reqs, param.detach(), total, values, keys, infos, elapsed())
-
+    replayed = 0
     try:
-        if resumed is not None:
-            start, tensors, info = resumed
-            with torch.no_grad():
-                param.copy_(tensors["weight"].to(param.device, param.dtype))
-            total = tensors["total"].to(torch.float64)
-            values, keys = list(tensors["values"].unbind(0)), list(tensors["keys"].unbind(0))
-            infos, before = list(info.get("value_info", [])), float(info.get("seconds", 0.0))
-            step_done(start)
-        bar = tqdm(total=len(reqs), initial=start, desc="ROME edits", disable=not progress or len(reqs) < 2)
+        bar = tqdm(total=len(reqs), desc="ROME edits", disable=not progress or len(reqs) < 2)
         with attn, bar:
-            for k, req in enumerate(reqs[start:], start + 1):
+            if stored is not None:
+                replayed, t, info = stored
+                for j in range(replayed):
+                    apply((t["a"][j], t["u"][j], t["denom"][j]), t["values"][j], t["keys"][j],
+                          info["value_info"][j], float(info["seconds"][j]))
+                    bar.update(1)
+            base = seconds[-1] if seconds else 0.0
+            t_start, hook_start = time.perf_counter(), in_hook[0]
+            for k, req in enumerate(reqs[replayed:], replayed + 1):
                 pk = prompt_keys(model, tok, req, templates, layer)
                 k_star = compute_keys(pk[None], sizes, hp.key_averaging)[0]
                 k_res = k_star if hp.residual_key == "mean" else pk[0]
                 vals, info = optimize_batch(model, tok, [req], vhp, templates, layer)
                 v_star = vals["mlp"][0].detach()
-                W = layout.get_weight(model, "mlp_out", layer).detach()
-                delta = rank_one_update(W, bias, C, k_star, k_res, v_star)
-                layout.add_to_weight(model, "mlp_out", layer, delta.to(W.device))
-                total += delta
-                values.append(v_star.float().cpu())
-                keys.append(k_res.float().cpu())
-                infos.append(info[0])
+                f = rank_one_factors(layout.get_weight(model, "mlp_out", layer).detach(), bias, C, k_star, k_res, v_star)
+                secs = base + time.perf_counter() - t_start - (in_hook[0] - hook_start)
+                apply(f, v_star.float().cpu(), k_res.float().cpu(), info[0], secs)
                 bar.update(1)
-                step_done(k)
                 if ckpt_path is not None and (k % checkpoint_every == 0 or k == len(reqs)):
-                    save(k)
+                    _save_checkpoint(ckpt_path, ckpt_key, reqs, factors, values, keys, infos, seconds)
     except BaseException:
         restore_weights(model, originals)
         raise
@@ -243,4 +263,5 @@ def apply_rome(model: nn.Module, tok, requests: list[dict], hparams=None, datase
     return make_result("rome", model, originals, deltas, hparams=hp, layers=(layer,), requests=reqs,
                        values={"mlp": torch.stack(values)}, keys={name: torch.stack(keys)}, stats={name: C},
                        value_info=infos, context_templates=groups,
-                       timings={"total": elapsed(), "resumed_at": start})
+                       timings={"total": seconds[-1], "replayed": replayed,
+                                "wall": time.perf_counter() - t0 - in_hook[0]})
