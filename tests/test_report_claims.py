@@ -112,3 +112,11 @@ def test_ablation_table_marks_differences(tmp_path):
     save_summaries(s, "table3_m_bfloat16", tmp_path)  # Table 3 rendered with value_autocast="bfloat16"
     models = set(claims_frame(tmp_path).query("artifact == 'Table 3'").model)
     assert models == {"m", "m (values bfloat16)"}
+
+
+def test_size_note_only_below_the_default():
+    from pmet.report import size_note
+
+    assert size_note(1000, 1000) == "" and size_note(2000, 1000, "x") == ""
+    assert size_note(100, 1000) == " Fewer edits than the notebook's default of 1,000."
+    assert size_note(100, 1000, "CPU budget") == " Fewer edits than the notebook's default of 1,000: CPU budget."

@@ -176,6 +176,14 @@ def ablation_table(summaries: dict, reference: str = "pmet") -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def size_note(used: int, default: int, reason: str | None = None) -> str:
+    """A caption sentence for an artifact rendered with fewer edits than its notebook's default (empty when
+    ``used >= default``), so that a reduced rendering says so wherever its table or figure goes."""
+    if used >= default:
+        return ""
+    return f" Fewer edits than the notebook's default of {default:,}" + (f": {reason}." if reason else ".")
+
+
 def sweep_sizes(N: int, steps: int = 16) -> list[int]:
     """The paper's edit counts n_i = exp(ln(N) * i / steps), i = 0..steps (rounded, duplicates dropped)."""
     import math
