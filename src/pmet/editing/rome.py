@@ -248,7 +248,8 @@ def apply_rome(model: nn.Module, tok, requests: list[dict], hparams=None, datase
                 k_res = k_star if hp.residual_key == "mean" else pk[0]
                 vals, info = optimize_batch(model, tok, [req], vhp, templates, layer)
                 v_star = vals["mlp"][0].detach()
-                f = rank_one_factors(layout.get_weight(model, "mlp_out", layer).detach(), bias, C, k_star, k_res, v_star)
+                W_now = layout.get_weight(model, "mlp_out", layer).detach()
+                f = rank_one_factors(W_now, bias, C, k_star, k_res, v_star)
                 secs = base + time.perf_counter() - t_start - (in_hook[0] - hook_start)
                 apply(f, v_star.float().cpu(), k_res.float().cpu(), info[0], secs)
                 bar.update(1)
