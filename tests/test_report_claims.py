@@ -76,6 +76,20 @@ def test_tables_and_claims_roundtrip(tmp_path):
     assert {"m", "m (values bfloat16)"} <= set(write_claims(tmp_path).query("artifact == 'Table 1'").model)
 
 
+def test_claims_name_the_consistency_proxy(tmp_path):
+    """Our consistency is the offline proxy wherever ROME's reference texts are missing: claims say so."""
+    pm = _s(efficacy=(99, 98, 100), fluency=(600, 598, 602), consistency_proxy=(25, 24, 26))
+    me = _s(efficacy=(95, 94, 96), fluency=(590, 588, 592), consistency_proxy=(20, 19, 21))
+    save_summaries({"m": {"memit": me, "pmet": pm}}, "table1_m", tmp_path)
+    got = dict(zip(claims_frame(tmp_path).claim, claims_frame(tmp_path).verdict))
+    assert got["PMET > MEMIT on consistency (proxy)"] == "holds"
+    assert got["PMET > MEMIT on fluency"] == "holds"
+    save_summaries({"m": {"memit": _s(efficacy=(95, 94, 96)), "pmet": _s(efficacy=(99, 98, 100))}}, "table1_m",
+                   tmp_path)  # no generation: nothing measured, no proxy named
+    assert dict(zip(claims_frame(tmp_path).claim, claims_frame(tmp_path).verdict))[
+        "PMET > MEMIT on consistency"] == "not measured"
+
+
 def test_sweep_claims_count_points_in_each_direction(tmp_path):
     hi, lo, mid = (90, 88, 92), (50, 48, 52), (89, 80, 95)
     sweep = {
