@@ -20,6 +20,21 @@ def test_tiny_loading_is_deterministic():
     assert not torch.equal(next(a.parameters()), next(c.parameters()))
 
 
+def test_fingerprint_is_what_the_model_is_not_where_it_was_read_from():
+    """A GGUF's first load (config path: the package folder) and every later load from the weight cache
+    must share statistics, value vectors and MEND editors: the fingerprint ignores ``_name_or_path``."""
+    from pmet.models import model_fingerprint
+
+    a, _ = load_model("tiny-llama")
+    before = model_fingerprint(a)
+    a.config._name_or_path = "/somewhere/else/models/tiny-llama"
+    assert model_fingerprint(a) == before
+    a.config.rms_norm_eps *= 2  # the config proper still counts, and so do the weights
+    assert model_fingerprint(a) != before
+    c, _ = load_model("tiny-llama", seed=1)
+    assert model_fingerprint(c) != model_fingerprint(load_model("tiny-llama")[0])
+
+
 def test_unknown_model_error_is_clear():
     with pytest.raises(ModelUnavailableError, match="unknown model 'no-such-model'"):
         load_model("no-such-model")

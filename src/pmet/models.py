@@ -199,10 +199,17 @@ def load_model(
 
 
 def model_fingerprint(model: nn.Module) -> str:
-    """A short id of the model's identity for cache keys: name + config + a checksum of a few weights."""
+    """A short id of the model's identity for cache keys: name + config + a checksum of a few weights.
+
+    The config's ``_name_or_path`` is left out: it is where the weights were read from (the GGUF's folder on a
+    first load, ``$PMET_CACHE_DIR/models/<name>`` on every later one, another path in another checkout), not
+    what they are, and with it the first process after a fresh cache keyed its statistics, value vectors and
+    MEND editor differently from every later process.
+    """
     h = hashlib.sha256()
     h.update(getattr(model, "pmet_name", type(model).__name__).encode())
-    h.update(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    config = {k: v for k, v in model.config.to_dict().items() if k != "_name_or_path"}
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
     params = list(model.parameters())
     for p in (params[0], params[len(params) // 2], params[-1]):
         h.update(p.detach().float().cpu().flatten()[:4096].numpy().tobytes())
