@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from pmet.claims import claims_frame, save_summaries, verdict, write_claims
 from pmet.report import ablation_table, grid_table, save_table, sweep_sizes
 
@@ -134,3 +136,15 @@ def test_size_note_only_below_the_default():
     assert size_note(1000, 1000) == "" and size_note(2000, 1000, "x") == ""
     assert size_note(100, 1000) == " Fewer edits than the notebook's default of 1,000."
     assert size_note(100, 1000, "CPU budget") == " Fewer edits than the notebook's default of 1,000: CPU budget."
+
+
+def test_configure_reads_json_lists_and_dicts_given_as_text(monkeypatch):
+    """``papermill -p models '["a", "b"]'`` hands the notebook a string; configure makes it the list."""
+    from pmet.report import configure
+
+    monkeypatch.delenv("PMET_NOTEBOOK_SMALL", raising=False)
+    cfg = configure({"models": '["a", "b"]', "n_edits": '{"a": 3}', "model": "smollm2", "methods": ["x"],
+                     "out_dir": "."})
+    assert cfg.models == ["a", "b"] and cfg.n_edits == {"a": 3} and cfg.model == "smollm2" and cfg.methods == ["x"]
+    with pytest.raises(ValueError, match="-y"):
+        configure({"models": "[smollm2, gemma]", "out_dir": "."})

@@ -34,7 +34,7 @@ def configure(params: dict, small: dict | None = None, names: list[str] | None =
     simple = (str, int, float, bool, list, tuple, dict, type(None))
     keys = names or [k for k, v in params.items() if not k.startswith("_") and k.islower() and isinstance(v, simple)
                      and k not in ("In", "Out")]
-    cfg = {k: params[k] for k in keys if k in params}
+    cfg = {k: _literal(params[k]) for k in keys if k in params}
     if os.environ.get(SMALL_ENV) == "1":
         cfg.update(small or {})
         cfg["out_dir"] = tempfile.mkdtemp(prefix="pmet-nb-")
@@ -46,6 +46,18 @@ def configure(params: dict, small: dict | None = None, names: list[str] | None =
         cfg["out_dir"] = str(REPO_ROOT if in_source_checkout() else Path.cwd())
     print("configuration:", ", ".join(f"{k}={v!r}" for k, v in cfg.items()))
     return SimpleNamespace(**cfg)
+
+
+def _literal(value):
+    """A list or dict given as JSON text (``papermill -p models '["smollm2", "gemma3-270m"]'`` passes the
+    string as it is; ``-y`` passes YAML) becomes that list or dict; anything else is returned unchanged."""
+    if isinstance(value, str) and value.strip()[:1] in ("[", "{"):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"a notebook parameter looks like a JSON list/dict but is not one: {value!r} ({exc}); "
+                             "write it as JSON, or pass it with papermill's -y as YAML") from None
+    return value
 
 
 def _record(folder: Path, files: list[Path], meta: dict) -> None:
