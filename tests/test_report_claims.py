@@ -86,6 +86,8 @@ def test_claims_name_the_consistency_proxy(tmp_path):
     got = dict(zip(claims_frame(tmp_path).claim, claims_frame(tmp_path).verdict))
     assert got["PMET > MEMIT on consistency (proxy)"] == "holds"
     assert got["PMET > MEMIT on fluency"] == "holds"
+    t = grid_table({"m": {"memit": me, "pmet": pm}})
+    assert "Consistency (proxy)" in t.columns and list(t["n records"]) == ["10/0/0/10/10"] * 2
     save_summaries({"m": {"memit": _s(efficacy=(95, 94, 96)), "pmet": _s(efficacy=(99, 98, 100))}}, "table1_m",
                    tmp_path)  # no generation: nothing measured, no proxy named
     assert dict(zip(claims_frame(tmp_path).claim, claims_frame(tmp_path).verdict))[

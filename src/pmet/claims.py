@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from .report import consistency_key
+
 # Paper, Table 1 (GPT-J, 10,000 CounterFact edits): MEMIT vs PMET
 PAPER_T1 = {"memit": {"score": 85.8, "efficacy": 98.9, "generalization": 88.6, "specificity": 73.7,
                       "fluency": 619.9, "consistency": 40.1},
@@ -42,9 +44,7 @@ METRICS = ["score", "efficacy", "generalization", "specificity", "fluency", "con
 
 
 def _key(summary: dict, metric: str) -> str:
-    if metric == "consistency" and "consistency" not in summary:
-        return "consistency_proxy"
-    return metric
+    return consistency_key(summary) if metric == "consistency" else metric
 
 
 def _label(summary: dict, metric: str) -> str:

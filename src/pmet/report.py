@@ -125,7 +125,8 @@ CF_COLUMNS = [("Score", "score"), ("Efficacy", "efficacy"), ("Generalization", "
 ZSRE_COLUMNS = [("Efficacy", "efficacy"), ("Generalization", "generalization"), ("Specificity", "specificity")]
 
 
-def _consistency_key(summary: dict) -> str:
+def consistency_key(summary: dict) -> str:
+    """Where a summary keeps its consistency: ROME's metric, or the offline proxy when its references are missing."""
     return "consistency" if "consistency" in summary else "consistency_proxy"
 
 
@@ -148,7 +149,7 @@ def grid_table(grid: dict, dataset: str = "counterfact") -> pd.DataFrame:
                    "Edits": s.get("n_edits")}
             for head, key in columns:
                 if key == "consistency":
-                    key = _consistency_key(s)
+                    key = consistency_key(s)
                     head = "Consistency (proxy)" if proxy else head
                 if "unavailable" in s:
                     row[head] = "n/a"
@@ -157,7 +158,8 @@ def grid_table(grid: dict, dataset: str = "counterfact") -> pd.DataFrame:
                 else:
                     row[head] = fmt_ci(s.get(key), _half_width(s, key), digits=1)
             row["n records"] = ("-" if "unavailable" in s else
-                                "/".join(str(s.get(f"{k}_n", 0)) for _, k in columns if k != "score"))
+                                "/".join(str(s.get(f"{consistency_key(s) if k == 'consistency' else k}_n", 0))
+                                         for _, k in columns if k != "score"))
             if "unavailable" in s:
                 row["note"] = s["unavailable"]
             rows.append(row)
@@ -173,7 +175,7 @@ def ablation_table(summaries: dict, reference: str = "pmet") -> pd.DataFrame:
         ref = summaries.get((n, reference))
         row = {"Edits": n, "Editor": DISPLAY.get(method, method)}
         for head, key in CF_COLUMNS:
-            key = _consistency_key(s) if key == "consistency" else key
+            key = consistency_key(s) if key == "consistency" else key
             v = s.get(key)
             if v is None:
                 row[head] = "n/a"
@@ -210,7 +212,7 @@ def sweep_frame(summaries: dict) -> pd.DataFrame:
         if "unavailable" in s:
             continue
         for head, key in CF_COLUMNS:
-            key = _consistency_key(s) if key == "consistency" else key
+            key = consistency_key(s) if key == "consistency" else key
             if s.get(key) is None:
                 continue
             ci = s.get(f"{key}_ci") or (None, None)
