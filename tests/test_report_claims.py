@@ -83,15 +83,16 @@ def test_claims_name_the_consistency_proxy(tmp_path):
     pm = _s(efficacy=(99, 98, 100), fluency=(600, 598, 602), consistency_proxy=(25, 24, 26))
     me = _s(efficacy=(95, 94, 96), fluency=(590, 588, 592), consistency_proxy=(20, 19, 21))
     save_summaries({"m": {"memit": me, "pmet": pm}}, "table1_m", tmp_path)
-    got = dict(zip(claims_frame(tmp_path).claim, claims_frame(tmp_path).verdict))
+    df = claims_frame(tmp_path)
+    got = dict(zip(df.claim, df.verdict))
     assert got["PMET > MEMIT on consistency (proxy)"] == "holds"
     assert got["PMET > MEMIT on fluency"] == "holds"
     t = grid_table({"m": {"memit": me, "pmet": pm}})
     assert "Consistency (proxy)" in t.columns and list(t["n records"]) == ["10/0/0/10/10"] * 2
     save_summaries({"m": {"memit": _s(efficacy=(95, 94, 96)), "pmet": _s(efficacy=(99, 98, 100))}}, "table1_m",
                    tmp_path)  # no generation: nothing measured, no proxy named
-    assert dict(zip(claims_frame(tmp_path).claim, claims_frame(tmp_path).verdict))[
-        "PMET > MEMIT on consistency"] == "not measured"
+    df = claims_frame(tmp_path)
+    assert dict(zip(df.claim, df.verdict))["PMET > MEMIT on consistency"] == "not measured"
 
 
 def test_sweep_claims_count_points_in_each_direction(tmp_path):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .report import consistency_key
+from .report import metric_key
 
 # Paper, Table 1 (GPT-J, 10,000 CounterFact edits): MEMIT vs PMET
 PAPER_T1 = {"memit": {"score": 85.8, "efficacy": 98.9, "generalization": 88.6, "specificity": 73.7,
@@ -43,19 +43,15 @@ PAPER_T3_1K = {
 METRICS = ["score", "efficacy", "generalization", "specificity", "fluency", "consistency"]
 
 
-def _key(summary: dict, metric: str) -> str:
-    return consistency_key(summary) if metric == "consistency" else metric
-
-
 def _label(summary: dict, metric: str) -> str:
     """The metric's name in a claim: ``consistency (proxy)`` where our number is the offline proxy."""
-    proxy = _key(summary, metric) == "consistency_proxy" and summary.get("consistency_proxy") is not None
+    proxy = metric_key(summary, metric) == "consistency_proxy" and summary.get("consistency_proxy") is not None
     return "consistency (proxy)" if proxy else metric
 
 
 def verdict(a: dict, b: dict, metric: str, expect_sign: int) -> tuple[str, float | None]:
     """Judge ``sign(a[metric] - b[metric]) == expect_sign`` with the CIs (see module docstring)."""
-    ka, kb = _key(a, metric), _key(b, metric)
+    ka, kb = metric_key(a, metric), metric_key(b, metric)
     if a.get(ka) is None or b.get(kb) is None:
         return "not measured", None
     diff = a[ka] - b[kb]
@@ -114,7 +110,8 @@ def claims_frame(out_dir: str | Path) -> pd.DataFrame:
                                  "model": model + _precision(stem),
                                  "claim": f"PMET {'>' if sign > 0 else '<'} {label} on {_label(p, metric)}",
                                  "paper": f"{paper['pmet'][metric]} vs {paper['memit'][metric]}",
-                                 "ours": f"{_fmt(p.get(_key(p, metric)))} vs {_fmt(m.get(_key(m, metric)))} "
+                                 "ours": f"{_fmt(p.get(metric_key(p, metric)))} vs "
+                                         f"{_fmt(m.get(metric_key(m, metric)))} "
                                          f"(n={p.get('n_edits')})",
                                  "verdict": v})
     # Table 3: direction of each ablation (paper's 1K-edit row)

@@ -125,9 +125,12 @@ CF_COLUMNS = [("Score", "score"), ("Efficacy", "efficacy"), ("Generalization", "
 ZSRE_COLUMNS = [("Efficacy", "efficacy"), ("Generalization", "generalization"), ("Specificity", "specificity")]
 
 
-def consistency_key(summary: dict) -> str:
-    """Where a summary keeps its consistency: ROME's metric, or the offline proxy when its references are missing."""
-    return "consistency" if "consistency" in summary else "consistency_proxy"
+def metric_key(summary: dict, metric: str) -> str:
+    """Where a summary keeps ``metric``: its own name, except consistency, which is ROME's metric or the offline
+    proxy (``consistency_proxy``) when ROME's reference texts are missing."""
+    if metric == "consistency" and "consistency" not in summary:
+        return "consistency_proxy"
+    return metric
 
 
 def _half_width(summary: dict, key: str) -> float | None:
@@ -149,7 +152,7 @@ def grid_table(grid: dict, dataset: str = "counterfact") -> pd.DataFrame:
                    "Edits": s.get("n_edits")}
             for head, key in columns:
                 if key == "consistency":
-                    key = consistency_key(s)
+                    key = metric_key(s, key)
                     head = "Consistency (proxy)" if proxy else head
                 if "unavailable" in s:
                     row[head] = "n/a"
@@ -158,8 +161,7 @@ def grid_table(grid: dict, dataset: str = "counterfact") -> pd.DataFrame:
                 else:
                     row[head] = fmt_ci(s.get(key), _half_width(s, key), digits=1)
             row["n records"] = ("-" if "unavailable" in s else
-                                "/".join(str(s.get(f"{consistency_key(s) if k == 'consistency' else k}_n", 0))
-                                         for _, k in columns if k != "score"))
+                                "/".join(str(s.get(f"{metric_key(s, k)}_n", 0)) for _, k in columns if k != "score"))
             if "unavailable" in s:
                 row["note"] = s["unavailable"]
             rows.append(row)
@@ -175,7 +177,7 @@ def ablation_table(summaries: dict, reference: str = "pmet") -> pd.DataFrame:
         ref = summaries.get((n, reference))
         row = {"Edits": n, "Editor": DISPLAY.get(method, method)}
         for head, key in CF_COLUMNS:
-            key = consistency_key(s) if key == "consistency" else key
+            key = metric_key(s, key)
             v = s.get(key)
             if v is None:
                 row[head] = "n/a"
@@ -212,7 +214,7 @@ def sweep_frame(summaries: dict) -> pd.DataFrame:
         if "unavailable" in s:
             continue
         for head, key in CF_COLUMNS:
-            key = consistency_key(s) if key == "consistency" else key
+            key = metric_key(s, key)
             if s.get(key) is None:
                 continue
             ci = s.get(f"{key}_ci") or (None, None)
