@@ -341,3 +341,35 @@ def test_bad_request_raises_before_any_change(tiny_models, tmp_cache, bad):
 def test_targets_get_a_leading_space():
     reqs = normalize_requests([{**REQ, "target_new": {"str": "Paris"}}, {**REQ, "target_new": " Paris"}])
     assert [r["target_new"] for r in reqs] == [" Paris", " Paris"]
+
+
+def test_a_run_waits_for_another_process_on_the_same_run(tiny_models, tmp_cache):
+    """Two processes asking for one run (two notebooks on one cache) used to both edit and append every
+    record twice to its records.jsonl. A run now holds a lock on its folder: a second caller waits, then
+    returns what the first wrote instead of running again. Here the first holder is simulated by holding
+    the lock and writing the summary before releasing it."""
+    import json
+    import threading
+
+    import pmet.experiments as ex
+
+    model, tok = tiny_models["tiny-llama"]
+    runs = tmp_cache / "runs"
+    out, _ = ex._run_location(model, "none", "counterfact", 2, 0, None, False, runs, None)
+    got, started = {}, threading.Event()
+
+    def second():
+        started.set()
+        got["summary"] = ex.run_edit_eval(model, tok, "none", "counterfact", 2, runs_dir=runs, progress=False)
+
+    with ex.run_lock(out):
+        worker = threading.Thread(target=second)
+        worker.start()
+        started.wait(10)
+        worker.join(0.5)
+        assert worker.is_alive() and "summary" not in got  # blocked on the lock
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "summary.json").write_text(json.dumps({"written_by": "the first process"}))
+    worker.join(60)
+    assert got["summary"] == {"written_by": "the first process"}
+    assert not (out / "records.jsonl").exists()  # it did not evaluate again

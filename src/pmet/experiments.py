@@ -6,7 +6,9 @@ dataset's table records are edited at once (one call of the editor, as the paper
 edited model is evaluated on the same records, the weights are restored. Per-record results go to JSON
 Lines under ``runs_dir`` (default ``$PMET_CACHE_DIR/runs``) and the summary to a JSON beside them, so a
 second call returns at once and an interrupted evaluation resumes. Value vectors and key statistics are
-cached by the editor itself, so the points of a sweep share them.
+cached by the editor itself, so the points of a sweep share them. A run holds an exclusive lock on its
+folder (ROME's sweep: on its trajectory) while it edits and evaluates, so two processes asking for the same
+run (two notebooks, or parallel workers, on one cache) do it once: the second waits, then reads the summary.
 
 Record choice: CounterFact tables use the 1,653 full-field records *minus* those whose case id is in
 the ``counterfact-val`` split (hyperparameters are tuned on that split only); above that size the
@@ -16,6 +18,7 @@ Nested permutations mean that a smaller run edits a prefix of a larger run's rec
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -30,6 +33,26 @@ from .editing.editor import MethodUnavailable  # noqa: F401  (re-exported for no
 from .paths import cache_dir
 
 UNEDITED = "none"
+
+
+@contextlib.contextmanager
+def run_lock(path: Path):
+    """Hold an exclusive advisory lock on ``<path>.lock`` (``fcntl.flock``; waits while another process
+    holds it). Without it, two processes running the same run appended each record twice to one
+    ``records.jsonl`` and both edited. Where ``fcntl`` is missing (Windows) it is a no-op."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def table_records(dataset: str, n: int | None = None, seed: int = 0, full_fields_only: bool = True) -> list:
@@ -122,11 +145,21 @@ def run_edit_eval(
     The summary holds the metrics in percent with 95% CIs (normal approximation) and their n's, the
     editor's timings, and ``delta_norms`` (Frobenius norm of Δ per edited weight, for Fig. 4).
     """
-    from .editing import edit
-
     records = table_records(dataset, n_edits, seed)
     hp = None if method == UNEDITED else (hparams or method_hparams(method, model, dataset, overrides))
     out, meta = _run_location(model, method, dataset, len(records), seed, hp, generation, runs_dir, cache)
+    with contextlib.ExitStack() as locks:
+        if method in SEQUENTIAL:  # its trajectory first, as run_sweep locks it (and only it)
+            locks.enter_context(run_lock(rome_trajectory(model, dataset, seed, hp, runs_dir, cache)))
+        locks.enter_context(run_lock(out))
+        return _edit_eval_unlocked(model, tok, method, dataset, records, seed, hp, out, meta, generation, runs_dir,
+                                   cache, eval_batch_size, progress)
+
+
+def _edit_eval_unlocked(model, tok, method, dataset, records, seed, hp, out, meta, generation, runs_dir, cache,
+                        eval_batch_size, progress) -> dict:
+    from .editing import edit
+
     summary_path = out / "summary.json"
     if summary_path.exists():
         return json.loads(summary_path.read_text())
@@ -262,16 +295,25 @@ def run_sweep(model, tok, method: str, sizes, dataset: str = "counterfact", seed
         return {n: run_edit_eval(model, tok, method, dataset, n, seed, generation, runs_dir=runs_dir, cache=cache,
                                  eval_batch_size=eval_batch_size, progress=progress, overrides=overrides)
                 for n in sizes}
-    from .editing import edit
-
     hp = method_hparams(method, model, dataset, overrides)
     records = table_records(dataset, sizes[-1], seed)
     where = {n: _run_location(model, method, dataset, n, seed, hp, generation, runs_dir, cache) for n in sizes}
+    trajectory = rome_trajectory(model, dataset, seed, hp, runs_dir, cache)
+    with run_lock(trajectory):  # one process extends the trajectory and evaluates its points at a time
+        return _sweep_sequential_unlocked(model, tok, method, sizes, dataset, records, hp, where, trajectory,
+                                          generation, eval_batch_size, progress, cache)
+
+
+def _sweep_sequential_unlocked(model, tok, method, sizes, dataset, records, hp, where, trajectory, generation,
+                               eval_batch_size, progress, cache) -> dict[int, dict]:
+    from .editing import edit
+
     out = {n: json.loads((loc / "summary.json").read_text()) for n, (loc, _) in where.items()
            if (loc / "summary.json").exists()}
     missing = [n for n in sizes if n not in out]
     if not missing:
         return out
+
     def at_step(k: int, current) -> None:  # called by the editor after its k-th edit (its timings exclude these)
         if k not in missing or k in out:
             return
@@ -282,8 +324,7 @@ def run_sweep(model, tok, method: str, sizes, dataset: str = "counterfact", seed
                                     progress, edited, hp)
 
     result = edit(model, tok, [r.as_request() for r in records[:max(missing)]], method=method, hparams=hp,
-                  cache_dir=cache, progress=progress, on_step=at_step,
-                  checkpoint=rome_trajectory(model, dataset, seed, hp, runs_dir, cache))
+                  cache_dir=cache, progress=progress, on_step=at_step, checkpoint=trajectory)
     result.restore()
     return {n: out[n] for n in sizes}
 
