@@ -145,43 +145,37 @@ def run_edit_eval(
     The summary holds the metrics in percent with 95% CIs (normal approximation) and their n's, the
     editor's timings, and ``delta_norms`` (Frobenius norm of Δ per edited weight, for Fig. 4).
     """
+    from .editing import edit
+
     records = table_records(dataset, n_edits, seed)
     hp = None if method == UNEDITED else (hparams or method_hparams(method, model, dataset, overrides))
     out, meta = _run_location(model, method, dataset, len(records), seed, hp, generation, runs_dir, cache)
+    trajectory = rome_trajectory(model, dataset, seed, hp, runs_dir, cache) if method in SEQUENTIAL else None
     with contextlib.ExitStack() as locks:
-        if method in SEQUENTIAL:  # its trajectory first, as run_sweep locks it (and only it)
-            locks.enter_context(run_lock(rome_trajectory(model, dataset, seed, hp, runs_dir, cache)))
+        if trajectory is not None:  # the trajectory first, as run_sweep locks it (and only it)
+            locks.enter_context(run_lock(trajectory))
         locks.enter_context(run_lock(out))
-        return _edit_eval_unlocked(model, tok, method, dataset, records, seed, hp, out, meta, generation, runs_dir,
-                                   cache, eval_batch_size, progress)
+        summary_path = out / "summary.json"
+        if summary_path.exists():
+            return json.loads(summary_path.read_text())
+        if method == UNEDITED:
+            return _evaluate_and_save(model, tok, records, dataset, out, meta, generation, eval_batch_size, progress)
 
-
-def _edit_eval_unlocked(model, tok, method, dataset, records, seed, hp, out, meta, generation, runs_dir, cache,
-                        eval_batch_size, progress) -> dict:
-    from .editing import edit
-
-    summary_path = out / "summary.json"
-    if summary_path.exists():
-        return json.loads(summary_path.read_text())
-    if method == UNEDITED:
-        return _evaluate_and_save(model, tok, records, dataset, out, meta, generation, eval_batch_size, progress)
-
-    saved = EditedWeights(out / "edited_weights.safetensors", model, meta["hparams"])
-    edited = saved.load()
-    if edited is None:
-        t0 = time.perf_counter()
-        extra = ({"checkpoint": rome_trajectory(model, dataset, seed, hp, runs_dir, cache)}
-                 if method in SEQUENTIAL else {})
-        result = edit(model, tok, [r.as_request() for r in records], method=method, hparams=hp, cache_dir=cache,
-                      progress=progress, **extra)
-        edited = saved.save(result, time.perf_counter() - t0)
-    try:
-        summary = _evaluate_and_save(model, tok, records, dataset, out, meta, generation, eval_batch_size,
-                                     progress, edited, hp)
-    finally:
-        edited.restore()
-    saved.path.unlink(missing_ok=True)  # complete: the summary is the result
-    return summary
+        saved = EditedWeights(out / "edited_weights.safetensors", model, meta["hparams"])
+        edited = saved.load()
+        if edited is None:
+            t0 = time.perf_counter()
+            extra = {"checkpoint": trajectory} if trajectory is not None else {}
+            result = edit(model, tok, [r.as_request() for r in records], method=method, hparams=hp,
+                          cache_dir=cache, progress=progress, **extra)
+            edited = saved.save(result, time.perf_counter() - t0)
+        try:
+            summary = _evaluate_and_save(model, tok, records, dataset, out, meta, generation, eval_batch_size,
+                                         progress, edited, hp)
+        finally:
+            edited.restore()
+        saved.path.unlink(missing_ok=True)  # complete: the summary is the result
+        return summary
 
 
 class EditedWeights:
@@ -295,37 +289,31 @@ def run_sweep(model, tok, method: str, sizes, dataset: str = "counterfact", seed
         return {n: run_edit_eval(model, tok, method, dataset, n, seed, generation, runs_dir=runs_dir, cache=cache,
                                  eval_batch_size=eval_batch_size, progress=progress, overrides=overrides)
                 for n in sizes}
+    from .editing import edit
+
     hp = method_hparams(method, model, dataset, overrides)
     records = table_records(dataset, sizes[-1], seed)
     where = {n: _run_location(model, method, dataset, n, seed, hp, generation, runs_dir, cache) for n in sizes}
     trajectory = rome_trajectory(model, dataset, seed, hp, runs_dir, cache)
     with run_lock(trajectory):  # one process extends the trajectory and evaluates its points at a time
-        return _sweep_sequential_unlocked(model, tok, method, sizes, dataset, records, hp, where, trajectory,
-                                          generation, eval_batch_size, progress, cache)
+        out = {n: json.loads((loc / "summary.json").read_text()) for n, (loc, _) in where.items()
+               if (loc / "summary.json").exists()}
+        missing = [n for n in sizes if n not in out]
+        if not missing:
+            return out
 
+        def at_step(k: int, current) -> None:  # called by the editor after its k-th edit (its timings exclude these)
+            if k not in missing or k in out:
+                return
+            loc, meta = where[k]
+            edited = SimpleNamespace(seconds=current.timings["total"], timings=current.timings,
+                                     delta_norms={n: float(torch.linalg.norm(d)) for n, d in current.deltas.items()})
+            out[k] = _evaluate_and_save(model, tok, records[:k], dataset, loc, meta, generation, eval_batch_size,
+                                        progress, edited, hp)
 
-def _sweep_sequential_unlocked(model, tok, method, sizes, dataset, records, hp, where, trajectory, generation,
-                               eval_batch_size, progress, cache) -> dict[int, dict]:
-    from .editing import edit
-
-    out = {n: json.loads((loc / "summary.json").read_text()) for n, (loc, _) in where.items()
-           if (loc / "summary.json").exists()}
-    missing = [n for n in sizes if n not in out]
-    if not missing:
-        return out
-
-    def at_step(k: int, current) -> None:  # called by the editor after its k-th edit (its timings exclude these)
-        if k not in missing or k in out:
-            return
-        loc, meta = where[k]
-        edited = SimpleNamespace(seconds=current.timings["total"], timings=current.timings,
-                                 delta_norms={n: float(torch.linalg.norm(d)) for n, d in current.deltas.items()})
-        out[k] = _evaluate_and_save(model, tok, records[:k], dataset, loc, meta, generation, eval_batch_size,
-                                    progress, edited, hp)
-
-    result = edit(model, tok, [r.as_request() for r in records[:max(missing)]], method=method, hparams=hp,
-                  cache_dir=cache, progress=progress, on_step=at_step, checkpoint=trajectory)
-    result.restore()
+        result = edit(model, tok, [r.as_request() for r in records[:max(missing)]], method=method, hparams=hp,
+                      cache_dir=cache, progress=progress, on_step=at_step, checkpoint=trajectory)
+        result.restore()
     return {n: out[n] for n in sizes}
 
 
