@@ -399,13 +399,18 @@ def redraw_causal_trace(out_dir: str | Path, model: str) -> list[Path]:
     fig = plot_effect_curves(avg, critical=critical, window=meta.get("window"),
                              title=f"{model}: causal tracing at the subject's last token{n}",
                              critical_label="critical layers R used by the editors")
-    return _save_redrawn(fig, f"causal_trace_{model}", out_dir)
+    return _save_redrawn(fig, f"causal_trace_{model}", out_dir, {"shaded_layers": critical})
 
 
-def _save_redrawn(fig, name: str, out_dir) -> list[Path]:
+def _save_redrawn(fig, name: str, out_dir, extra: dict | None = None) -> list[Path]:
+    """Save a re-drawn figure, keeping what the manifest said about the run that made its data."""
     import matplotlib.pyplot as plt
 
-    paths = save_figure(fig, name, out_dir, {"redrawn_from": f"tables/{name}", "by": "pmet.report.redraw_figures"})
+    manifest = Path(out_dir) / "figures" / "manifest.json"
+    old = json.loads(manifest.read_text()).get(f"{name}.png", {}) if manifest.exists() else {}
+    old = {k: v for k, v in old.items() if k not in ("written", "pmet")}
+    paths = save_figure(fig, name, out_dir, {**old, "redrawn_by": "pmet.report.redraw_figures (python -m pmet report)",
+                                             **(extra or {})})
     plt.close(fig)
     return paths
 
