@@ -85,14 +85,21 @@ def test_bfloat16_round_trip(tmp_cache, tmp_path):
         saved.apply(model32)
 
 
-def test_a_baseline_round_trip(tmp_cache, tmp_path):
+@pytest.mark.parametrize("method", ["ft", "rome"])
+def test_a_baseline_round_trip(tmp_cache, tmp_path, method):
     from pmet.editing.ft import FTHparams
+    from pmet.editing.rome import RomeHparams
 
-    hp = FTHparams(layers=(2,), num_steps=3, lr=1e-2, norm_constraint=2e-3)
-    model, tok, result, before, after, folder = _edited(tmp_path, method="ft", hparams=hp)
+    hp = (FTHparams(layers=(2,), num_steps=3, lr=1e-2, norm_constraint=2e-3) if method == "ft"
+          else RomeHparams(layer=1, v_num_grad_steps=5, mom2_n_tokens=1000))
+    model, tok = load_model("tiny-gptj")
+    before = _params(model)
+    result = edit(model, tok, [REQ, REQ2], method=method, hparams=hp, progress=False)  # ROME: one after another
+    after = _params(model)
+    folder = result.save(tmp_path / "edit")
     result.restore()
     saved = load_edit(folder)
-    assert saved.manifest["c0"] is None  # FT-W uses no key statistics
+    assert (saved.manifest["c0"] is None) == (method == "ft")  # FT-W uses no key statistics
     applied = saved.apply(model)
     assert _same(model, after) and applied.hparams == hp
     applied.restore()
