@@ -5,9 +5,20 @@ import numpy as np
 import pytest
 from scipy import stats as st
 
-from pmet.evaluation.stats import (bh, bootstrap_mean_ci, holm, mcnemar_exact, metric_ci, paired_bootstrap_ci,
-                                   paired_comparison, proportion_ci, score_ci, score_of_means, sign_flip_test,
-                                   value_kind)
+from pmet.evaluation.stats import (
+    bh,
+    bootstrap_mean_ci,
+    holm,
+    mcnemar_exact,
+    metric_ci,
+    paired_bootstrap_ci,
+    paired_comparison,
+    proportion_ci,
+    score_ci,
+    score_of_means,
+    sign_flip_test,
+    value_kind,
+)
 
 
 def test_wilson_by_hand_and_never_zero_width():

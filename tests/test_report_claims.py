@@ -1,11 +1,9 @@
-import json
 
 import numpy as np
 import pandas as pd
-
 import pytest
 
-from pmet.claims import save_summaries, write_claims
+from pmet.claims import write_claims
 from pmet.report import ablation_table, grid_table, save_table, sweep_sizes
 
 
@@ -144,7 +142,7 @@ def test_table_cells_all_have_intervals_inside_0_100(tmp_path):
     import re
 
     from pmet.evaluation import summarize_counterfact, summarize_zsre
-    from pmet.report import ablation_table, sweep_frame
+    from pmet.report import sweep_frame
 
     perfect = _cf_rows([1.0, 1.0], [1.0, 1.0], [0.9, 1.0], [6.0, 6.1])
     mixed = _cf_rows([1.0, 0.0, 1.0], [0.5, 1.0, 0.0], [0.3, 0.6, 0.9], [5.0, 5.5, 6.0])

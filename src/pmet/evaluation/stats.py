@@ -42,16 +42,35 @@ never resampled or swapped across samples). Multiple claims: :func:`holm` (famil
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Sequence
 
 import numpy as np
 from scipy import stats as st
 
-__all__ = ["CI", "Z95", "mean_ci", "normal_ci", "bootstrap_ci", "harmonic_mean", "paired_test", "compare_rows",
-           "proportion_ci", "bootstrap_mean_ci", "metric_ci", "value_kind", "score_ci", "score_of_means",
-           "mcnemar_exact", "sign_flip_test", "paired_bootstrap_ci", "paired_comparison", "holm", "bh",
-           "CI_METHOD_NOTE"]
+__all__ = [
+    "CI",
+    "CI_METHOD_NOTE",
+    "Z95",
+    "bh",
+    "bootstrap_ci",
+    "bootstrap_mean_ci",
+    "compare_rows",
+    "harmonic_mean",
+    "holm",
+    "mcnemar_exact",
+    "mean_ci",
+    "metric_ci",
+    "normal_ci",
+    "paired_bootstrap_ci",
+    "paired_comparison",
+    "paired_test",
+    "proportion_ci",
+    "score_ci",
+    "score_of_means",
+    "sign_flip_test",
+    "value_kind",
+]
 
 Z95 = float(st.norm.ppf(0.975))
 
@@ -69,7 +88,7 @@ class CI:
     def half_width(self) -> float:
         return (self.high - self.low) / 2
 
-    def scaled(self, factor: float) -> "CI":
+    def scaled(self, factor: float) -> CI:
         return CI(self.mean * factor, self.low * factor, self.high * factor, self.n, self.method, self.confidence)
 
     def as_dict(self) -> dict:
@@ -400,7 +419,7 @@ def paired_comparison(a, b, kind: str | None = None, strata=None, confidence: fl
                 start += size
             return out / max(n, 1)
 
-        stat = lambda u, v: one(u) - one(v)  # noqa: E731
+        stat = lambda u, v: one(u) - one(v)
         order = np.argsort(labels, kind="stable")
         xs, ys = x[order], y[order]
         if n == 0:
