@@ -1,4 +1,4 @@
-"""Command line: ``python -m pmet {models,edit,stats}`` (also installed as ``pmet``)."""
+"""Command line: ``python -m pmet {models,edit,stats,report,rerender}`` (also installed as ``pmet``)."""
 
 from __future__ import annotations
 
@@ -92,6 +92,23 @@ def cmd_rerender(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from pathlib import Path
+
+    from .claims import write_claims
+    from .paths import REPO_ROOT
+
+    out = Path(args.out_dir or REPO_ROOT)
+    df = write_claims(out, args.results)
+    print(f"wrote {out / 'tables' / 'claims.md'} and claims_detail.csv ({len(df)} claims)")
+    if not args.no_figures:
+        from .report import redraw_figures
+
+        for path in redraw_figures(out):
+            print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .models import DEFAULT_MODEL
 
@@ -128,6 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     s.add_argument("--cache-dir", default=None)
     s.set_defaults(func=cmd_stats)
+
+    c = sub.add_parser("report", help="regenerate tables/claims.md (paired tests) and the figures from the committed "
+                                      "files (results/*.jsonl.gz, tables/*.csv); offline, no model")
+    c.add_argument("--out-dir", default=None, help="repository root holding results/ and tables/ (default: this checkout)")
+    c.add_argument("--results", default=None, help="folder of committed run files (default <out-dir>/results)")
+    c.add_argument("--no-figures", action="store_true", help="only the claims")
+    c.set_defaults(func=cmd_report)
 
     r = sub.add_parser("rerender", help="re-execute rendered notebooks with the parameters recorded in them")
     r.add_argument("notebooks", nargs="*", help="rendered notebooks (default: every notebooks/rendered/*.ipynb)")
