@@ -123,7 +123,7 @@ def test_git_blob_checksum(tmp_path, monkeypatch):
     monkeypatch.setenv("PMET_DATA_DIR", str(tmp_path / "d"))
     monkeypatch.setattr(D, "_download", lambda url, dest, *a, **k: (dest.parent.mkdir(parents=True, exist_ok=True),
                                                                     dest.write_text("[]")))
-    with pytest.raises(D.DataNotFoundError, match="wrong checksum"):
+    with pytest.raises(D.DataNotFoundError, match="wrong git blob id"):
         D.ensure_file("counterfact.json")
     assert not (tmp_path / "d" / "counterfact.json").exists()
 

@@ -146,13 +146,20 @@ def git_blob_sha1(path: Path) -> str:
     return h.hexdigest()
 
 
+def checksum_mismatch(path: Path, known: Optional[RemoteFile]) -> Optional[str]:
+    """``"sha256"`` or ``"git blob id"`` when ``path`` differs from the checksum recorded for it, else None."""
+    if known is None:
+        return None
+    if known.sha256 and sha256_file(path) != known.sha256:
+        return "sha256"
+    if known.git_blob and git_blob_sha1(path) != known.git_blob:
+        return "git blob id"
+    return None
+
+
 def checksum_ok(path: Path, known: Optional[RemoteFile]) -> bool:
     """Whether ``path`` matches the sha256 and/or git blob id recorded for it (True when none is known)."""
-    if known is None:
-        return True
-    if known.sha256 and sha256_file(path) != known.sha256:
-        return False
-    return not (known.git_blob and git_blob_sha1(path) != known.git_blob)
+    return checksum_mismatch(path, known) is None
 
 
 def _download(url: str, dest: Path, max_bytes: Optional[int] = None,
@@ -204,9 +211,10 @@ def ensure_file(rel: str, data_dir: Optional[os.PathLike] = None, *, verify: boo
     log.info("downloading %s -> %s", known.url, path)
     try:
         _download(known.url, path, known.max_bytes)
-        if not checksum_ok(path, known):
+        wrong = checksum_mismatch(path, known)
+        if wrong:
             path.unlink()
-            raise ValueError("downloaded content has the wrong checksum (sha256 / git blob id)")
+            raise ValueError(f"downloaded content has the wrong {wrong}")
     except Exception as exc:  # noqa: BLE001 - every failure becomes one clear error
         raise DataNotFoundError(f"Data file '{rel}' not found at {path}, and downloading it from "
                                 f"{known.url} failed ({type(exc).__name__}: {exc}). {fix}") from None

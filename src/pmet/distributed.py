@@ -94,17 +94,20 @@ def _rank0(fn, *args, share: bool = True, **kwargs):
     """Run ``fn`` on rank 0 alone (as a single process) while the others wait; an exception there is raised
     on every rank (so none waits forever). Returns rank 0's result on every rank when ``share``, else on
     rank 0 only (None elsewhere)."""
-    result, error = None, None
+    result = None
     if rank() == 0:
         try:
             with local():
                 result = fn(*args, **kwargs)
         except BaseException as exc:
-            broadcast((None, f"{type(exc).__name__}: {exc}"))
+            try:  # the same exception on every rank (e.g. MethodUnavailable, which callers catch)
+                broadcast((None, exc))
+            except Exception:  # noqa: BLE001 - not picklable: its text
+                broadcast((None, RuntimeError(f"rank 0 failed: {type(exc).__name__}: {exc}")))
             raise
     shared, error = broadcast((result if share else None, None))
     if error is not None:
-        raise RuntimeError(f"rank 0 failed: {error}")
+        raise error
     return result if rank() == 0 else shared
 
 
