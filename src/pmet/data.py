@@ -187,7 +187,7 @@ FIXTURE_MARKER = "FIXTURES"
 
 def is_fixture_folder(base: os.PathLike) -> bool:
     """True for a data folder of test fixtures (it holds a ``FIXTURES`` file, e.g. ``tests/fixtures/data``):
-    its files are small cuts of the real ones, so the sha256 recorded in :data:`KNOWN_FILES` are not checked."""
+    its files are small cuts of the real ones, so the checksums recorded in :data:`KNOWN_FILES` are not checked."""
     return (Path(base) / FIXTURE_MARKER).is_file()
 
 
