@@ -18,7 +18,8 @@ from pmet.editing import (
 )
 from pmet.editing.context import flatten, get_context_templates
 from pmet.editing.editor import normalize_requests
-from pmet.editing.values import block_input, pad_id_of, pad_right
+from pmet.editing.partial_forward import block_input
+from pmet.editing.tokens import pad_id_of, pad_right
 
 REQ = {"prompt": "The mother tongue of {}", "subject": "Danielle Darrieux", "target_new": "Paris"}
 REQS = [
@@ -140,7 +141,7 @@ def test_batched_values_equal_one_at_a_time(tiny_models, tmp_cache):
 
 
 def test_attention_implementation_switch_restores(tiny_models):
-    from pmet.editing.values import attention_implementation
+    from pmet.editing.partial_forward import attention_implementation
 
     model, tok = tiny_models["tiny-llama"]
     before = model.config._attn_implementation
@@ -158,7 +159,7 @@ def test_attention_implementation_switch_restores(tiny_models):
 
 
 def test_bf16_autocast_values_are_close_and_cached_apart(tiny_models, tmp_cache):
-    from pmet.editing.values import value_cache_key
+    from pmet.editing.value_cache import value_cache_key
 
     model, tok = tiny_models["tiny-llama"]
     reqs = normalize_requests(REQS, tok)

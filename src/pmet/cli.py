@@ -36,7 +36,7 @@ def cmd_models(args) -> int:
 
 def cmd_edit(args) -> int:
     from .editing import edit, hparams_for
-    from .editing.editor import target_text
+    from .editing.tokens import target_text
     from .models import load_model
 
     model, tok = load_model(args.model, device=args.device)

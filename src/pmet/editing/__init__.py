@@ -13,11 +13,12 @@ from .context import get_context_templates
 from .editor import (BASELINES, EditResult, MethodUnavailable, collect_keys, current_outputs, edit, hparams_for,
                      normalize_requests)
 from .hparams import METHODS, EditHparams, hparams_path, load_hparams
-from .values import compute_values, forward_from_layer
+from .partial_forward import forward_from_layer
+from .values import compute_values, value_loss
 
 __all__ = [
     "edit", "EditResult", "hparams_for", "BASELINES", "MethodUnavailable", "EditHparams", "load_hparams",
     "hparams_path", "METHODS",
     "solve_update", "spread_residual", "spread_factor", "compute_keys", "collect_keys", "current_outputs",
-    "compute_values", "forward_from_layer", "get_context_templates", "normalize_requests",
+    "compute_values", "value_loss", "forward_from_layer", "get_context_templates", "normalize_requests",
 ]

@@ -37,7 +37,9 @@ from ..hooks import Trace
 from . import core
 from .context import flatten, get_context_templates
 from .hparams import EditHparams, load_hparams
-from .values import compute_values, encode_with_subject, pad_id_of, pad_right, positions, target_ids
+from .partial_forward import positions
+from .tokens import encode_with_subject, pad_id_of, pad_right, target_ids, target_text
+from .values import compute_values
 
 try:  # the data module validates CounterFact-style requests
     from ..data import InvalidRecordError, validate_request
@@ -161,11 +163,6 @@ def _resolve_hparams(method: str, model: nn.Module, hparams) -> EditHparams:
     if isinstance(hparams, dict):
         return load_hparams(method, model, **hparams)
     raise TypeError(f"hparams must be EditHparams, a dict of overrides or None, not {type(hparams).__name__}")
-
-
-def target_text(t: str) -> str:
-    """Targets are stored raw (``"English"``); as MEMIT, they are tokenised with a leading space."""
-    return t if t.startswith(" ") else " " + t
 
 
 BASELINES = ("rome", "ft", "mend")

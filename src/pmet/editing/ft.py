@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .editor import EditResult, MethodUnavailable, normalize_requests, target_text
+from .editor import EditResult, MethodUnavailable, normalize_requests
+from .tokens import target_text
 from .hparams import find_hparams_file
 
 # --------------------------------------------------------------------------------------- result type

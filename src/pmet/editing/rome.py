@@ -52,7 +52,9 @@ from .core import compute_keys
 from .editor import EditResult, normalize_requests
 from .ft import make_result, resolve_hparams, restore_weights, snapshot
 from .hparams import EditHparams
-from .values import attention_implementation, encode_with_subject, optimize_batch, pad_id_of, pad_right
+from .partial_forward import attention_implementation
+from .tokens import encode_with_subject, pad_id_of, pad_right
+from .values import optimize_batch
 
 
 @dataclass(frozen=True)
