@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from .editing.registry import display_label
 from .report import metric_key
 
 # Paper, Table 1 (GPT-J, 10,000 CounterFact edits): MEMIT vs PMET
@@ -99,7 +100,7 @@ def claims_frame(out_dir: str | Path) -> pd.DataFrame:
         for model, runs in grid.items():
             # against MEMIT as published, and against memit-ffn (its value on m^L) where that row exists
             p = runs.get("pmet")
-            for other, label in (("memit", "MEMIT"), ("memit-ffn", "MEMIT (δ on m^L)")):
+            for other, label in ((m, display_label(m)) for m in ("memit", "memit-ffn")):
                 m = runs.get(other)
                 if not p or not m or "unavailable" in p or "unavailable" in m:
                     continue
@@ -173,7 +174,7 @@ def _sweep_claims(tables: Path) -> list[dict]:
     with separated CIs. *holds* = separated in the paper's direction at one point at least and never
     against it; *does not hold* = separated against it at one point at least and never for it; else
     inconclusive."""
-    names = {"ft": "FT-W", "mend": "MEND", "rome": "ROME", "memit": "MEMIT"}
+    names = {m: display_label(m) for m in ("ft", "mend", "rome", "memit")}
     rows = []
     for stem, runs in _load(tables, "fig3_sweep_*.json").items():
         by = _by_size(runs)

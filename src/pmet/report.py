@@ -17,6 +17,7 @@ from types import SimpleNamespace
 
 import pandas as pd
 
+from .editing.registry import display_labels
 from .paths import REPO_ROOT, in_source_checkout
 
 SMALL_ENV = "PMET_NOTEBOOK_SMALL"
@@ -116,10 +117,7 @@ def fmt_ci(mean: float, half_width: float | None, digits: int = 1) -> str:
 
 
 # ---- the paper's tables and figures from run summaries (see pmet.experiments) --------------------------
-DISPLAY = {"none": "Unedited", "ft": "FT-W", "mend": "MEND", "rome": "ROME", "memit": "MEMIT",
-           "memit-ffn": "MEMIT (δ on m^L)", "pmet": "PMET",
-           "pmet-no-attn-delta": "w/o δ^a", "pmet-with-attn-weights": "w/ W_O^MHSA",
-           "pmet-even-spread": "Even spread"}
+DISPLAY = display_labels()  # {method: table label}, in the paper's row order (pmet.editing.registry)
 CF_COLUMNS = [("Score", "score"), ("Efficacy", "efficacy"), ("Generalization", "generalization"),
               ("Specificity", "specificity"), ("Fluency", "fluency"), ("Consistency", "consistency")]
 ZSRE_COLUMNS = [("Efficacy", "efficacy"), ("Generalization", "generalization"), ("Specificity", "specificity")]
