@@ -16,7 +16,8 @@ from pmet.evaluation import (
     mean_ci, normal_ci, paired_test, score_id_pairs, score_pairs, summarize_counterfact, summarize_zsre,
 )
 from pmet.evaluation.generation import ConsistencyScorer, generate_fast, n_gram_entropy
-from pmet.evaluation.results import load_results, summarize_file
+from pmet.evaluation.results import load_results
+from pmet.evaluation.summarize import summarize_file
 from pmet.evaluation.scoring import fast_path_ok, prompt_ids, target_ids
 
 

@@ -35,7 +35,7 @@ from torch import nn
 from .generation import ConsistencyScorer, generate_fast, n_gram_entropy, word_tokenizer_name
 from .results import ResultsFile, evaluate_resumable
 from .scoring import DEFAULT_MAX_BATCH_TOKENS, _pad_id, prompt_ids, score_id_pairs, target_ids
-from .stats import CI, harmonic_mean, mean_ci
+from .stats import CI, format_ci, harmonic_mean, mean_ci
 
 __all__ = ["evaluate_counterfact", "summarize_counterfact", "counterfact_table", "CF_METRICS"]
 
@@ -207,16 +207,6 @@ def summarize_counterfact(rows: Sequence[dict], ci: str = "normal", confidence: 
     return out
 
 
-def _fmt(summary: dict, m: str, digits: int = 1) -> str:
-    if m not in summary:
-        return ""
-    v = summary[m]
-    c = summary.get(f"{m}_ci")
-    if c is None or c[0] is None or not np.isfinite(c[0]):
-        return f"{v:.{digits}f}"
-    return f"{v:.{digits}f} (±{(c[1] - c[0]) / 2:.{digits}f})"
-
-
 def counterfact_table(summaries: dict, with_n: bool = True):
     """pandas DataFrame, one row per named summary, columns as in the paper's Table 1.
 
@@ -232,7 +222,7 @@ def counterfact_table(summaries: dict, with_n: bool = True):
     for name, s in summaries.items():
         row = {"Editor": name}
         for head, key in cols:
-            row[head] = _fmt(s, key)
+            row[head] = format_ci(s, key)
         if with_n:
             row["n (eff/gen/spec/flu/cons)"] = "/".join(
                 str(s.get(f"{k}_n", 0)) for k in ("efficacy", "generalization", "specificity", "fluency",

@@ -17,7 +17,7 @@ from typing import Iterable
 
 import numpy as np
 
-__all__ = ["ResultsFile", "load_results", "summarize_file"]
+__all__ = ["ResultsFile", "load_results"]
 
 
 def _jsonable(x):
@@ -110,21 +110,6 @@ def _parse_lines(text: str) -> tuple[dict, list[dict]]:
         else:
             rows.append(obj)
     return meta, rows
-
-
-def summarize_file(path: str | os.PathLike, ci: str = "normal", **kwargs) -> dict:
-    """Summary of a results file (CounterFact or zsRE, from its meta ``dataset``)."""
-    meta, rows = load_results(path)
-    dataset = meta.get("dataset")
-    if dataset == "zsre":
-        from .zsre import summarize_zsre
-
-        return summarize_zsre(rows, ci=ci, **kwargs)
-    if dataset == "counterfact":
-        from .counterfact import summarize_counterfact
-
-        return summarize_counterfact(rows, ci=ci, **kwargs)
-    raise ValueError(f"{path}: unknown dataset {dataset!r} in its meta line")
 
 
 def evaluate_resumable(records, score_batch, batch_size: int, store: "ResultsFile | None", desc: str,

@@ -298,7 +298,3 @@ def score_pairs(
     id_pairs = [(prompt_ids(tok, p), target_ids(tok, t, leading_space)) for p, t in pairs]
     return score_id_pairs(model, id_pairs, pad_id=_pad_id(tok), **kwargs)
 
-
-def prob_from_nll(nll: float) -> float:
-    """``exp(-nll)``: MEMIT's probability for its "diff" metrics."""
-    return math.exp(-nll)

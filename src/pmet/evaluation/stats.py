@@ -146,3 +146,14 @@ def compare_rows(rows_a, rows_b, metric: str, method: str = "permutation", **kwa
     out = paired_test([a[k] for k in ids], [b[k] for k in ids], method=method, **kwargs)
     out["metric"] = metric
     return out
+
+
+def format_ci(summary: dict, m: str, digits: int = 1) -> str:
+    """Metric ``m`` of a summary as ``"v (±half CI width)"`` (``"v"`` without a finite CI, ``""`` if absent)."""
+    if m not in summary:
+        return ""
+    v = summary[m]
+    c = summary.get(f"{m}_ci")
+    if c is None or c[0] is None or not np.isfinite(c[0]):
+        return f"{v:.{digits}f}"
+    return f"{v:.{digits}f} (±{(c[1] - c[0]) / 2:.{digits}f})"

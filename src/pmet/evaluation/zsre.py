@@ -25,10 +25,9 @@ from typing import Sequence
 
 from torch import nn
 
-from .counterfact import _fmt
 from .results import ResultsFile, evaluate_resumable
 from .scoring import DEFAULT_MAX_BATCH_TOKENS, _pad_id, prompt_ids, score_id_pairs, target_ids
-from .stats import mean_ci
+from .stats import format_ci, mean_ci
 
 __all__ = ["evaluate_zsre", "summarize_zsre", "zsre_table", "ZSRE_METRICS", "zsre_target"]
 
@@ -114,7 +113,7 @@ def zsre_table(summaries: dict, with_n: bool = True):
         row = {"Editor": name}
         for head, key in (("Efficacy", "efficacy"), ("Generalization", "generalization"),
                           ("Specificity", "specificity")):
-            row[head] = _fmt(s, key)
+            row[head] = format_ci(s, key)
         if with_n:
             row["n"] = s.get("n_records", 0)
         recs.append(row)
