@@ -130,3 +130,23 @@ def test_bad_arguments_are_clear_errors(tiny_models, tmp_path):
         run_sequential(model, tok, "pmet", 1000, 10, runs_dir=tmp_path)
     with pytest.raises(ValueError, match="unknown editing method"):
         run_sequential(model, tok, "PMET", 1, 1, runs_dir=tmp_path)
+
+
+def _rows(method, ppl, eff, recs):
+    return [{"method": method, "round": t, "n_edits": 10 * t, "perplexity": p, "efficacy": e, "delta_fro": float(t),
+             "retention_neighborhood": 100.0, "records": recs[t]} for t, (p, e) in enumerate(zip(ppl, eff))]
+
+
+def test_collapse_point_and_claims_follow_the_numbers():
+    from pmet.sequential import collapse_point, sequential_claims
+
+    recs = [{}, {str(i): [1.0, 1.0, 1.0] for i in range(10)}, {str(i): [1.0, 1.0, 1.0] for i in range(20)}]
+    low = [{}, recs[1], {str(i): [float(i % 2), 0.0, 1.0] for i in range(20)}]
+    pmet = _rows("pmet", [10, 11, 12], [None, 100, 100], recs)
+    memit = _rows("memit", [10, 11, 25], [None, 100, 50], low)  # perplexity 2.5x at 20 edits
+    assert collapse_point(pmet) is None and collapse_point(memit) == 20
+    assert collapse_point(memit, ppl_factor=3.0) is None and collapse_point(memit, 3.0, 60.0) == 20
+    claims = sequential_claims({"pmet": pmet, "memit": memit})
+    line = next(c for c in claims if c.startswith("pmet collapses later than memit"))
+    assert "(none within 20 edits vs 20 edits)" in line and "100.0% vs 50.0%" in line and "same 20 edits" in line
+    assert "pmet: does not collapse within 20 edits" in claims[1] and "memit: collapses after 20 edits" in claims[2]

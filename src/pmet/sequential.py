@@ -58,7 +58,8 @@ from .paths import cache_dir
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["perplexity", "run_sequential", "sequential_frame", "top_tokens", "weight_stats"]
+__all__ = ["collapse_point", "null_space_dims", "perplexity", "plot_sequential", "run_sequential", "sequential_claims", "sequential_frame",
+           "top_tokens", "weight_stats"]
 
 FORMAT_VERSION = 1
 
@@ -310,3 +311,112 @@ def sequential_frame(runs) -> pd.DataFrame:
     lists = runs.values() if isinstance(runs, dict) else [runs]
     rows = [{k: v for k, v in r.items() if k not in ("records", "weights")} for rs in lists for r in rs]
     return pd.DataFrame(rows)
+
+
+# ------------------------------------------------------------------------------------- reading the runs
+def collapse_point(rows: list[dict], ppl_factor: float = 2.0, efficacy_floor: float = 50.0) -> int | None:
+    """The number of edits after which a sequential run has *collapsed*: the first round whose perplexity
+    exceeds ``ppl_factor`` x the unedited model's, or whose efficacy over all past edits falls below
+    ``efficacy_floor`` percent; None if no round of the run does (the threshold is ours, stated with every
+    claim that uses it)."""
+    ppl0 = rows[0]["perplexity"]
+    for r in rows[1:]:
+        if r["perplexity"] > ppl_factor * ppl0 or (r.get("efficacy") is not None and r["efficacy"] < efficacy_floor):
+            return r["n_edits"]
+    return None
+
+
+def _paired_last_round(a: list[dict], b: list[dict], metric: int = 0) -> dict:
+    """Paired permutation test of the per-record efficacy (``metric`` 0; 1: generalization) of the same edits
+    after the last round both runs have."""
+    from .evaluation.stats import paired_test
+
+    t = min(len(a), len(b)) - 1
+    ra, rb = a[t].get("records", {}), b[t].get("records", {})
+    ids = sorted(set(ra) & set(rb))
+    return {"n_edits": a[t]["n_edits"], **paired_test([ra[i][metric] for i in ids], [rb[i][metric] for i in ids])}
+
+
+def _when(n: int | None, rows: list[dict]) -> str:
+    return f"{n} edits" if n is not None else f"none within {rows[-1]['n_edits']} edits"
+
+
+def sequential_claims(runs: dict[str, list[dict]], ppl_factor: float = 2.0, efficacy_floor: float = 50.0) -> list[str]:
+    """The notebook's claims as sentences computed from the runs (``{method: run_sequential(...)}``): when each
+    method collapses (:func:`collapse_point`), whether PMET collapses earlier or later than MEMIT, and whether
+    the null-space projection delays it, with a paired test of the last round's per-record efficacy of the
+    same edits."""
+    rule = f"perplexity > {ppl_factor:g}x the unedited model's or efficacy of past edits < {efficacy_floor:g}%"
+    cp = {m: collapse_point(rs, ppl_factor, efficacy_floor) for m, rs in runs.items()}
+    out = [f"Collapse rule: {rule}."]
+    for m, rs in runs.items():
+        last = rs[-1]
+        when = f"collapses after {cp[m]} edits" if cp[m] is not None else \
+            f"does not collapse within {last['n_edits']} edits"
+        out.append(f"{m}: {when}; after {last['n_edits']} edits efficacy "
+                   f"{last['efficacy']:.1f}%, retention (neighbourhood) {last.get('retention_neighborhood', 0):.1f}%, "
+                   f"perplexity {last['perplexity']:.2f} (unedited {rs[0]['perplexity']:.2f}), "
+                   f"total ||dW||_F {last['delta_fro']:.3g}.")
+
+    def order(a: str, b: str) -> str:
+        na, nb = cp[a], cp[b]
+        if na is None and nb is None:
+            return f"neither {a} nor {b} collapses within the run"
+        if na == nb:
+            return f"{a} and {b} collapse at the same round ({na} edits)"
+        if nb is None or (na is not None and na < nb):
+            return f"{a} collapses earlier than {b} ({na} edits vs {_when(nb, runs[b])})"
+        return f"{a} collapses later than {b} ({_when(na, runs[a])} vs {nb} edits)"
+
+    def test(a: str, b: str) -> str:
+        t = _paired_last_round(runs[a], runs[b])
+        return (f"efficacy of the same {t['n']} edits after {t['n_edits']}: {100 * t['mean_a']:.1f}% vs "
+                f"{100 * t['mean_b']:.1f}% (paired permutation test p = {t['pvalue']:.3g})")
+
+    for a, b in (("pmet", "memit"), ("pmet-ns", "pmet"), ("memit-ns", "memit")):
+        if a in runs and b in runs:
+            out.append(f"{order(a, b)}; {test(a, b)}.")
+    return out
+
+
+def plot_sequential(frame, title: str = ""):
+    """Four panels against the number of edits, one line per method: efficacy of all past edits, retention
+    of the neighbourhood prompts, perplexity, and the total ``‖ΔW‖_F``."""
+    import matplotlib.pyplot as plt
+
+    panels = [("efficacy", "efficacy of all past edits (%)"), ("retention_neighborhood", "retention (%)"),
+              ("perplexity", "WikiText-2 perplexity"), ("delta_fro", "total ‖ΔW‖_F")]
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+    for ax, (col, label) in zip(axes, panels):
+        for method, g in frame.groupby("method", sort=False):
+            ax.plot(g["n_edits"], g[col], marker="o", ms=3, label=method)
+        ax.set_xlabel("edits so far")
+        ax.set_ylabel(label)
+        if col in ("perplexity", "delta_fro"):
+            ax.set_yscale("log")
+    axes[0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def null_space_dims(model, tok, hp, cache: str | Path | None = None) -> dict[str, tuple[int, int]]:
+    """``{weight name: (null-space dimension, key dimension)}`` that ``hp``'s threshold gives on this model's
+    key statistics (loaded from, or written to, the statistics cache): 0 means the projection lets no update
+    through, the full dimension means it preserves nothing."""
+    from .editing.core import null_space_projector
+    from .editing.editor import KEY_SITE
+    from .stats import key_second_moments
+
+    layout = model.layout
+    layers = sorted(hp.layers if hp.layers is not None else layout.critical_layers)
+    comps = (["attn_out"] if hp.update_attn_weights else []) + ["mlp_out"]
+    out = {}
+    for comp in comps:
+        mom2 = key_second_moments(model, tok, layers, component=KEY_SITE[comp], n_tokens=hp.mom2_n_tokens,
+                                  dtype=hp.mom2_dtype, corpus=hp.mom2_corpus, cache_dir=cache, progress=False)
+        for l in layers:
+            P = null_space_projector(mom2[l], hp.null_space_threshold)
+            out[layout.weight_name(comp, l)] = (round(float(P.trace())), P.shape[0])
+    return out
