@@ -25,7 +25,8 @@ def test_run_grid_per_model_methods_and_sizes(tmp_path, monkeypatch):
 
     calls = []
     monkeypatch.setattr(experiments, "run_edit_eval",
-                        lambda model, tok, method, dataset, n, *a, **k: calls.append((model, method, n)) or {"n_edits": n})
+                        lambda model, tok, method, dataset, n, *a, **k:
+                        calls.append((model, method, n)) or {"n_edits": n})
     monkeypatch.setattr("pmet.models.load_model", lambda name, device="cpu": (name, None))
     grid = experiments.run_grid(["a", "b"], {"a": ["none", "pmet"], "b": ["pmet"]}, n_edits={"a": 3, "b": 2})
     assert calls == [("a", "none", 3), ("a", "pmet", 3), ("b", "pmet", 2)]

@@ -132,7 +132,8 @@ def claims_frame(out_dir: str | Path) -> pd.DataFrame:
                     v, diff = verdict(s, ref, metric, 1 if d > 0 else -1)
                     rows.append({"artifact": "Table 3", "model": _model_label(stem, "table3_"),
                                  "claim": f"{method} vs PMET on {_label(ref, metric)}: {'↑' if d > 0 else '↓'}",
-                                 "paper": f"{d:+.1f} (1K edits)", "ours": f"{_fmt(diff) if diff is None else f'{diff:+.1f}'} "
+                                 "paper": f"{d:+.1f} (1K edits)",
+                                 "ours": f"{_fmt(diff) if diff is None else f'{diff:+.1f}'} "
                                  f"({n} edits)", "verdict": v})
     # Fig. 3: "except for being slightly inferior to MEMIT in specificity, PMET outperforms all baselines in
     # all other metrics" over the sweep's edit counts

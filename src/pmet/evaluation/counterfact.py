@@ -27,7 +27,7 @@ each mean rests on. ``score`` is the harmonic mean of the efficacy, generalizati
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from torch import nn

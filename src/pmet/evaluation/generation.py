@@ -39,7 +39,7 @@ import re
 import unicodedata
 from collections import Counter
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import torch

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from scipy import stats as st
@@ -41,7 +41,7 @@ class CI:
     def half_width(self) -> float:
         return (self.high - self.low) / 2
 
-    def scaled(self, factor: float) -> "CI":
+    def scaled(self, factor: float) -> CI:
         return CI(self.mean * factor, self.low * factor, self.high * factor, self.n, self.method, self.confidence)
 
     def as_dict(self) -> dict:

@@ -21,7 +21,7 @@ counterfactual ``alt`` (EasyEdit convention). It must match the target the edito
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from torch import nn
 
