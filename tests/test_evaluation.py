@@ -12,13 +12,23 @@ from scipy import stats as st
 
 from pmet.data import CounterFactRecord, ZsreRecord
 from pmet.evaluation import (
-    ResultsFile, bootstrap_ci, compute_n_gram_entropy, evaluate_counterfact, evaluate_zsre, harmonic_mean,
-    mean_ci, normal_ci, paired_test, score_pairs, summarize_counterfact, summarize_zsre,
+    ResultsFile,
+    bootstrap_ci,
+    compute_n_gram_entropy,
+    evaluate_counterfact,
+    evaluate_zsre,
+    harmonic_mean,
+    mean_ci,
+    normal_ci,
+    paired_test,
+    score_pairs,
+    summarize_counterfact,
+    summarize_zsre,
 )
 from pmet.evaluation.generation import ConsistencyScorer, generate_fast, n_gram_entropy
 from pmet.evaluation.results import load_results
-from pmet.evaluation.summarize import summarize_file
 from pmet.evaluation.scoring import fast_path_ok, prompt_ids, target_ids
+from pmet.evaluation.summarize import summarize_file
 
 
 def _cf(case_id, new, true, schema="original", gen=()):

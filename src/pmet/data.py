@@ -22,10 +22,10 @@ import logging
 import os
 import tempfile
 import urllib.request
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
-from collections.abc import Iterable, Sequence
 
 from .paths import data_dir as default_data_dir
 

@@ -47,9 +47,9 @@ from tqdm.auto import tqdm
 from ..hooks import Trace
 from ..stats import key_second_moments
 from ..tensor_cache import load_entry, save_entry
+from .baseline import make_result, restore_weights, snapshot
 from .context import flatten, get_context_templates
 from .core import compute_keys
-from .baseline import make_result, restore_weights, snapshot
 from .hparams import EditHparams
 from .partial_forward import attention_implementation
 from .requests import normalize_requests

@@ -42,7 +42,7 @@ import math
 import os
 import time
 from dataclasses import MISSING, fields
-from datetime import datetime, UTC
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 

@@ -33,8 +33,8 @@ fire on the fast path (hooks on submodules do); pass ``fast=False`` for such mod
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
