@@ -8,8 +8,17 @@ import torch
 from pmet.editing import normalize_requests
 from pmet.editing.baseline import target_batch, target_nll
 from pmet.editing.ft import FTHparams, apply_ft
-from pmet.editing.mend import (MendEditor, MendHparams, apply_mend, gradient_factors, load_editor, sample_batch, train,
-                               training_examples, training_step)
+from pmet.editing.mend import (
+    MendEditor,
+    MendHparams,
+    apply_mend,
+    gradient_factors,
+    load_editor,
+    sample_batch,
+    train,
+    training_examples,
+    training_step,
+)
 from pmet.editing.rome import RomeHparams, apply_rome
 
 REQS = [

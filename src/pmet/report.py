@@ -167,7 +167,8 @@ def _half_width(summary: dict, key: str) -> float | None:
 def grid_table(grid: dict, dataset: str = "counterfact") -> pd.DataFrame:
     """Table 1 / Table 2 layout from ``run_grid`` output: one block of rows per model, "mean [95% interval]"
     cells (:func:`fmt_interval`; the method in ``df.attrs["interval_note"]``, added to the caption by
-    :func:`save_table`), and the number of records each metric rests on. Unavailable editors keep their row with the reason."""
+    :func:`save_table`), and the number of records each metric rests on. Unavailable editors keep their row with
+    the reason."""
     columns = CF_COLUMNS if dataset == "counterfact" else ZSRE_COLUMNS
     proxy = any("consistency_proxy" in s for runs in grid.values() for s in runs.values())
     portability = any("portability" in s for runs in grid.values() for s in runs.values())

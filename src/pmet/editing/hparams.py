@@ -136,7 +136,7 @@ class EditHparams:
         if self.v_num_grad_steps < 1 or self.v_batch_size < 1:
             raise ValueError("v_num_grad_steps and v_batch_size must be >= 1")
 
-    def with_method(self, method: str) -> "EditHparams":
+    def with_method(self, method: str) -> EditHparams:
         """A copy with ``method``'s switches (see :data:`METHOD_SWITCHES`)."""
         return replace(self, method=method, **_switches(method))
 

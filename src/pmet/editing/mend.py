@@ -160,7 +160,7 @@ class MendEditor(nn.Module):
         self.edit_lrs = nn.Parameter(torch.full((len(shapes),), float(hp.edit_lr_init)))
 
     @classmethod
-    def for_model(cls, model: nn.Module, hp: MendHparams) -> "MendEditor":
+    def for_model(cls, model: nn.Module, hp: MendHparams) -> MendEditor:
         layout = model.layout
         shapes = {layout.weight_name(c, l): tuple(layout.get_weight(model, c, l).shape)
                   for l in edit_layers(model, hp) for c in hp.components}
@@ -415,11 +415,13 @@ def training_step(model: nn.Module, tok, editor: MendEditor, batch: list[TrainEx
     loc = _loc_batch(tok, [ex.loc_text for ex in batch], device)
     with torch.no_grad():
         base = torch.log_softmax(model(**loc, use_cache=False).logits.float(), -1)
-    post = torch.log_softmax(functional_call(model, new, args=(), kwargs=dict(**loc, use_cache=False)).logits.float(), -1)
+    post_logits = functional_call(model, new, args=(), kwargs=dict(**loc, use_cache=False)).logits
+    post = torch.log_softmax(post_logits.float(), -1)
     mask = loc["attention_mask"].float()
     kl = ((base.exp() * (base - post)).sum(-1) * mask).sum() / mask.sum()
     loss = hp.c_edit * edit_nll.mean() + hp.c_loc * kl
-    info = {"loss": float(loss.detach()), "edit_nll_pre": float(nll_pre.mean()), "edit_nll_post": float(edit_nll[: len(reqs)].mean()),
+    info = {"loss": float(loss.detach()), "edit_nll_pre": float(nll_pre.mean()),
+            "edit_nll_post": float(edit_nll[: len(reqs)].mean()),
             "rephrase_nll_post": float(edit_nll[len(reqs):].mean()) if len(edit_nll) > len(reqs) else float("nan"),
             "loc_kl": float(kl), "delta_norm": float(sum(d.detach().norm() ** 2 for d in deltas.values()) ** 0.5)}
     return loss, info

@@ -42,13 +42,15 @@ import math
 import os
 import time
 from dataclasses import MISSING, fields
-from datetime import datetime, timezone
-from importlib import import_module
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from .registry import get_editor
+from .result import EditResult
 
 FORMAT = "pmet-saved-edit"
 FORMAT_VERSION = 1
@@ -153,7 +155,7 @@ def build_manifest(result, weights_before: dict[str, str], weights_after: dict[s
             for n, w in sorted(weights_after.items())
         },
         "versions": {"pmet": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     return json.loads(json.dumps(manifest, default=str))  # as it will read back (tuples -> lists ...)
 
@@ -193,20 +195,17 @@ def save_edit(result, path: str | Path, check: bool = True) -> Path:
 # ---------------------------------------------------------------------------------------------- loading
 def _rebuild_hparams(manifest: dict):
     """The hyperparameter object the edit used, rebuilt from the manifest (its dict if that fails)."""
-    d, cls_path = manifest.get("hparams"), manifest.get("hparams_class")
-    if not isinstance(d, dict) or not cls_path:
+    d = manifest.get("hparams")
+    if not isinstance(d, dict) or not manifest.get("hparams_class"):
         return d
-    try:
-        module, _, name = cls_path.rpartition(".")
-        return getattr(import_module(module), name)(**d)
-    except Exception:  # a renamed class or a changed field: the dict still says what was used
+    try:  # the method's class from the editor registry
+        return get_editor(manifest["method"]).hparams_cls(**d)
+    except Exception:  # an unknown method or a changed field: the dict still says what was used
         return d
 
 
 def _result(method: str, model: nn.Module, originals: dict, deltas: dict, **kw):
     """An :class:`EditResult` for an applied saved edit; fields it has no data for are left empty."""
-    from .result import EditResult
-
     kw = dict(method=method, deltas=deltas, _model=model, _originals=originals, **kw)
     for f in fields(EditResult):
         if f.name in kw or f.default is not MISSING or f.default_factory is not MISSING:
@@ -282,7 +281,7 @@ class SavedEdit:
 
 
 def load_edit(path: str | Path) -> SavedEdit:
-    """Read a saved edit (a folder written by :meth:`EditResult.save <pmet.editing.result.EditResult.save>`)
+    """Read a saved edit (a folder written by :meth:`EditResult.save <pmet.editing.editor.EditResult.save>`)
     and verify it: the format, the sha256 of every stored weight, and the manifest against the hash the
     weights file carries. Raises :class:`SavedEditError` with one line when anything is off."""
     from safetensors import safe_open

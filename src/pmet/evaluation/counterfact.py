@@ -27,7 +27,7 @@ each mean rests on. ``score`` is the harmonic mean of the efficacy, generalizati
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from torch import nn
@@ -35,7 +35,7 @@ from torch import nn
 from .generation import ConsistencyScorer, generate_fast, n_gram_entropy, word_tokenizer_name
 from .results import ResultsFile, evaluate_resumable
 from .scoring import DEFAULT_MAX_BATCH_TOKENS, _pad_id, prompt_ids, score_id_pairs, target_ids
-from .stats import CI, format_ci, harmonic_mean, mean_ci, metric_ci, score_ci
+from .stats import ci_by_rule, format_ci, harmonic_mean, score_ci
 
 __all__ = ["evaluate_counterfact", "summarize_counterfact", "counterfact_table", "CF_METRICS"]
 
@@ -183,7 +183,7 @@ def summarize_counterfact(rows: Sequence[dict], ci: str = "auto", confidence: fl
         vals = _metric_values(rows, m)
         if not vals:
             continue
-        c = _ci(vals, ci, confidence, seed, n_resamples).scaled(100.0)
+        c = ci_by_rule(vals, ci, confidence, seed, n_resamples).scaled(100.0)
         out[m], out[f"{m}_ci"], out[f"{m}_n"], out[f"{m}_ci_method"] = c.mean, (c.low, c.high), c.n, c.method
     parts = ["efficacy", "generalization", "specificity"]
     if all(p in out for p in parts):
@@ -199,14 +199,6 @@ def summarize_counterfact(rows: Sequence[dict], ci: str = "auto", confidence: fl
         out["consistency_sources"] = {s: sources.count(s) for s in sorted(set(sources))}
         out["word_tokenizer"] = word_tokenizer_name()
     return out
-
-
-def _ci(vals, ci: str, confidence: float, seed: int, n_resamples: int) -> CI:
-    """One metric's interval (fractions) by the summary's ``ci`` rule."""
-    if ci == "auto":
-        return metric_ci(vals, confidence=confidence, seed=seed, n_resamples=n_resamples)
-    kw = {"seed": seed, "n_resamples": n_resamples} if ci == "bootstrap" else {}
-    return mean_ci(vals, method=ci, confidence=confidence, **kw)
 
 
 def counterfact_table(summaries: dict, with_n: bool = True):
