@@ -58,8 +58,8 @@ from .paths import cache_dir
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["collapse_point", "null_space_dims", "perplexity", "plot_sequential", "run_sequential", "sequential_claims", "sequential_frame",
-           "top_tokens", "weight_stats"]
+__all__ = ["collapse_point", "null_space_dims", "perplexity", "plot_sequential", "run_sequential",
+           "sequential_claims", "sequential_frame", "top_tokens", "weight_stats"]
 
 FORMAT_VERSION = 1
 
