@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # pmet's one entry point for people and CI. Needs only Python 3.11 on the PATH.
 #   ./run.sh setup        create/reuse .venv and install pmet with everything the tests and notebooks need
-#   ./run.sh test         setup + the whole test suite (unit/integration tests + every notebook via nbval)
+#   ./run.sh test         setup + lint (ruff check) + the whole test suite (unit/integration tests + every notebook via nbval)
 #   ./run.sh main         setup + the main job: regenerate Table 1 on the embedded model with papermill
 #   ./run.sh reproduce    setup + every notebook at its default (the issue's) sizes, reusing caches
 #   ./run.sh rerender     setup + every committed notebooks/rendered/ copy again, with the parameters recorded in it
@@ -40,9 +40,10 @@ run_tests() {
   # records) and write into a temporary out_dir, so committed results are never overwritten.
   # Both halves read the committed fixture data (tests/fixtures/data): tests/conftest.py sets PMET_DATA_DIR for
   # pytest, and it is given to the notebooks here (their CI configuration also defaults to it), so nothing is
-  # needed beside the checkout. Both halves always run; the exit status is non-zero if either failed.
+  # needed beside the checkout. Lint, tests and notebooks all run; the exit status is non-zero if any failed.
   export PMET_NOTEBOOK_SMALL=1
-  local rc_tests=0 rc_nbs=0
+  local rc_lint=0 rc_tests=0 rc_nbs=0
+  "$VENV/bin/ruff" check src tests benchmarks || rc_lint=$?
   "$VENV/bin/python" -m pytest -q tests "$@" || rc_tests=$?
   shopt -s nullglob
   local nbs=(notebooks/*.ipynb)
@@ -50,8 +51,8 @@ run_tests() {
     PMET_DATA_DIR="$PWD/tests/fixtures/data" \
       "$VENV/bin/python" -m pytest -q --nbval-lax -p no:cacheprovider "${nbs[@]}" || rc_nbs=$?
   fi
-  if [ "$rc_tests" -ne 0 ] || [ "$rc_nbs" -ne 0 ]; then
-    echo "run.sh test: tests exit status $rc_tests, notebooks exit status $rc_nbs" >&2
+  if [ "$rc_lint" -ne 0 ] || [ "$rc_tests" -ne 0 ] || [ "$rc_nbs" -ne 0 ]; then
+    echo "run.sh test: exit status lint $rc_lint, tests $rc_tests, notebooks $rc_nbs" >&2
     return 1
   fi
 }

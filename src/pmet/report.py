@@ -17,6 +17,7 @@ from types import SimpleNamespace
 
 import pandas as pd
 
+from .editing.registry import display_labels
 from .paths import REPO_ROOT, fixtures_data_dir, in_source_checkout
 
 SMALL_ENV = "PMET_NOTEBOOK_SMALL"
@@ -146,10 +147,7 @@ def interval_note(summaries) -> str:
 
 
 # ---- the paper's tables and figures from run summaries (see pmet.experiments) --------------------------
-DISPLAY = {"none": "Unedited", "ft": "FT-W", "mend": "MEND", "rome": "ROME", "memit": "MEMIT",
-           "memit-ffn": "MEMIT (δ on m^L)", "pmet": "PMET",
-           "pmet-no-attn-delta": "w/o δ^a", "pmet-with-attn-weights": "w/ W_O^MHSA",
-           "pmet-even-spread": "Even spread"}
+DISPLAY = display_labels()  # {method: table label}, in the paper's row order (pmet.editing.registry)
 CF_COLUMNS = [("Score", "score"), ("Efficacy", "efficacy"), ("Generalization", "generalization"),
               ("Specificity", "specificity"), ("Fluency", "fluency"), ("Consistency", "consistency")]
 ZSRE_COLUMNS = [("Efficacy", "efficacy"), ("Generalization", "generalization"), ("Specificity", "specificity")]
@@ -173,9 +171,11 @@ def _half_width(summary: dict, key: str) -> float | None:
 def grid_table(grid: dict, dataset: str = "counterfact") -> pd.DataFrame:
     """Table 1 / Table 2 layout from ``run_grid`` output: one block of rows per model, "mean [95% interval]"
     cells (:func:`fmt_interval`; the method in ``df.attrs["interval_note"]``, added to the caption by
-    :func:`save_table`), and the number of records each metric rests on. Unavailable editors keep their row with the reason."""
+    :func:`save_table`), and the number of records each metric rests on. Unavailable editors keep their row with
+    the reason."""
     columns = CF_COLUMNS if dataset == "counterfact" else ZSRE_COLUMNS
     proxy = any("consistency_proxy" in s for runs in grid.values() for s in runs.values())
+    portability = any("portability" in s for runs in grid.values() for s in runs.values())
     rows = []
     for model, runs in grid.items():
         for method, s in runs.items():
@@ -188,6 +188,10 @@ def grid_table(grid: dict, dataset: str = "counterfact") -> pd.DataFrame:
                 row[head] = "n/a" if "unavailable" in s else fmt_interval(s.get(key), s.get(f"{key}_ci"))
             row["n records"] = ("-" if "unavailable" in s else
                                 "/".join(str(s.get(f"{metric_key(s, k)}_n", 0)) for _, k in columns if k != "score"))
+            if portability:  # EasyEdit's one-hop questions, where records have one (pmet.evaluation.portability)
+                row["Portability"] = "n/a" if "unavailable" in s else fmt_interval(s.get("portability"),
+                                                                                   s.get("portability_ci"))
+                row["n portability"] = s.get("portability_n", 0)
             if "unavailable" in s:
                 row["note"] = s["unavailable"]
             rows.append(row)
