@@ -33,27 +33,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..data import InvalidRecordError, request_label, validate_request  # CounterFact-style requests
 from ..hooks import Trace
 from . import core
 from .context import flatten, get_context_templates
 from .hparams import EditHparams, load_hparams
 from .values import compute_values, encode_with_subject, pad_id_of, pad_right, positions, target_ids
-
-try:  # the data module validates CounterFact-style requests
-    from ..data import InvalidRecordError, validate_request
-except ImportError:  # pragma: no cover - only while pmet.data is being written
-    class InvalidRecordError(ValueError):
-        pass
-
-    def validate_request(request: dict) -> None:
-        if not isinstance(request, dict):
-            raise InvalidRecordError(f"request must be a dict, got {type(request).__name__}")
-        for key in ("prompt", "subject", "target_new"):
-            if key not in request:
-                raise InvalidRecordError(f"request: missing key {key!r}")
-        if not isinstance(request["prompt"], str) or request["prompt"].count("{}") != 1:
-            raise InvalidRecordError(f"request: prompt must contain exactly one '{{}}': {request['prompt']!r}")
-
 
 KEY_SITE = {"mlp_out": "mlp_key", "attn_out": "attn_key"}
 
@@ -71,14 +56,14 @@ def normalize_requests(requests: Any, tok=None) -> list[dict]:
     for i, r in enumerate(requests):
         if hasattr(r, "as_request"):
             r = r.as_request()
-        validate_request(r)
+        validate_request(r, i)
         r = dict(r)
         for k in ("target_new", "target_true"):
             if isinstance(r.get(k), dict):
                 r[k] = r[k].get("str")
         r["target_new"] = target_text(r["target_new"])
         if tok is not None and not target_ids(tok, r["target_new"]):
-            raise InvalidRecordError(f"request {i}: target_new {r['target_new']!r} has no tokens")
+            raise InvalidRecordError(f"{request_label(r, i)}: target_new {r['target_new']!r} has no tokens")
         r.setdefault("case_id", i)
         out.append(r)
     if not out:
