@@ -13,9 +13,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-papermill = pytest.importorskip("papermill")
+from pmet.rerender import notebook_kernel
 
-from pmet.rerender import notebook_kernel  # noqa: E402  ("pmet" when ./run.sh setup registered it, else python3)
+papermill = pytest.importorskip("papermill")
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 

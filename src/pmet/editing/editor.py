@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..data import InvalidRecordError, request_label, validate_request  # CounterFact-style requests
+from ..data import InvalidRecordError, request_label, validate_request
 from ..hooks import Trace
 from . import core
 from .context import flatten, get_context_templates
