@@ -32,10 +32,8 @@ from types import SimpleNamespace
 
 import torch
 
-from .editing.editor import MethodUnavailable  # noqa: F401  (re-exported for notebooks)
+from .editing import UNEDITED, MethodUnavailable, get_editor, load_hparams, sequential_methods
 from .paths import cache_dir
-
-UNEDITED = "none"
 
 
 @contextlib.contextmanager
@@ -149,14 +147,12 @@ def _hparams_id(hp) -> str:
 
 
 def _artifact_id(method: str, model, hp, cache=None) -> str:
-    """Identity of what an editor loads besides its hyperparameters (MEND's trained hypernetwork), so a
-    retrained editor never reuses the cached run of an earlier one."""
-    if method != "mend":
+    """Identity of what an editor loads besides its hyperparameters (MEND's trained hypernetwork: the
+    registry's ``artifact_id`` hook), so a retrained editor never reuses the cached run of an earlier one."""
+    if method == UNEDITED:
         return ""
-    from .editing.mend import editor_dir
-
-    path = editor_dir(model, hp, cache) / "editor.safetensors"
-    return "_ed" + hashlib.sha256(path.read_bytes()).hexdigest()[:8] if path.exists() else ""
+    hook = get_editor(method).artifact_id
+    return hook(model, hp, cache) if hook is not None else ""
 
 
 def run_dir(runs_dir: Path, model_name: str, dataset: str, method: str, n: int, seed: int, hp_id: str,
@@ -167,18 +163,13 @@ def run_dir(runs_dir: Path, model_name: str, dataset: str, method: str, n: int, 
 
 def method_hparams(method: str, model, dataset: str, overrides: dict | None = None):
     """The hyperparameters of ``method`` for ``model``/``dataset`` with those ``overrides`` the method has
-    (e.g. ``v_autocast`` reaches ROME, MEMIT and PMET, which optimise value vectors, not FT-W or MEND);
-    entries that are None are ignored. None for the unedited model."""
-    import dataclasses
-
-    from .editing import hparams_for
-
+    (e.g. ``v_autocast`` reaches ROME, MEMIT and PMET, which optimise value vectors, not FT-W or MEND: the
+    loader's ``only_where_present``; a name no editor has still raises); entries that are None are ignored.
+    None for the unedited model."""
     if method == UNEDITED:
         return None
-    hp = hparams_for(method, model, dataset)
-    known = {f.name for f in dataclasses.fields(hp)}
-    applicable = {k: v for k, v in (overrides or {}).items() if v is not None and k in known}
-    return hparams_for(method, model, dataset, **applicable) if applicable else hp
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    return load_hparams(method, model, dataset, given, only_where_present=True)
 
 
 def run_edit_eval(
@@ -209,9 +200,8 @@ def run_edit_eval(
     The summary holds the metrics in percent with 95% CIs (normal approximation) and their n's, the
     editor's timings, and ``delta_norms`` (Frobenius norm of Δ per edited weight, for Fig. 4).
     """
-    from .editing import edit
-
     from . import distributed
+    from .editing import edit
 
     if distributed.world_size() > 1:  # torchrun: values and evaluation shard over the ranks
         return distributed.run_edit_eval_sharded(
@@ -357,7 +347,7 @@ def _evaluate_and_save(model, tok, records, dataset, out: Path, meta: dict, gene
     return summary
 
 
-SEQUENTIAL = ("rome",)  # editors that apply the requests one after another
+SEQUENTIAL = sequential_methods()  # editors that apply the requests one after another (the registry)
 
 
 def run_sweep(model, tok, method: str, sizes, dataset: str = "counterfact", seed: int = 0,
@@ -378,9 +368,8 @@ def run_sweep(model, tok, method: str, sizes, dataset: str = "counterfact", seed
         return {n: run_edit_eval(model, tok, method, dataset, n, seed, generation, runs_dir=runs_dir, cache=cache,
                                  eval_batch_size=eval_batch_size, progress=progress, overrides=overrides)
                 for n in sizes}
-    from .editing import edit
-
     from . import distributed
+    from .editing import edit
 
     if distributed.world_size() > 1:  # a sequential editor cannot shard its edits: rank 0 runs the sweep
         return distributed.on_rank0(run_sweep, model, tok, method, sizes, dataset, seed, generation, runs_dir, cache,
