@@ -37,7 +37,8 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "KNOWN_FILES", "DataNotFoundError", "DataIntegrityError", "InvalidRecordError",
-    "ensure_file", "verify_known_file", "parse_error", "read_json", "validate_request", "CounterFactRecord", "load_counterfact",
+    "ensure_file", "verify_known_file", "parse_error", "read_json", "request_label", "validate_request",
+    "CounterFactRecord", "load_counterfact",
     "ZsreRecord", "load_zsre", "KnownFact", "load_known_facts", "CORPORA",
     "load_text_corpus", "corpus_id", "as_dataset",
 ]
