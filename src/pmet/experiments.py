@@ -1,14 +1,13 @@
 """Mass-editing experiments: choose records, edit, evaluate, summarise -- with every step cached.
 
-This is the glue the table and figure notebooks call; it holds no algorithm of its own. One run is
-``(model, dataset, method, n_edits, seed)``: the first ``n_edits`` records of a seeded permutation of the
-dataset's table records are edited at once (one call of the editor, as the paper's mass edits), the
-edited model is evaluated on the same records, the weights are restored. Per-record results go to JSON
-Lines under ``runs_dir`` (default ``$PMET_CACHE_DIR/runs``) and the summary to a JSON beside them, so a
-second call returns at once and an interrupted evaluation resumes. Value vectors and key statistics are
-cached by the editor itself, so the points of a sweep share them. A run holds an exclusive lock on its
-folder (ROME's sweep: on its trajectory) while it edits and evaluates, so two processes asking for the same
-run (two notebooks, or parallel workers, on one cache) do it once: the second waits, then reads the summary.
+This is the glue the table and figure notebooks call; it holds no algorithm of its own. One run is a
+:class:`pmet.runspec.RunSpec` ``(model, dataset, method, n_edits, seed, precision, generation, overrides)``:
+the first ``n_edits`` records of a seeded permutation of the dataset's table records are edited at once (one
+call of the editor, as the paper's mass edits), the edited model is evaluated on the same records, the
+weights are restored. Where the per-record results and the summary are kept, the lock that makes one process
+do a run, and the resumable edited weights are :mod:`pmet.runcache`'s: a second call returns at once and an
+interrupted evaluation resumes. Value vectors and key statistics are cached by the editor itself, so the
+points of a sweep share them. Every summary carries its spec (``summary["spec"]``; :func:`pmet.runspec.spec_of`).
 
 Record choice: CounterFact tables use the 1,653 full-field records *minus* those whose case id is in
 the ``counterfact-val`` split (hyperparameters are tuned on that split only); above that size the
@@ -21,8 +20,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import random
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -30,29 +29,10 @@ from types import SimpleNamespace
 import torch
 
 from .editing.editor import MethodUnavailable  # noqa: F401  (re-exported for notebooks)
-from .paths import cache_dir
+from .runcache import EditedWeights, read_summary, run_folder, run_lock, trajectory_path, write_summary
+from .runspec import RunSpec
 
 UNEDITED = "none"
-
-
-@contextlib.contextmanager
-def run_lock(path: Path):
-    """Hold an exclusive advisory lock on ``<path>.lock`` (``fcntl.flock``; waits while another process
-    holds it). Without it, two processes running the same run appended each record twice to one
-    ``records.jsonl`` and both edited. Where ``fcntl`` is missing (Windows) it is a no-op."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover
-        yield
-        return
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def table_records(dataset: str, n: int | None = None, seed: int = 0, full_fields_only: bool = True) -> list:
@@ -95,12 +75,6 @@ def _artifact_id(method: str, model, hp, cache=None) -> str:
     return "_ed" + hashlib.sha256(path.read_bytes()).hexdigest()[:8] if path.exists() else ""
 
 
-def run_dir(runs_dir: Path, model_name: str, dataset: str, method: str, n: int, seed: int, hp_id: str,
-            generation: bool) -> Path:
-    tag = f"n{n}_seed{seed}_hp{hp_id}" + ("_gen" if generation else "")
-    return runs_dir / model_name / dataset / method / tag
-
-
 def method_hparams(method: str, model, dataset: str, overrides: dict | None = None):
     """The hyperparameters of ``method`` for ``model``/``dataset`` with those ``overrides`` the method has
     (e.g. ``v_autocast`` reaches ROME, MEMIT and PMET, which optimise value vectors, not FT-W or MEND);
@@ -117,142 +91,119 @@ def method_hparams(method: str, model, dataset: str, overrides: dict | None = No
     return hparams_for(method, model, dataset, **applicable) if applicable else hp
 
 
-def run_edit_eval(
-    model,
-    tok,
-    method: str,
-    dataset: str = "counterfact",
-    n_edits: int = 100,
-    seed: int = 0,
-    generation: bool = False,
-    hparams=None,
-    runs_dir: str | Path | None = None,
-    cache: str | Path | None = None,
-    eval_batch_size: int = 32,
-    progress: bool = True,
-    overrides: dict | None = None,
-) -> dict:
-    """Edit ``n_edits`` records with ``method`` (``"none"`` = unedited), evaluate, restore; return the summary.
+def run_hparams(model, spec: RunSpec, hparams=None):
+    """The hyperparameters of the run ``spec``: ``hparams`` as given, else :func:`method_hparams` with the
+    spec's overrides and precision; None for the unedited model."""
+    if spec.method == UNEDITED:
+        return None
+    return hparams if hparams is not None else method_hparams(spec.method, model, spec.dataset,
+                                                              spec.hparam_overrides())
 
-    ``hparams``: used as given; otherwise :func:`method_hparams` (the model's hyperparameter file for
-    ``method`` and ``dataset`` with the applicable ``overrides``, e.g. ``{"v_autocast": "bfloat16"}``).
-    Either way the hyperparameters enter the run's cache folder, so differently configured runs never mix.
+
+def locate(model, spec: RunSpec, hp, runs_dir=None, cache=None) -> SimpleNamespace:
+    """Where the run ``spec`` with hyperparameters ``hp`` lives and what it records about itself:
+    ``folder``, ``hp_id`` (hyperparameters + trained-editor identity), ``meta`` (stored in and checked
+    against its per-record file) and ``spec`` -- the spec as run, whose ``value_autocast`` is the precision the
+    editor really used (None for editors without value vectors, whatever was asked)."""
+    name = getattr(model, "pmet_name", None)
+    if name is not None and name != spec.model:
+        raise ValueError(f"the run is for model {spec.model!r} but the loaded model is {name!r}")
+    ran = spec.replace(value_autocast=getattr(hp, "v_autocast", None) if hp is not None else None)
+    hp_id = _hparams_id(hp) + _artifact_id(spec.method, model, hp, cache)
+    meta = {"model": spec.model, "method": spec.method, "n_edits": spec.n_edits, "seed": spec.seed, "hparams": hp_id}
+    return SimpleNamespace(spec=ran, hp=hp, hp_id=hp_id, folder=run_folder(spec, hp_id, runs_dir), meta=meta)
+
+
+def _stage(progress: bool, spec: RunSpec, what: str) -> None:
+    """One line on stderr per stage of a run, so a long job shows where it is (also through papermill)."""
+    if progress:
+        extra = ("" if spec.value_autocast is None else f" values {spec.value_autocast}") + (
+            " +generation" if spec.generation and spec.dataset == "counterfact" else "")
+        print(f"[pmet {time.strftime('%H:%M:%S')}] {spec.model} {spec.dataset} {spec.method} n={spec.n_edits} "
+              f"seed={spec.seed}{extra}: {what}", file=sys.stderr, flush=True)
+
+
+def _completed(summary: dict, run: SimpleNamespace) -> dict:
+    """A summary read back from the cache; one written before specs were recorded gets its spec."""
+    if "hparams" in summary and "spec" not in summary:
+        summary = {**summary, "spec": run.spec.to_dict(), "dataset": run.spec.dataset,
+                   "generation": run.spec.generation}
+    return summary
+
+
+def run_edit_eval(model, tok, spec: RunSpec, *, hparams=None, runs_dir: str | Path | None = None,
+                  cache: str | Path | None = None, eval_batch_size: int = 32, progress: bool = True) -> dict:
+    """Run ``spec`` (edit its ``n_edits`` records with its method, ``"none"`` = unedited; evaluate; restore) on
+    the loaded ``model``/``tok``; return the summary.
+
+    ``hparams``: used as given instead of the spec's (:func:`run_hparams`); either way the hyperparameters
+    enter the run's cache folder, so differently configured runs never mix. ``runs_dir``/``cache``: the run
+    cache and the editor's caches (defaults under ``$PMET_CACHE_DIR``); ``eval_batch_size``, ``progress``
+    (progress bars and one stage line per step on stderr) change how, not what, is computed.
 
     Resuming: the edited weights are kept in the run folder until the evaluation is complete, so an
     interrupted evaluation (long with ``generation``) continues without editing again; ROME's sequential
-    edits are replayed from its trajectory file where they exist (:func:`rome_trajectory`).
+    edits are replayed from its trajectory file where they exist (:func:`pmet.runcache.trajectory_path`).
 
     The summary holds the metrics in percent with 95% CIs (normal approximation) and their n's, the
-    editor's timings, and ``delta_norms`` (Frobenius norm of Δ per edited weight, for Fig. 4).
+    editor's timings, ``delta_norms`` (Frobenius norm of Δ per edited weight, for Fig. 4) and ``spec``.
     """
     from .editing import edit
 
-    records = table_records(dataset, n_edits, seed)
-    hp = None if method == UNEDITED else (hparams or method_hparams(method, model, dataset, overrides))
-    out, meta = _run_location(model, method, dataset, len(records), seed, hp, generation, runs_dir, cache)
-    trajectory = rome_trajectory(model, dataset, seed, hp, runs_dir, cache) if method in SEQUENTIAL else None
+    records = table_records(spec.dataset, spec.n_edits, spec.seed)
+    hp = run_hparams(model, spec, hparams)
+    run = locate(model, spec, hp, runs_dir, cache)
+    trajectory = trajectory_path(spec, _hparams_id(hp), runs_dir) if spec.method in SEQUENTIAL else None
     with contextlib.ExitStack() as locks:
         if trajectory is not None:  # the trajectory first, as run_sweep locks it (and only it)
             locks.enter_context(run_lock(trajectory))
-        locks.enter_context(run_lock(out))
-        summary_path = out / "summary.json"
-        if summary_path.exists():
-            return json.loads(summary_path.read_text())
-        if method == UNEDITED:
-            return _evaluate_and_save(model, tok, records, dataset, out, meta, generation, eval_batch_size, progress)
+        locks.enter_context(run_lock(run.folder))
+        done = read_summary(run.folder)
+        if done is not None:
+            _stage(progress, run.spec, "done (cached)")
+            return _completed(done, run)
+        if spec.method == UNEDITED:
+            _stage(progress, run.spec, f"evaluating {len(records)} records")
+            return _evaluate_and_save(model, tok, records, run, eval_batch_size, progress)
 
-        saved = EditedWeights(out / "edited_weights.safetensors", model, meta["hparams"])
+        saved = EditedWeights(run.folder / "edited_weights.safetensors", model, run.hp_id)
         edited = saved.load()
         if edited is None:
+            _stage(progress, run.spec, f"editing {len(records)} records")
             t0 = time.perf_counter()
             extra = {"checkpoint": trajectory} if trajectory is not None else {}
-            result = edit(model, tok, [r.as_request() for r in records], method=method, hparams=hp,
+            result = edit(model, tok, [r.as_request() for r in records], method=spec.method, hparams=hp,
                           cache_dir=cache, progress=progress, **extra)
             edited = saved.save(result, time.perf_counter() - t0)
+        _stage(progress, run.spec, f"evaluating {len(records)} edited records")
         try:
-            summary = _evaluate_and_save(model, tok, records, dataset, out, meta, generation, eval_batch_size,
-                                         progress, edited, hp)
+            summary = _evaluate_and_save(model, tok, records, run, eval_batch_size, progress, edited)
         finally:
             edited.restore()
         saved.path.unlink(missing_ok=True)  # complete: the summary is the result
         return summary
 
 
-class EditedWeights:
-    """The weights an edit changed, saved in its run folder so the evaluation can resume without editing
-    again. ``load`` puts them into the model (exact copies) and returns a handle whose ``restore()`` puts the
-    originals back; the handle also carries the edit's seconds, timings and Δ norms for the summary."""
-
-    def __init__(self, path: Path, model, hp_id: str):
-        from .models import model_fingerprint
-
-        self.path, self.model = Path(path), model
-        self.key = f"{model_fingerprint(model)}|{hp_id}"
-
-    def save(self, result, seconds: float) -> SimpleNamespace:
-        from .tensor_cache import save_entry
-
-        names = list(result._originals)
-        info = {"seconds": seconds, "timings": dict(getattr(result, "timings", {})),
-                "delta_norms": {k: float(torch.linalg.norm(v.float())) for k, v in result.deltas.items()}}
-        save_entry(self.path, {n: self.model.get_parameter(n).detach() for n in names}, self.key, info)
-        return SimpleNamespace(restore=result.restore, **info)
-
-    def load(self) -> SimpleNamespace | None:
-        from .tensor_cache import load_entry
-
-        hit = load_entry(self.path, self.key) if self.path.exists() else None
-        if hit is None:
-            return None
-        tensors, info = hit
-        originals = {n: self.model.get_parameter(n).detach().clone() for n in tensors}
-
-        def restore():
-            with torch.no_grad():
-                for n, w0 in originals.items():
-                    self.model.get_parameter(n).copy_(w0)
-
-        with torch.no_grad():
-            for n, w in tensors.items():
-                p = self.model.get_parameter(n)
-                p.copy_(w.to(p.device, p.dtype))
-        return SimpleNamespace(restore=restore, **info)
-
-
-def rome_trajectory(model, dataset: str, seed: int, hp, runs_dir=None, cache=None) -> Path:
-    """Where the sequential ROME edits of ``(model, dataset, seed, hparams)`` keep their trajectory. One
-    file serves every run size: a run of ``n`` edits edits a prefix of a longer run's records, so Table 1's
-    run and Fig. 3's sweep (any N) replay and extend the same trajectory."""
-    runs_dir = Path(runs_dir) if runs_dir is not None else cache_dir() / "runs"
-    name = getattr(model, "pmet_name", "model")
-    return runs_dir / name / dataset / "rome" / f"trajectory_seed{seed}_hp{_hparams_id(hp)}.safetensors"
-
-
-def _run_location(model, method, dataset, n, seed, hp, generation, runs_dir, cache) -> tuple[Path, dict]:
-    runs_dir = Path(runs_dir) if runs_dir is not None else cache_dir() / "runs"
-    name = getattr(model, "pmet_name", "model")
-    hp_id = _hparams_id(hp) + _artifact_id(method, model, hp, cache)
-    out = run_dir(runs_dir, name, dataset, method, n, seed, hp_id, generation)
-    return out, {"model": name, "method": method, "n_edits": n, "seed": seed, "hparams": hp_id}
-
-
-def _evaluate_and_save(model, tok, records, dataset, out: Path, meta: dict, generation: bool, eval_batch_size: int,
-                       progress: bool, edited=None, hp=None) -> dict:
+def _evaluate_and_save(model, tok, records, run: SimpleNamespace, eval_batch_size: int, progress: bool,
+                       edited=None) -> dict:
     """Evaluate the (edited) model on ``records``, write ``records.jsonl`` + ``summary.json``; the summary.
     ``edited``: what the edit reported (``seconds``, ``timings``, ``delta_norms``), None when unedited."""
     from .evaluation import evaluate_counterfact, evaluate_zsre, summarize_counterfact, summarize_zsre
 
+    out, spec, hp = run.folder, run.spec, run.hp
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    if dataset == "counterfact":
-        rows = evaluate_counterfact(model, tok, records, batch_size=eval_batch_size, generation=generation,
-                                    out_path=out / "records.jsonl", progress=progress, meta=meta)
+    if spec.dataset == "counterfact":
+        rows = evaluate_counterfact(model, tok, records, batch_size=eval_batch_size, generation=spec.generation,
+                                    out_path=out / "records.jsonl", progress=progress, meta=run.meta)
         summary = summarize_counterfact(rows)
     else:
         rows = evaluate_zsre(model, tok, records, batch_size=eval_batch_size, out_path=out / "records.jsonl",
-                             progress=progress, meta=meta)
+                             progress=progress, meta=run.meta)
         summary = summarize_zsre(rows)
-    summary.update(meta)
+    summary.update(run.meta)
+    summary["spec"] = spec.to_dict()
+    summary["generation"] = spec.generation
     summary["edit_seconds"] = edited.seconds if edited is not None else 0.0
     summary["eval_seconds"] = time.perf_counter() - t0
     if edited is not None:
@@ -261,20 +212,17 @@ def _evaluate_and_save(model, tok, records, dataset, out: Path, meta: dict, gene
         summary["hparams_values"] = hp.to_dict() if hasattr(hp, "to_dict") else None
     summary["device"] = str(next(model.parameters()).device)
     summary["torch"] = torch.__version__
-    summary_path = out / "summary.json"
-    tmp = summary_path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(summary, indent=1, sort_keys=True, default=str))
-    os.replace(tmp, summary_path)
+    write_summary(out, summary)
     return summary
 
 
 SEQUENTIAL = ("rome",)  # editors that apply the requests one after another
 
 
-def run_sweep(model, tok, method: str, sizes, dataset: str = "counterfact", seed: int = 0,
-              generation: bool = False, runs_dir=None, cache=None, eval_batch_size: int = 32,
-              progress: bool = True, overrides: dict | None = None) -> dict[int, dict]:
-    """:func:`run_edit_eval` at every size of ``sizes`` (Fig. 3); ``{n: summary}``.
+def run_sweep(model, tok, spec: RunSpec, sizes, *, runs_dir=None, cache=None, eval_batch_size: int = 32,
+              progress: bool = True) -> dict[int, dict]:
+    """:func:`run_edit_eval` of ``spec`` at every size of ``sizes`` (Fig. 3; the spec's own ``n_edits`` is
+    replaced by each size); ``{n: summary}``.
 
     For a sequential editor (ROME) the run with ``n`` edits is, step for step, the first ``n`` steps of
     the run with ``max(sizes)`` edits (the records of a smaller run are a prefix of a larger run's, and
@@ -285,19 +233,17 @@ def run_sweep(model, tok, method: str, sizes, dataset: str = "counterfact", seed
     them, and are the same.
     """
     sizes = sorted(set(int(n) for n in sizes))
-    if method not in SEQUENTIAL:
-        return {n: run_edit_eval(model, tok, method, dataset, n, seed, generation, runs_dir=runs_dir, cache=cache,
-                                 eval_batch_size=eval_batch_size, progress=progress, overrides=overrides)
-                for n in sizes}
+    opts = dict(runs_dir=runs_dir, cache=cache, eval_batch_size=eval_batch_size, progress=progress)
+    if spec.method not in SEQUENTIAL:
+        return {n: run_edit_eval(model, tok, spec.replace(n_edits=n), **opts) for n in sizes}
     from .editing import edit
 
-    hp = method_hparams(method, model, dataset, overrides)
-    records = table_records(dataset, sizes[-1], seed)
-    where = {n: _run_location(model, method, dataset, n, seed, hp, generation, runs_dir, cache) for n in sizes}
-    trajectory = rome_trajectory(model, dataset, seed, hp, runs_dir, cache)
+    hp = run_hparams(model, spec)
+    records = table_records(spec.dataset, sizes[-1], spec.seed)
+    where = {n: locate(model, spec.replace(n_edits=n), hp, runs_dir, cache) for n in sizes}
+    trajectory = trajectory_path(spec, _hparams_id(hp), runs_dir)
     with run_lock(trajectory):  # one process extends the trajectory and evaluates its points at a time
-        out = {n: json.loads((loc / "summary.json").read_text()) for n, (loc, _) in where.items()
-               if (loc / "summary.json").exists()}
+        out = {n: _completed(s, run) for n, run in where.items() if (s := read_summary(run.folder)) is not None}
         missing = [n for n in sizes if n not in out]
         if not missing:
             return out
@@ -305,13 +251,13 @@ def run_sweep(model, tok, method: str, sizes, dataset: str = "counterfact", seed
         def at_step(k: int, current) -> None:  # called by the editor after its k-th edit (its timings exclude these)
             if k not in missing or k in out:
                 return
-            loc, meta = where[k]
             edited = SimpleNamespace(seconds=current.timings["total"], timings=current.timings,
                                      delta_norms={n: float(torch.linalg.norm(d)) for n, d in current.deltas.items()})
-            out[k] = _evaluate_and_save(model, tok, records[:k], dataset, loc, meta, generation, eval_batch_size,
-                                        progress, edited, hp)
+            _stage(progress, where[k].spec, f"evaluating after {k} sequential edits")
+            out[k] = _evaluate_and_save(model, tok, records[:k], where[k], eval_batch_size, progress, edited)
 
-        result = edit(model, tok, [r.as_request() for r in records[:max(missing)]], method=method, hparams=hp,
+        _stage(progress, where[max(missing)].spec, f"editing {max(missing)} records one after another")
+        result = edit(model, tok, [r.as_request() for r in records[:max(missing)]], method=spec.method, hparams=hp,
                       cache_dir=cache, progress=progress, on_step=at_step, checkpoint=trajectory)
         result.restore()
     return {n: out[n] for n in sizes}
@@ -331,13 +277,14 @@ def resolve_n_edits(model_name: str, n_edits: int | dict | None, default: int) -
     return PAPER_SIZES.get(model_name, default)
 
 
-def run_grid(model_names, methods, dataset: str = "counterfact", n_edits: int | None = None, default_n: int = 1000,
-             seed: int = 0, generation: bool = False, device: str = "cpu", runs_dir=None, progress: bool = True,
-             **kwargs) -> dict:
+def run_grid(model_names, methods, dataset: str = "counterfact", n_edits: int | dict | None = None,
+             default_n: int = 1000, seed: int = 0, generation: bool = False, value_autocast: str | None = None,
+             overrides: dict | None = None, device: str = "cpu", **options) -> dict:
     """Run :func:`run_edit_eval` for every (model, method); returns ``{model: {method: summary}}``.
 
     ``methods`` is a list, or a ``{model: [methods]}`` dict when the blocks differ (e.g. a second model
-    without a trained MEND); ``n_edits`` an int or a ``{model: n}`` dict (:func:`resolve_n_edits`).
+    without a trained MEND); ``n_edits`` an int or a ``{model: n}`` dict (:func:`resolve_n_edits`);
+    ``options`` go to :func:`run_edit_eval` (``runs_dir``, ``cache``, ``eval_batch_size``, ``progress``).
 
     A method that cannot run here records ``{"unavailable": reason}`` instead of a summary, so a table
     shows why a row is missing rather than silently dropping it.
@@ -350,10 +297,12 @@ def run_grid(model_names, methods, dataset: str = "counterfact", n_edits: int | 
         n = resolve_n_edits(name, n_edits, default_n)
         out[name] = {}
         for method in (methods.get(name, []) if isinstance(methods, dict) else methods):
+            spec = RunSpec(model=name, method=method, dataset=dataset, n_edits=n, seed=seed, generation=generation,
+                           value_autocast=value_autocast, overrides=tuple((overrides or {}).items()))
             try:
-                out[name][method] = run_edit_eval(model, tok, method, dataset, n, seed, generation,
-                                                  runs_dir=runs_dir, progress=progress, **kwargs)
+                out[name][method] = run_edit_eval(model, tok, spec, **options)
             except MethodUnavailable as exc:
-                out[name][method] = {"unavailable": str(exc), "method": method, "model": name, "n_edits": n}
+                out[name][method] = {"unavailable": str(exc), "method": method, "model": name, "n_edits": n,
+                                     "spec": spec.to_dict()}
         del model
     return out
