@@ -139,6 +139,9 @@ class Notebook(SimpleNamespace):
         super().__init__(**params)
         self.notebook = notebook
         self.out_dir = str(resolve_out_dir(params.get("out_dir"), params.get("overwrite", False), notebook))
+        if self.writes_repository and not self.overwrite:
+            raise OutputExists(f"out_dir {self.out_dir} is the repository: its committed artifacts are regenerated "
+                               "only with -p overwrite True (or ./run.sh rerender); write elsewhere with -p out_dir DIR")
 
     @property
     def writes_repository(self) -> bool:
@@ -178,9 +181,7 @@ class Notebook(SimpleNamespace):
         return written
 
     def write_claims(self):
-        """Rebuild ``tables/claims.md`` of the output folder; in the repository only with ``overwrite``."""
-        if self.writes_repository and not self.overwrite:
-            return None
+        """Rebuild ``tables/claims.md`` of the output folder (in the repository: only with ``overwrite``)."""
         from .claims import write_claims
 
         return write_claims(self.out_dir)
