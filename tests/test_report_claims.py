@@ -74,7 +74,9 @@ def test_tables_and_claims_roundtrip(tmp_path):
     assert got["PMET > MEMIT (δ on m^L) on generalization"] == "does not hold"
     assert got["PMET > MEMIT (δ on m^L) on efficacy"].startswith("inconclusive")
     assert (tmp_path / "tables" / "claims.md").read_text().startswith("# The paper's claims")
-    save_summaries(grid, "table1_m_bfloat16", tmp_path)  # rendered with value_autocast="bfloat16"
+    low = {m: {k: {**v, "spec": {"model": m, "method": k, "value_autocast": "bfloat16"}} for k, v in runs.items()}
+           for m, runs in grid.items()}
+    save_summaries(low, "table1_m_bfloat16", tmp_path)  # rendered with value_autocast="bfloat16": in the specs
     assert {"m", "m (values bfloat16)"} <= set(write_claims(tmp_path).query("artifact == 'Table 1'").model)
 
 

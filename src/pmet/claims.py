@@ -22,6 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 from .report import metric_key
+from .runspec import model_label, precision_of_runs
 
 # Paper, Table 1 (GPT-J, 10,000 CounterFact edits): MEMIT vs PMET
 PAPER_T1 = {"memit": {"score": 85.8, "efficacy": 98.9, "generalization": 88.6, "specificity": 73.7,
@@ -97,6 +98,7 @@ def claims_frame(out_dir: str | Path) -> pd.DataFrame:
     for stem, grid in {**_load(tables, "table1_*.json"), **_load(tables, "table2_*.json")}.items():
         paper = PAPER_T1 if stem.startswith("table1") else PAPER_T2
         for model, runs in grid.items():
+            label_model = model_label(model, precision_of_runs(runs.values()))
             # against MEMIT as published, and against memit-ffn (its value on m^L) where that row exists
             p = runs.get("pmet")
             for other, label in (("memit", "MEMIT"), ("memit-ffn", "MEMIT (δ on m^L)")):
@@ -107,7 +109,7 @@ def claims_frame(out_dir: str | Path) -> pd.DataFrame:
                     sign = 1 if paper["pmet"][metric] > paper["memit"][metric] else -1
                     v, diff = verdict(p, m, metric, sign)
                     rows.append({"artifact": "Table 1" if stem.startswith("table1") else "Table 2",
-                                 "model": model + _precision(stem),
+                                 "model": label_model,
                                  "claim": f"PMET {'>' if sign > 0 else '<'} {label} on {_label(p, metric)}",
                                  "paper": f"{paper['pmet'][metric]} vs {paper['memit'][metric]}",
                                  "ours": f"{_fmt(p.get(metric_key(p, metric)))} vs "
@@ -129,7 +131,7 @@ def claims_frame(out_dir: str | Path) -> pd.DataFrame:
                     if d == 0:
                         continue
                     v, diff = verdict(s, ref, metric, 1 if d > 0 else -1)
-                    rows.append({"artifact": "Table 3", "model": _model_label(stem, "table3_"),
+                    rows.append({"artifact": "Table 3", "model": _model_label(runs.values()),
                                  "claim": f"{method} vs PMET on {_label(ref, metric)}: {'↑' if d > 0 else '↓'}",
                                  "paper": f"{d:+.1f} (1K edits)", "ours": f"{_fmt(diff) if diff is None else f'{diff:+.1f}'} "
                                  f"({n} edits)", "verdict": v})
@@ -139,23 +141,11 @@ def claims_frame(out_dir: str | Path) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["artifact", "model", "claim", "paper", "ours", "verdict"])
 
 
-def _split_precision(stem: str) -> tuple[str, str]:
-    """``("table3_smollm2", " (values bfloat16)")`` for a result file rendered with ``value_autocast`` (the
-    notebooks end its name in ``_bfloat16``/``_float16``); ``(stem, "")`` otherwise."""
-    for precision in ("bfloat16", "float16"):
-        if stem.endswith("_" + precision):
-            return stem.removesuffix("_" + precision), f" (values {precision})"
-    return stem, ""
-
-
-def _precision(stem: str) -> str:
-    return _split_precision(stem)[1]
-
-
-def _model_label(stem: str, prefix: str) -> str:
-    """The model named by a result file's stem (``table3_smollm2_bfloat16`` -> ``smollm2 (values bfloat16)``)."""
-    base, precision = _split_precision(stem)
-    return base.removeprefix(prefix) + precision
+def _model_label(summaries) -> str:
+    """The model and precision of an artifact's runs, read from the runs' metadata (never from file names)."""
+    summaries = list(summaries)
+    models = sorted({s.get("model") for s in summaries if isinstance(s, dict) and s.get("model")})
+    return model_label("/".join(models) or "?", precision_of_runs(summaries))
 
 
 def _by_size(runs: dict) -> dict:
@@ -188,7 +178,7 @@ def _sweep_claims(tables: Path) -> list[dict]:
                 n_for, n_against = verdicts.count("holds"), verdicts.count("does not hold")
                 v = ("holds" if n_for and not n_against else "does not hold" if n_against and not n_for
                      else "inconclusive (CIs overlap)" if not n_for else "mixed")
-                rows.append({"artifact": "Fig. 3", "model": _model_label(stem, "fig3_sweep_"),
+                rows.append({"artifact": "Fig. 3", "model": _model_label(runs.values()),
                              "claim": f"PMET {'>' if sign > 0 else '<'} {label} on {metric} across edit counts",
                              "paper": "GPT-J, 1 to 10,000 edits",
                              "ours": f"{n_for} of {len(pts)} points in the paper's direction with separated CIs, "
