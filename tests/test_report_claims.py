@@ -118,7 +118,8 @@ def test_sweep_claims_count_points_in_each_direction(tmp_path):
     assert got["PMET > ROME on specificity across edit counts"] == "does not hold"
     ours = dict(zip(df.claim, df.ours))
     assert ours["PMET > ROME on efficacy across edit counts"].startswith("2 of 2 points")
-    save_summaries(sweep, "fig3_sweep_m_bfloat16", tmp_path)
+    low = {k: {**v, "model": "m", "spec": {"value_autocast": "bfloat16"}} for k, v in sweep.items()}
+    save_summaries(low, "fig3_sweep_m_bfloat16", tmp_path)  # the precision is read from the runs' specs
     assert set(claims_frame(tmp_path).model) == {"m", "m (values bfloat16)"}
 
 
@@ -130,7 +131,8 @@ def test_ablation_table_marks_differences(tmp_path):
     save_summaries(s, "table3_m", tmp_path)
     df = claims_frame(tmp_path)
     assert (df.artifact == "Table 3").any()
-    save_summaries(s, "table3_m_bfloat16", tmp_path)  # Table 3 rendered with value_autocast="bfloat16"
+    low = {k: {**v, "model": "m", "spec": {"value_autocast": "bfloat16"}} for k, v in s.items()}
+    save_summaries(low, "table3_m_bfloat16", tmp_path)  # rendered with value_autocast="bfloat16": in the specs
     models = set(claims_frame(tmp_path).query("artifact == 'Table 3'").model)
     assert models == {"m", "m (values bfloat16)"}
 

@@ -131,7 +131,7 @@ def claims_frame(out_dir: str | Path) -> pd.DataFrame:
                     if d == 0:
                         continue
                     v, diff = verdict(s, ref, metric, 1 if d > 0 else -1)
-                    rows.append({"artifact": "Table 3", "model": _model_label(runs.values()),
+                    rows.append({"artifact": "Table 3", "model": _model_label(runs.values(), stem, "table3_"),
                                  "claim": f"{method} vs PMET on {_label(ref, metric)}: {'↑' if d > 0 else '↓'}",
                                  "paper": f"{d:+.1f} (1K edits)", "ours": f"{_fmt(diff) if diff is None else f'{diff:+.1f}'} "
                                  f"({n} edits)", "verdict": v})
@@ -141,11 +141,12 @@ def claims_frame(out_dir: str | Path) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["artifact", "model", "claim", "paper", "ours", "verdict"])
 
 
-def _model_label(summaries) -> str:
-    """The model and precision of an artifact's runs, read from the runs' metadata (never from file names)."""
+def _model_label(summaries, stem: str, prefix: str) -> str:
+    """The model and precision of an artifact's runs, read from the runs' metadata (the precision never from
+    the file name; the model from it only for summaries that name none)."""
     summaries = list(summaries)
     models = sorted({s.get("model") for s in summaries if isinstance(s, dict) and s.get("model")})
-    return model_label("/".join(models) or "?", precision_of_runs(summaries))
+    return model_label("/".join(models) or stem.removeprefix(prefix), precision_of_runs(summaries))
 
 
 def _by_size(runs: dict) -> dict:
@@ -178,7 +179,7 @@ def _sweep_claims(tables: Path) -> list[dict]:
                 n_for, n_against = verdicts.count("holds"), verdicts.count("does not hold")
                 v = ("holds" if n_for and not n_against else "does not hold" if n_against and not n_for
                      else "inconclusive (CIs overlap)" if not n_for else "mixed")
-                rows.append({"artifact": "Fig. 3", "model": _model_label(runs.values()),
+                rows.append({"artifact": "Fig. 3", "model": _model_label(runs.values(), stem, "fig3_sweep_"),
                              "claim": f"PMET {'>' if sign > 0 else '<'} {label} on {metric} across edit counts",
                              "paper": "GPT-J, 1 to 10,000 edits",
                              "ours": f"{n_for} of {len(pts)} points in the paper's direction with separated CIs, "

@@ -277,14 +277,29 @@ def resolve_n_edits(model_name: str, n_edits: int | dict | None, default: int) -
     return PAPER_SIZES.get(model_name, default)
 
 
+def train_mend_if_missing(model, tok, dataset: str = "counterfact", cache=None, progress: bool = True) -> None:
+    """Train MEND's editor for ``model`` when the cache has none (as ``python -m pmet.editing.mend train``: its
+    own progress bar with ETA, checkpoints, resumable); a no-op when it is trained."""
+    from .editing.mend import editor_dir, train
+
+    hp = method_hparams("mend", model, dataset)
+    if (editor_dir(model, hp, cache) / "editor.safetensors").exists():
+        return
+    if progress:
+        print(f"[pmet {time.strftime('%H:%M:%S')}] {getattr(model, 'pmet_name', 'model')}: training MEND's editor "
+              f"({hp.steps} steps, once per model and cache)", file=sys.stderr, flush=True)
+    train(model, tok, hp, cache_dir=cache, progress=progress)
+
+
 def run_grid(model_names, methods, dataset: str = "counterfact", n_edits: int | dict | None = None,
              default_n: int = 1000, seed: int = 0, generation: bool = False, value_autocast: str | None = None,
-             overrides: dict | None = None, device: str = "cpu", **options) -> dict:
+             overrides: dict | None = None, device: str = "cpu", train_mend: bool = False, **options) -> dict:
     """Run :func:`run_edit_eval` for every (model, method); returns ``{model: {method: summary}}``.
 
     ``methods`` is a list, or a ``{model: [methods]}`` dict when the blocks differ (e.g. a second model
     without a trained MEND); ``n_edits`` an int or a ``{model: n}`` dict (:func:`resolve_n_edits`);
     ``options`` go to :func:`run_edit_eval` (``runs_dir``, ``cache``, ``eval_batch_size``, ``progress``).
+    ``train_mend``: train MEND first where its editor is missing (:func:`train_mend_if_missing`).
 
     A method that cannot run here records ``{"unavailable": reason}`` instead of a summary, so a table
     shows why a row is missing rather than silently dropping it.
@@ -296,7 +311,10 @@ def run_grid(model_names, methods, dataset: str = "counterfact", n_edits: int | 
         model, tok = load_model(name, device=device)
         n = resolve_n_edits(name, n_edits, default_n)
         out[name] = {}
-        for method in (methods.get(name, []) if isinstance(methods, dict) else methods):
+        chosen = methods.get(name, []) if isinstance(methods, dict) else methods
+        if train_mend and "mend" in chosen:
+            train_mend_if_missing(model, tok, dataset, options.get("cache"), options.get("progress", True))
+        for method in chosen:
             spec = RunSpec(model=name, method=method, dataset=dataset, n_edits=n, seed=seed, generation=generation,
                            value_autocast=value_autocast, overrides=tuple((overrides or {}).items()))
             try:
