@@ -1,4 +1,4 @@
-"""Command line: ``python -m pmet {models,edit,stats}`` (also installed as ``pmet``)."""
+"""Command line: ``python -m pmet {models,edit,stats,report,rerender}`` (also installed as ``pmet``)."""
 
 from __future__ import annotations
 
@@ -56,9 +56,20 @@ def cmd_edit(args) -> int:
     target_first = tok(target_text(args.target), add_special_tokens=False)["input_ids"][0]
     ok = tok.decode(target_first) == after[0][0]
     print(f"edit {'succeeded' if ok else 'did NOT succeed'}: top prediction is {after[0][0]!r}")
+    _save_outputs(args, model, tok, result)
     if args.restore:
         result.restore()
     return 0 if ok else 1
+
+
+def _save_outputs(args, model, tok, result) -> None:
+    """``--save DIR``: the edit (pmet.load_edit); ``--save-model DIR``: the edited model (save_pretrained)."""
+    from .editing.saved import save_edited_model
+
+    if args.save:
+        print(f"saved the edit to {result.save(args.save)} (re-apply: pmet.load_edit(DIR).apply(model))")
+    if args.save_model:
+        print(f"saved the edited model to {save_edited_model(model, tok, args.save_model, edit=result)}")
 
 
 def cmd_stats(args) -> int:
@@ -78,6 +89,23 @@ def cmd_rerender(args) -> int:
     from .rerender import rerender
 
     rerender(args.notebooks, dry_run=args.dry_run)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from pathlib import Path
+
+    from .claims import write_claims
+    from .paths import REPO_ROOT
+
+    out = Path(args.out_dir or REPO_ROOT)
+    df = write_claims(out, args.results)
+    print(f"wrote {out / 'tables' / 'claims.md'} and claims_detail.csv ({len(df)} claims)")
+    if not args.no_figures:
+        from .report import redraw_figures
+
+        for path in redraw_figures(out):
+            print(f"wrote {path}")
     return 0
 
 
@@ -102,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--cache-dir", default=None)
     e.add_argument("--top-k", type=int, default=5)
     e.add_argument("--restore", action="store_true", help="restore the weights afterwards (demonstration)")
+    e.add_argument("--save", metavar="DIR", default=None,
+                   help="write the edit (post-edit weights + manifest.json) to DIR, for pmet.load_edit(DIR)")
+    e.add_argument("--save-model", metavar="DIR", default=None,
+                   help="write the edited model and tokenizer to DIR with save_pretrained")
     e.set_defaults(func=cmd_edit)
 
     s = sub.add_parser("stats", help="precompute key statistics E[kk^T] for a model's critical layers")
@@ -114,6 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cache-dir", default=None)
     s.set_defaults(func=cmd_stats)
 
+    c = sub.add_parser("report", help="regenerate tables/claims.md (paired tests) and the figures from the committed "
+                                      "files (results/*.jsonl.gz, tables/*.csv); offline, no model")
+    c.add_argument("--out-dir", default=None, help="repository root holding results/ and tables/ (default: this checkout)")
+    c.add_argument("--results", default=None, help="folder of committed run files (default <out-dir>/results)")
+    c.add_argument("--no-figures", action="store_true", help="only the claims")
+    c.set_defaults(func=cmd_report)
+
     r = sub.add_parser("rerender", help="re-execute rendered notebooks with the parameters recorded in them")
     r.add_argument("notebooks", nargs="*", help="rendered notebooks (default: every notebooks/rendered/*.ipynb)")
     r.add_argument("--dry-run", action="store_true", help="only print the papermill commands")
@@ -123,12 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from .data import DataNotFoundError, InvalidRecordError
+    from .editing.saved import SavedEditError
     from .models import ModelUnavailableError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ModelUnavailableError, DataNotFoundError, InvalidRecordError) as exc:
+    except (ModelUnavailableError, DataNotFoundError, InvalidRecordError, SavedEditError) as exc:
         print(f"pmet: error: {exc}", file=sys.stderr)
         return 2
 

@@ -57,6 +57,21 @@ def table_records(dataset: str, n: int | None = None, seed: int = 0, full_fields
     return [pool[i] for i in order[: n if n is not None else len(pool)]]
 
 
+def table_pool_ids(dataset: str) -> set:
+    """Every record any table can edit (the union of :func:`table_records`' pools at every size): CounterFact
+    case ids (full-field records outside ``counterfact-val`` and reduced ``counterfact-edit`` records outside
+    it), zsRE questions (``src``) of the eval subset. MEND's training excludes these
+    (:func:`pmet.editing.mend.training_examples`)."""
+    from .data import load_counterfact, load_zsre
+
+    if dataset == "counterfact":
+        val_ids = {r.case_id for r in load_counterfact("val")}
+        return ({r.case_id for r in load_counterfact("full")} | {r.case_id for r in load_counterfact("edit")}) - val_ids
+    if dataset == "zsre":
+        return {r.src for r in load_zsre("eval")}
+    raise ValueError(f"dataset must be 'counterfact' or 'zsre', not {dataset!r}")
+
+
 def _hparams_id(hp) -> str:
     if hp is None:
         return "none"

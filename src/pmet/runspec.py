@@ -121,7 +121,7 @@ def precision_of_runs(summaries) -> str:
 
 def model_label(model: str, precision: str | None = None) -> str:
     """How a model's results are named in tables and claims: ``smollm2`` or ``smollm2 (values bfloat16)``."""
-    return model if precision in (None, FLOAT32) else f"{model} (values {precision})"
+    return model if precision in (None, "", FLOAT32) else f"{model} (values {precision})"
 
 
 # ---- artifact and result file names ---------------------------------------------------------------------

@@ -368,7 +368,7 @@ def choose_critical_layers(avg: pd.DataFrame, size: int = 5, kind: str = "mlp", 
 
 # ------------------------------------------------------------------------------------------ plots
 def plot_effect_curves(avg: pd.DataFrame, critical: Sequence[int] | None = None, title: str | None = None,
-                       window: int | None = None):
+                       window: int | None = None, critical_label: str = "critical layers"):
     """ROME-style summary: mean indirect effect at the subject's last token per layer, one line per kind
     (shaded: ± 1.96 SEM), the chosen critical layers shaded grey. Returns the figure."""
     import matplotlib.pyplot as plt
@@ -378,7 +378,7 @@ def plot_effect_curves(avg: pd.DataFrame, critical: Sequence[int] | None = None,
     fig, ax = plt.subplots(figsize=(6, 3.2))
     if critical:
         ax.axvspan(min(critical) - 0.5, max(critical) + 0.5, color="0.85", zorder=0,
-                   label=f"critical layers {min(critical)}-{max(critical)}")
+                   label=f"{critical_label} {min(critical)}-{max(critical)}")
     for k in [k for k in KINDS if k in set(avg.kind)]:
         s = avg[avg.kind == k].sort_values("layer")
         lab = KIND_LABELS[k] + ("" if k == "block" or not window else f" (window {window})")

@@ -152,6 +152,13 @@ class EditResult:
                 self._model.get_parameter(name).copy_(w0)
         self.restored = True
 
+    def save(self, path: str | Path, check: bool = True) -> Path:
+        """Write this edit to the folder ``path`` (post-edit weights + JSON manifest) so that
+        :func:`pmet.load_edit` can re-apply it bit for bit; see :mod:`pmet.editing.saved`."""
+        from .saved import save_edit
+
+        return save_edit(self, path, check=check)
+
 
 def _resolve_hparams(method: str, model: nn.Module, hparams) -> EditHparams:
     if isinstance(hparams, EditHparams):

@@ -13,7 +13,9 @@ residual MLP with a low-rank hidden layer whose output layer starts at zero (ide
 Before training (identity init, empty statistics) ``ΔW = −α_W ∇_W`` exactly, one step of gradient descent.
 
 Training (MEND's outer loop; the edit and locality examples never appear in the tables: CounterFact split
-``"train"`` and zsRE ``"train"``): for a batch of requests, ``ΔW`` is computed from the NLL of the targets,
+``"train"`` minus every record a table can edit -- 1,298 of its case ids are full-field records that the
+CounterFact tables draw from -- and zsRE ``"train"`` minus any question of the eval subset; see
+:func:`training_examples`): for a batch of requests, ``ΔW`` is computed from the NLL of the targets,
 the edited model is evaluated functionally (``W + ΔW``, differentiable in the hypernetwork) and
 
     loss = c_edit · NLL(target | prompt and rephrase; W + ΔW) + c_loc · KL(p_W || p_{W+ΔW})[locality prompt]
@@ -228,9 +230,15 @@ def gradient_factors(model: nn.Module, tok, requests: list[dict], names: list[st
 
 
 # ---------------------------------------------------------------------------------- storage
+# Version of the training examples: 2 = table records excluded. An editor trained on other examples lives in
+# another folder, so it is never loaded for the tables (retrain: python -m pmet.editing.mend train).
+TRAINING_DATA_VERSION = 2
+
+
 def editor_dir(model: nn.Module, hp: MendHparams, cache_dir=None) -> Path:
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    tag = hashlib.sha256(json.dumps(hp.arch(), sort_keys=True).encode()).hexdigest()[:10]
+    key = {**hp.arch(), "training_data": TRAINING_DATA_VERSION}
+    tag = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
     return root / "mend" / model_fingerprint(model) / tag
 
 
@@ -322,21 +330,30 @@ class TrainExample:
     request: dict  # normalised (target with its leading space)
     rephrase: str | None  # filled prompt
     loc_text: str  # locality prompt + its answer (KL on every token)
+    source_id: object = None  # CounterFact case id / zsRE question: which record it came from
 
 
 def training_examples(dataset: str, limit: int | None = None) -> list[TrainExample]:
-    """Edit/locality examples from the splits that never appear in tables (CounterFact "train", zsRE
-    "train"; the zsRE edit target is the counterfactual ``alt`` answer, as MEND trains)."""
+    """Edit/locality examples from the training splits (CounterFact "train", zsRE "train"; the zsRE edit
+    target is the counterfactual ``alt`` answer, as MEND trains) minus every record any table can edit
+    (:func:`pmet.experiments.table_pool_ids`), so MEND never trains on a record it is evaluated on.
+    ``limit``: the first ``limit`` of the remaining examples."""
     from ..data import load_counterfact, load_zsre
+    from ..experiments import table_pool_ids
 
     out = []
     if dataset == "counterfact":
-        for r in load_counterfact("train", limit=limit):
+        held_out = table_pool_ids("counterfact")
+        kept = [r for r in load_counterfact("train") if r.case_id not in held_out]
+        for r in kept[:limit]:
             loc = r.neighborhood_prompts[0] + " " + (r.neighborhood_target or r.target_true)
-            out.append(TrainExample(r.as_request(), r.paraphrase_prompts[0] if r.paraphrase_prompts else None, loc))
+            out.append(TrainExample(r.as_request(), r.paraphrase_prompts[0] if r.paraphrase_prompts else None, loc,
+                                    r.case_id))
     elif dataset == "zsre":
-        for r in load_zsre("train", limit=limit):
-            out.append(TrainExample(r.as_request(target="alt"), r.rephrase, r.neighborhood_prompt + " " + r.loc_ans))
+        held_out = table_pool_ids("zsre")
+        for r in [r for r in load_zsre("train") if r.src not in held_out][:limit]:
+            out.append(TrainExample(r.as_request(target="alt"), r.rephrase, r.neighborhood_prompt + " " + r.loc_ans,
+                                    r.src))
     else:
         raise ValueError(f"unknown MEND training dataset {dataset!r}")
     for ex in out:
