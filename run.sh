@@ -64,8 +64,9 @@ main_job() {
   "$VENV/bin/papermill" notebooks/table1.ipynb "$out/table1.ipynb" --cwd notebooks --log-output --progress-bar \
     "${MAIN_PARAMS[@]}" -p out_dir "$PWD/$out" "$@"
   echo "main job done in $(( (SECONDS - t0) / 60 )) min. Outputs:"
-  echo "  table:     $out/tables/ (table1_smollm2_bfloat16.md/.csv/.tex, run summaries .json)"
-  echo "  per-record results: $out/results/"
+  echo "  table:              $out/tables/table1_smollm2_bfloat16.md (.csv, .tex; run summaries .json; claims.md)"
+  echo "  figure:             $out/figures/table1_smollm2_bfloat16.png (.pdf)"
+  echo "  per-record results: $out/results/smollm2/counterfact/"
   echo "  rendered notebook:  $out/table1.ipynb"
   echo "The full size (1,000 edits with generation; about 11 h on this CPU by benchmarks/results/*.json):"
   echo "  $VENV/bin/papermill notebooks/table1.ipynb out/table1-full.ipynb --cwd notebooks --log-output -p value_autocast bfloat16"

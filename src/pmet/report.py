@@ -383,3 +383,27 @@ def redraw_figures(out_dir: str | Path) -> list[Path]:
         if "_window" not in model and "_mlp" not in model:
             paths += redraw_causal_trace(out_dir, model)
     return paths
+
+
+def plot_grid(grid: dict, metrics=("efficacy", "generalization", "specificity"), title: str = ""):
+    """Table 1 / Table 2 at a glance: one panel per metric, one bar per (model, editor) with its 95% interval
+    (unavailable editors are left out)."""
+    import matplotlib.pyplot as plt
+
+    bars = [(f"{DISPLAY.get(m, m)}" + (f"\n{model}" if len(grid) > 1 else ""), s) for model, runs in grid.items()
+            for m, s in runs.items() if "unavailable" not in s]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.4 * len(metrics), 3.2), squeeze=False, sharey=True)
+    for ax, metric in zip(axes[0], metrics):
+        means = [s.get(metric) if s.get(metric) is not None else float("nan") for _, s in bars]
+        cis = [s.get(f"{metric}_ci") or (None, None) for _, s in bars]
+        err = [[0 if lo is None else m - lo for m, (lo, _) in zip(means, cis)],
+               [0 if hi is None else hi - m for m, (_, hi) in zip(means, cis)]]
+        ax.bar(range(len(bars)), means, yerr=err, capsize=3, color="#4c72b0")
+        ax.set_xticks(range(len(bars)), [b for b, _ in bars], rotation=45, ha="right", fontsize=8)
+        ax.set_title(metric.capitalize())
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].set_ylabel("% (95% interval)")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
