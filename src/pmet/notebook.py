@@ -109,7 +109,11 @@ def resolve_out_dir(out_dir, overwrite: bool, notebook: str) -> Path:
 def setup(params: dict, notebook: str, small: dict | None = None, names: list[str] | None = None) -> "Notebook":
     """A notebook's whole setup (see module docstring); returns its :class:`Notebook` (the parameters as
     attributes, e.g. ``cfg.model``, plus the output methods)."""
+    import warnings
+
     cfg = configure(params, small, names)
+    # without ipywidgets tqdm falls back to plain text bars (what papermill --log-output shows); no need to warn
+    warnings.filterwarnings("ignore", message="IProgress not found")
     if getattr(cfg, "data_dir", None):
         os.environ["PMET_DATA_DIR"] = str(cfg.data_dir)
     if getattr(cfg, "cache_dir", None):
