@@ -1,4 +1,4 @@
-"""Command line: ``python -m pmet {models,edit,stats,report,rerender}`` (also installed as ``pmet``)."""
+"""Command line: ``python -m pmet {models,edit,stats,report,plan,run,rerender}`` (also installed as ``pmet``)."""
 
 from __future__ import annotations
 
@@ -109,6 +109,80 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from .plan import make_plan
+
+    print(make_plan(args.model, args.artifact, n_edits=_n_edits(args.n_edits), methods=args.methods,
+                    devices=args.devices, verify=args.verify))
+    return 0
+
+
+def _n_edits(values):
+    if not values:
+        return None
+    return values if len(values) > 1 else values[0]
+
+
+def _overrides(pairs) -> dict:
+    import json
+
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"pmet: error: --set expects KEY=VALUE, got {pair!r}")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
+def cmd_run(args) -> int:
+    """Fill the run cache for an artifact (sharded when started by torchrun); the notebook then renders it."""
+    from . import distributed
+    from .experiments import MethodUnavailable, run_edit_eval, run_sweep
+    from .models import load_model
+    from .plan import ARTIFACTS, artifact_sizes
+    from .runspec import RunSpec
+
+    distributed.init()
+    spec = ARTIFACTS[args.artifact]
+    sizes = artifact_sizes(args.artifact, args.model, _n_edits(args.n_edits))
+    generation = spec["generation"] if args.generation is None else args.generation
+    overrides = _overrides(args.set)
+    value_autocast = args.value_autocast or overrides.pop("v_autocast", None)
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tok = load_model(args.model, device=device)
+    rank0 = distributed.rank() == 0
+    opts = dict(cache=args.cache_dir, eval_batch_size=args.eval_batch_size, progress=rank0)
+    for method in args.methods or spec["methods"]:
+        run = RunSpec(args.model, method, spec["dataset"], seed=args.seed, generation=generation,
+                      value_autocast=value_autocast, overrides=overrides)
+        try:
+            if args.artifact == "fig3":
+                if method == "none":
+                    continue
+                result = run_sweep(model, tok, run, sizes, **opts)
+            else:
+                result = {n: run_edit_eval(model, tok, run.replace(n_edits=n), **opts) for n in sizes}
+        except MethodUnavailable as exc:
+            if rank0:
+                print(f"{method}: unavailable ({exc})")
+            continue
+        if rank0:
+            for n, s in result.items():
+                print(f"{method} n={n}: efficacy={s.get('efficacy', float('nan')):.1f} "
+                      f"generalization={s.get('generalization', float('nan')):.1f} "
+                      f"specificity={s.get('specificity', float('nan')):.1f} (world_size={s.get('world_size', 1)})")
+    if rank0:
+        print(f"done; render with `papermill {spec['notebook']} out.ipynb -p model {args.model}` (same sizes and "
+              "settings), which reads these runs from the cache")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .models import DEFAULT_MODEL
 
@@ -152,6 +226,33 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--results", default=None, help="folder of committed run files (default <out-dir>/results)")
     c.add_argument("--no-figures", action="store_true", help="only the claims")
     c.set_defaults(func=cmd_report)
+
+    from .plan import ARTIFACTS
+
+    pl = sub.add_parser("plan", help="dry run: what an artifact would run and need (data, hyperparameters, "
+                                     "memory and time estimates); runs nothing")
+    pl.add_argument("--model", default=DEFAULT_MODEL)
+    pl.add_argument("--artifact", default="table1", choices=list(ARTIFACTS))
+    pl.add_argument("--n-edits", type=int, nargs="*", default=None, help="default: the paper's sizes on gptj/neox")
+    pl.add_argument("--methods", nargs="*", default=None)
+    pl.add_argument("--devices", type=int, default=None, help="processes / GPUs to plan for")
+    pl.add_argument("--verify", action="store_true", help="also checksum the data files that are present")
+    pl.set_defaults(func=cmd_plan)
+
+    ru = sub.add_parser("run", help="run an artifact's edits and evaluations into the cache (shards under torchrun)")
+    ru.add_argument("--model", default=DEFAULT_MODEL)
+    ru.add_argument("--artifact", default="table1", choices=list(ARTIFACTS))
+    ru.add_argument("--n-edits", type=int, nargs="*", default=None, help="default: as the artifact's notebook")
+    ru.add_argument("--methods", nargs="*", default=None)
+    ru.add_argument("--generation", action=argparse.BooleanOptionalAction, default=None)
+    ru.add_argument("--value-autocast", default=None, choices=["bfloat16", "float16"])
+    ru.add_argument("--set", nargs="*", default=None, metavar="KEY=VALUE",
+                    help="hyperparameter overrides for the editors that have them, e.g. v_batch_size=8")
+    ru.add_argument("--seed", type=int, default=0)
+    ru.add_argument("--eval-batch-size", type=int, default=32)
+    ru.add_argument("--device", default="auto", help="auto: cuda where present (cuda:LOCAL_RANK under torchrun)")
+    ru.add_argument("--cache-dir", default=None)
+    ru.set_defaults(func=cmd_run)
 
     r = sub.add_parser("rerender", help="re-execute rendered notebooks with the parameters recorded in them")
     r.add_argument("notebooks", nargs="*", help="rendered notebooks (default: every notebooks/rendered/*.ipynb)")

@@ -43,6 +43,7 @@ class RemoteFile(NamedTuple):
     url: Optional[str]  # None: derived file, no public host
     sha256: Optional[str]  # of the file exactly as described in SOURCES.md
     max_bytes: Optional[int] = None  # keep only this many leading bytes of the download
+    git_blob: Optional[str] = None  # git blob id (``git hash-object``) where only that is known (SOURCES.md)
 
 
 _ROME = "https://rome.baulab.info/data/dsets/"
@@ -54,8 +55,12 @@ _WT2 = _GH + "qwu01/transformers_LM/c0e44300596fbdfd03097cca92373c11c9440279/dat
 
 KNOWN_FILES: dict[str, RemoteFile] = {
     # Files hosted by the ROME/MEMIT authors (not present in the shared data snapshot).
-    "counterfact.json": RemoteFile(_ROME + "counterfact.json", None),
-    "zsre_mem_eval.json": RemoteFile(_ROME + "zsre_mem_eval.json", None),
+    # The complete CounterFact (21,919 records) and zsRE eval (19,086) files; only their git blob ids are known
+    # (kmeng01/rome history, SOURCES.md), so a download is checked with `git hash-object`'s hash.
+    "counterfact.json": RemoteFile(_ROME + "counterfact.json", None,
+                                   git_blob="34be0e5617d9d4b884fddb197e0f7769d1a31ad3"),
+    "zsre_mem_eval.json": RemoteFile(_ROME + "zsre_mem_eval.json", None,
+                                     git_blob="8546c90abc10b77ebc9fd69de178cf7837ff86dc"),
     "attribute_snippets.json": RemoteFile(_ROME + "attribute_snippets.json", None),
     "idf.npy": RemoteFile(_ROME + "idf.npy", None),
     "tfidf_vocab.json": RemoteFile(_ROME + "tfidf_vocab.json", None),
@@ -131,6 +136,32 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def git_blob_sha1(path: Path) -> str:
+    """The id ``git hash-object`` prints for a file: sha1 of ``b"blob <size>\\0"`` + its bytes."""
+    path = Path(path)
+    h = hashlib.sha1(f"blob {path.stat().st_size}\0".encode())
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def checksum_mismatch(path: Path, known: Optional[RemoteFile]) -> Optional[str]:
+    """``"sha256"`` or ``"git blob id"`` when ``path`` differs from the checksum recorded for it, else None."""
+    if known is None:
+        return None
+    if known.sha256 and sha256_file(path) != known.sha256:
+        return "sha256"
+    if known.git_blob and git_blob_sha1(path) != known.git_blob:
+        return "git blob id"
+    return None
+
+
+def checksum_ok(path: Path, known: Optional[RemoteFile]) -> bool:
+    """Whether ``path`` matches the sha256 and/or git blob id recorded for it (True when none is known)."""
+    return checksum_mismatch(path, known) is None
+
+
 def _download(url: str, dest: Path, max_bytes: Optional[int] = None,
               timeout: float = DOWNLOAD_TIMEOUT_S) -> None:
     """Fetch ``url`` into ``dest`` atomically (temp file in the same folder + os.replace)."""
@@ -163,8 +194,9 @@ def ensure_file(rel: str, data_dir: Optional[os.PathLike] = None, *, verify: boo
     path = base / rel
     known = KNOWN_FILES.get(rel)
     if path.is_file():
-        if verify and known and known.sha256 and sha256_file(path) != known.sha256:
-            raise DataIntegrityError(f"{path}: sha256 differs from {known.sha256}; re-copy the file.")
+        if verify and not checksum_ok(path, known):
+            want = known.sha256 or f"git blob {known.git_blob}"
+            raise DataIntegrityError(f"{path}: checksum differs from {want}; re-copy the file.")
         return path
     if download is None:
         download = not os.environ.get("PMET_OFFLINE")
@@ -179,9 +211,10 @@ def ensure_file(rel: str, data_dir: Optional[os.PathLike] = None, *, verify: boo
     log.info("downloading %s -> %s", known.url, path)
     try:
         _download(known.url, path, known.max_bytes)
-        if known.sha256 and sha256_file(path) != known.sha256:
+        wrong = checksum_mismatch(path, known)
+        if wrong:
             path.unlink()
-            raise ValueError("downloaded content has the wrong sha256")
+            raise ValueError(f"downloaded content has the wrong {wrong}")
     except Exception as exc:  # noqa: BLE001 - every failure becomes one clear error
         raise DataNotFoundError(f"Data file '{rel}' not found at {path}, and downloading it from "
                                 f"{known.url} failed ({type(exc).__name__}: {exc}). {fix}") from None
@@ -424,7 +457,8 @@ class ZsreRecord:
                 "target_new": new, "target_true": true}
 
 
-_ZSRE = {"eval": "zsre/zsre_mend_eval_portability_gpt4.json", "train": "zsre/zsre_mend_train-1k.json"}
+_ZSRE = {"eval": "zsre/zsre_mend_eval_portability_gpt4.json", "train": "zsre/zsre_mend_train-1k.json",
+         "mem_eval": "zsre_mem_eval.json"}
 
 
 def _parse_zsre(i: int, r: dict) -> ZsreRecord:
@@ -447,10 +481,11 @@ def _parse_zsre(i: int, r: dict) -> ZsreRecord:
     return rec
 
 
-def load_zsre(split: Literal["eval", "train"] = "eval", limit: Optional[int] = None, *,
+def load_zsre(split: Literal["eval", "train", "mem_eval"] = "eval", limit: Optional[int] = None, *,
               strict: bool = False, data_dir: Optional[os.PathLike] = None) -> list[ZsreRecord]:
     """Load zsRE records: ``"eval"`` = EasyEdit's 1,037-record subset of the MEND eval split,
-    ``"train"`` = 1,000 MEND train records.
+    ``"train"`` = 1,000 MEND train records, ``"mem_eval"`` = ROME/MEMIT's complete ``zsre_mem_eval.json``
+    (19,086 records, the paper's Table 2 set; downloaded and checked against its git blob id when missing).
 
     Invalid records raise :class:`InvalidRecordError` when ``strict``; otherwise they are
     skipped with one logged warning.  In the shared data, eval has 0 invalid records and
@@ -458,7 +493,7 @@ def load_zsre(split: Literal["eval", "train"] = "eval", limit: Optional[int] = N
     Every subject occurs in its ``src`` (0 failures in either file).
     """
     if split not in _ZSRE:
-        raise ValueError(f"unknown zsRE split {split!r}; expected 'eval' or 'train'")
+        raise ValueError(f"unknown zsRE split {split!r}; expected one of {sorted(_ZSRE)}")
     records, bad = [], []
     for i, raw in enumerate(_read_json(ensure_file(_ZSRE[split], data_dir))):
         try:
@@ -509,6 +544,68 @@ CORPORA: dict[str, tuple[str, ...]] = {
 }
 
 
+# C0 from Wikipedia: MEMIT/PMET's released code (layer_stats) samples Wikipedia articles through `datasets`.
+# (The PMET paper's Appendix D says "sampled 10K times on Wikitext"; the code's GPT-J/NeoX files use Wikipedia.)
+WIKIPEDIA = ("wikimedia/wikipedia", "20231101.en")
+WIKIPEDIA_DEFAULT_CHARS = 40_000_000  # cap of a streamed read when the caller gives none
+
+
+@functools.lru_cache(maxsize=None)
+def _wikipedia_status() -> tuple[bool, str]:
+    """Whether Wikipedia can be streamed through ``datasets`` here (checked once per process)."""
+    import importlib.util
+
+    if importlib.util.find_spec("datasets") is None:
+        return False, "the 'datasets' package is not installed"
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        return False, "HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set"
+    from .models import _hub_reachable
+
+    if not _hub_reachable():
+        return False, "huggingface.co is not reachable"
+    return True, f"{WIKIPEDIA[0]} ({WIKIPEDIA[1]}) streamed through datasets"
+
+
+def resolve_corpus(name: str) -> tuple[str, str]:
+    """``(corpus actually used, note)`` for a requested C0 corpus. ``"wikipedia"`` (the authors' choice) is
+    used where it can be streamed; otherwise the local WikiText files stand in, and the note says so (it
+    goes into a run's summary as ``c0_corpus``). Other names are returned unchanged with an empty note."""
+    if name != "wikipedia":
+        return name, ""
+    ok, why = _wikipedia_status()
+    if ok:
+        return "wikipedia", f"wikipedia: {why}"
+    return "wikitext", f"wikitext (fallback: Wikipedia unavailable, {why})"
+
+
+def _wikipedia_paragraphs(max_chars: Optional[int]) -> list[str]:
+    """Paragraphs of the first Wikipedia articles in the dataset's order (streamed, deterministic), up to
+    ``max_chars`` characters. MEMIT samples random articles of the whole dump; streaming the first ones
+    avoids downloading ~20 GB. Raises :class:`DataNotFoundError` when Wikipedia cannot be reached."""
+    ok, why = _wikipedia_status()
+    if not ok:
+        raise DataNotFoundError(f"Wikipedia text is not available: {why}. Use corpus 'wikitext' instead.")
+    import datasets
+
+    cap = WIKIPEDIA_DEFAULT_CHARS if max_chars is None else max_chars
+    out, total = [], 0
+    try:
+        for article in datasets.load_dataset(*WIKIPEDIA, split="train", streaming=True):
+            for para in article["text"].split("\n"):
+                text = para.strip()
+                if not text:
+                    continue
+                if total + len(text) >= cap:
+                    out.append(text[: cap - total])
+                    return out
+                out.append(text)
+                total += len(text)
+    except Exception as exc:  # noqa: BLE001 - network / hub errors become one clear error
+        raise DataNotFoundError(f"streaming {WIKIPEDIA[0]} ({WIKIPEDIA[1]}) failed: {type(exc).__name__}: "
+                                f"{str(exc).splitlines()[0][:200]}") from None
+    return out
+
+
 def _corpus_files(name: str, data_dir: Optional[os.PathLike]) -> list[Path]:
     if name not in CORPORA:
         raise ValueError(f"unknown corpus {name!r}; expected one of {sorted(CORPORA)}")
@@ -523,8 +620,11 @@ def load_text_corpus(name: str = "wikitext", max_chars: Optional[int] = None, *,
     A file's last line is dropped when the file does not end with a newline (the
     WikiText-103 train head is cut mid-sentence).  WikiText-103's ``<unk>`` tokens are
     kept verbatim unless ``drop_unk``.  With ``max_chars`` the paragraphs are cut so that
-    their total length is at most ``max_chars``.
+    their total length is at most ``max_chars``.  ``"wikipedia"`` streams the first articles of
+    :data:`WIKIPEDIA` through ``datasets`` (at most ``max_chars``, default :data:`WIKIPEDIA_DEFAULT_CHARS`).
     """
+    if name == "wikipedia":
+        return _wikipedia_paragraphs(max_chars)
     out: list[str] = []
     total = 0
     for path in _corpus_files(name, data_dir):
@@ -550,8 +650,12 @@ def _sha_cached(path: str, mtime_ns: int, size: int) -> str:
 
 
 def corpus_id(name: str = "wikitext", data_dir: Optional[os.PathLike] = None) -> str:
-    """Short stable id of a corpus's content (12 hex chars), for cache keys."""
+    """Short stable id of a corpus's content (12 hex chars), for cache keys. For ``"wikipedia"``: the dataset
+    and its config (the streamed articles come in the dataset's fixed order)."""
     h = hashlib.sha256(name.encode())
+    if name == "wikipedia":
+        h.update(json.dumps(WIKIPEDIA).encode())
+        return h.hexdigest()[:12]
     for path in _corpus_files(name, data_dir):
         st = path.stat()
         h.update(_sha_cached(str(path), st.st_mtime_ns, st.st_size).encode())

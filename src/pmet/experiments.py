@@ -10,8 +10,11 @@ interrupted evaluation resumes. Value vectors and key statistics are cached by t
 points of a sweep share them. Every summary carries its spec (``summary["spec"]``; :func:`pmet.runspec.spec_of`).
 
 Record choice: CounterFact tables use the 1,653 full-field records *minus* those whose case id is in
-the ``counterfact-val`` split (hyperparameters are tuned on that split only); above that size the
-reduced-format ``counterfact-edit`` requests are added. zsRE tables use the 1,037-record eval subset.
+the ``counterfact-val`` split (hyperparameters are tuned on that split only). zsRE tables use the
+1,037-record eval subset. Where ROME's complete files are in the data folder (``counterfact.json``, 21,919
+records; ``zsre_mem_eval.json``, 19,086), for the paper's models (gptj, neox), and for any run larger than
+the subset, the pool is the complete file instead (downloaded and checksummed when missing), again minus the
+val ids (:func:`table_selection`); such runs are kept apart in the cache (``_full`` in the run folder name).
 Nested permutations mean that a smaller run edits a prefix of a larger run's records.
 """
 
@@ -35,26 +38,72 @@ from .runspec import RunSpec
 UNEDITED = "none"
 
 
-def table_records(dataset: str, n: int | None = None, seed: int = 0, full_fields_only: bool = True) -> list:
-    """The records a table edits and evaluates (see module docstring); ``n=None`` means all of them."""
+POOL_SUBSET, POOL_FULL = "subset", "full"
+COMPLETE_FILES = {"counterfact": "counterfact.json", "zsre": "zsre_mem_eval.json"}  # the paper's complete sets
+
+
+def _pool_kind(dataset: str, n: int | None, subset_size: int, full: bool | None) -> str:
+    """Which pool a table draws from: the complete file (:data:`COMPLETE_FILES`) when ``full`` is True
+    (downloaded if missing; an error with its URL if that fails), when it is present in the data folder
+    (``full=None``), or when ``n`` exceeds the subset (then downloaded as for True); else the subset."""
+    from .data import ensure_file
+
+    if full is False:
+        return POOL_SUBSET
+    rel = COMPLETE_FILES[dataset]
+    if full is None:
+        try:
+            ensure_file(rel, download=False)
+            return POOL_FULL
+        except FileNotFoundError:
+            if n is None or n <= subset_size:
+                return POOL_SUBSET
+    ensure_file(rel)  # DataNotFoundError: one line with the URL and what to do
+    return POOL_FULL
+
+
+def table_selection(dataset: str, n: int | None = None, seed: int = 0, full_fields_only: bool = True,
+                    full: bool | None = None) -> tuple[list, str]:
+    """``(records, pool)``: the records a table edits and evaluates (module docstring) and the pool they come
+    from, ``"subset"`` or ``"full"`` (see :func:`_pool_kind`). The full CounterFact pool is ROME's complete
+    ``counterfact.json`` (21,919 records) minus the ``counterfact-val`` case ids; the full zsRE pool is
+    ``zsre_mem_eval.json`` (19,086). ``n=None`` means all of them."""
     from .data import load_counterfact, load_zsre
 
     if dataset == "counterfact":
         val_ids = {r.case_id for r in load_counterfact("val")}
-        pool = [r for r in load_counterfact("full") if r.case_id not in val_ids]
-        if not full_fields_only and (n is None or n > len(pool)):
-            have = {r.case_id for r in pool}
-            pool += [r for r in load_counterfact("edit") if r.case_id not in have and r.case_id not in val_ids]
+        subset = [] if full else [r for r in load_counterfact("full") if r.case_id not in val_ids]
+        kind = _pool_kind(dataset, n, len(subset), full if (full_fields_only or full) else False)
+        if kind == POOL_FULL:
+            pool = [r for r in load_counterfact("original") if r.case_id not in val_ids]
+        else:
+            pool = subset
+            if not full_fields_only and (n is None or n > len(pool)):
+                have = {r.case_id for r in pool}
+                pool += [r for r in load_counterfact("edit") if r.case_id not in have and r.case_id not in val_ids]
     elif dataset == "zsre":
-        pool = load_zsre("eval")
+        subset = [] if full else load_zsre("eval")
+        kind = _pool_kind(dataset, n, len(subset), full)
+        pool = load_zsre("mem_eval") if kind == POOL_FULL else subset
     else:
         raise ValueError(f"dataset must be 'counterfact' or 'zsre', not {dataset!r}")
     order = list(range(len(pool)))
     random.Random(seed).shuffle(order)
     if n is not None and n > len(pool):
         raise ValueError(f"{dataset}: asked for {n} records, only {len(pool)} available "
-                         f"(full_fields_only={full_fields_only})")
-    return [pool[i] for i in order[: n if n is not None else len(pool)]]
+                         f"({kind} pool, full_fields_only={full_fields_only})")
+    return [pool[i] for i in order[: n if n is not None else len(pool)]], kind
+
+
+def table_records(dataset: str, n: int | None = None, seed: int = 0, full_fields_only: bool = True,
+                  full: bool | None = None) -> list:
+    """The records a table edits and evaluates (see :func:`table_selection`); ``n=None`` means all of them."""
+    return table_selection(dataset, n, seed, full_fields_only, full)[0]
+
+
+def paper_pool(model) -> bool | None:
+    """``True`` (the complete data files) for the paper's models (gptj, neox), else ``None`` (auto)."""
+    return True if getattr(model, "pmet_name", model) in PAPER_SIZES else None
 
 
 def table_pool_ids(dataset: str) -> set:
@@ -90,6 +139,18 @@ def _artifact_id(method: str, model, hp, cache=None) -> str:
     return "_ed" + hashlib.sha256(path.read_bytes()).hexdigest()[:8] if path.exists() else ""
 
 
+def _c0_fallback_id(hp) -> str:
+    """``"_c0<corpus>"`` when C0's corpus had to fall back (Wikipedia unreachable), so such a run never
+    stands in for one with the requested corpus; ``""`` otherwise."""
+    asked = getattr(hp, "mom2_corpus", None)
+    if not asked:
+        return ""
+    from .data import resolve_corpus
+
+    used = resolve_corpus(asked)[0]
+    return "" if used == asked else f"_c0{used}"
+
+
 def method_hparams(method: str, model, dataset: str, overrides: dict | None = None):
     """The hyperparameters of ``method`` for ``model``/``dataset`` with those ``overrides`` the method has
     (e.g. ``v_autocast`` reaches ROME, MEMIT and PMET, which optimise value vectors, not FT-W or MEND);
@@ -115,18 +176,29 @@ def run_hparams(model, spec: RunSpec, hparams=None):
                                                               spec.hparam_overrides())
 
 
-def locate(model, spec: RunSpec, hp, runs_dir=None, cache=None) -> SimpleNamespace:
+def spec_records(spec: RunSpec, model=None) -> tuple[list, str]:
+    """``(records, pool)`` of the run ``spec`` (:func:`table_selection`); ``spec.pool`` None means
+    :func:`paper_pool` of ``model`` (the complete files for the paper's models, else automatic)."""
+    full = {"full": True, "subset": False}.get(spec.pool, paper_pool(model) if model is not None else None)
+    return table_selection(spec.dataset, spec.n_edits, spec.seed, full=full)
+
+
+def locate(model, spec: RunSpec, hp, runs_dir=None, cache=None, pool: str | None = None) -> SimpleNamespace:
     """Where the run ``spec`` with hyperparameters ``hp`` lives and what it records about itself:
-    ``folder``, ``hp_id`` (hyperparameters + trained-editor identity), ``meta`` (stored in and checked
-    against its per-record file) and ``spec`` -- the spec as run, whose ``value_autocast`` is the precision the
-    editor really used (None for editors without value vectors, whatever was asked)."""
+    ``folder``, ``hp_id`` (hyperparameters + trained-editor identity + C0 corpus fallback), ``meta`` (stored in
+    and checked against its per-record file) and ``spec`` -- the spec as run: its ``pool`` the record pool
+    used (``pool``, else the spec's, else ``"subset"``) and its ``value_autocast`` the precision the editor
+    really used (None for editors without value vectors, whatever was asked)."""
     name = getattr(model, "pmet_name", None)
     if name is not None and name != spec.model:
         raise ValueError(f"the run is for model {spec.model!r} but the loaded model is {name!r}")
-    ran = spec.replace(value_autocast=getattr(hp, "v_autocast", None) if hp is not None else None)
-    hp_id = _hparams_id(hp) + _artifact_id(spec.method, model, hp, cache)
+    ran = spec.replace(value_autocast=getattr(hp, "v_autocast", None) if hp is not None else None,
+                       pool=pool or spec.pool or POOL_SUBSET)
+    hp_id = _hparams_id(hp) + _artifact_id(spec.method, model, hp, cache) + _c0_fallback_id(hp)
     meta = {"model": spec.model, "method": spec.method, "n_edits": spec.n_edits, "seed": spec.seed, "hparams": hp_id}
-    return SimpleNamespace(spec=ran, hp=hp, hp_id=hp_id, folder=run_folder(spec, hp_id, runs_dir), meta=meta)
+    if ran.pool != POOL_SUBSET:
+        meta["pool"] = ran.pool
+    return SimpleNamespace(spec=ran, hp=hp, hp_id=hp_id, folder=run_folder(ran, hp_id, runs_dir), meta=meta)
 
 
 def _stage(progress: bool, spec: RunSpec, what: str) -> None:
@@ -163,12 +235,16 @@ def run_edit_eval(model, tok, spec: RunSpec, *, hparams=None, runs_dir: str | Pa
     The summary holds the metrics in percent with 95% CIs (normal approximation) and their n's, the
     editor's timings, ``delta_norms`` (Frobenius norm of Δ per edited weight, for Fig. 4) and ``spec``.
     """
+    from . import distributed
     from .editing import edit
 
-    records = table_records(spec.dataset, spec.n_edits, spec.seed)
+    if distributed.world_size() > 1:  # torchrun: values and evaluation shard over the ranks
+        return distributed.run_edit_eval_sharded(model, tok, spec, hparams=hparams, runs_dir=runs_dir, cache=cache,
+                                                 eval_batch_size=eval_batch_size, progress=progress)
+    records, pool = spec_records(spec, model)
     hp = run_hparams(model, spec, hparams)
-    run = locate(model, spec, hp, runs_dir, cache)
-    trajectory = trajectory_path(spec, _hparams_id(hp), runs_dir) if spec.method in SEQUENTIAL else None
+    run = locate(model, spec, hp, runs_dir, cache, pool)
+    trajectory = trajectory_path(run.spec, _hparams_id(hp), runs_dir) if spec.method in SEQUENTIAL else None
     with contextlib.ExitStack() as locks:
         if trajectory is not None:  # the trajectory first, as run_sweep locks it (and only it)
             locks.enter_context(run_lock(trajectory))
@@ -225,6 +301,10 @@ def _evaluate_and_save(model, tok, records, run: SimpleNamespace, eval_batch_siz
         summary["timings"] = dict(edited.timings)
         summary["delta_norms"] = dict(edited.delta_norms)
         summary["hparams_values"] = hp.to_dict() if hasattr(hp, "to_dict") else None
+        if getattr(hp, "mom2_corpus", None):
+            from .data import resolve_corpus
+
+            summary["c0_corpus"] = resolve_corpus(hp.mom2_corpus)[1] or hp.mom2_corpus
     summary["device"] = str(next(model.parameters()).device)
     summary["torch"] = torch.__version__
     write_summary(out, summary)
@@ -251,12 +331,15 @@ def run_sweep(model, tok, spec: RunSpec, sizes, *, runs_dir=None, cache=None, ev
     opts = dict(runs_dir=runs_dir, cache=cache, eval_batch_size=eval_batch_size, progress=progress)
     if spec.method not in SEQUENTIAL:
         return {n: run_edit_eval(model, tok, spec.replace(n_edits=n), **opts) for n in sizes}
+    from . import distributed
     from .editing import edit
 
+    if distributed.world_size() > 1:  # a sequential editor cannot shard its edits: rank 0 runs the sweep
+        return distributed.on_rank0(run_sweep, model, tok, spec, sizes, **opts)
     hp = run_hparams(model, spec)
-    records = table_records(spec.dataset, sizes[-1], spec.seed)
-    where = {n: locate(model, spec.replace(n_edits=n), hp, runs_dir, cache) for n in sizes}
-    trajectory = trajectory_path(spec, _hparams_id(hp), runs_dir)
+    records, pool = spec_records(spec.replace(n_edits=sizes[-1]), model)
+    where = {n: locate(model, spec.replace(n_edits=n), hp, runs_dir, cache, pool) for n in sizes}
+    trajectory = trajectory_path(where[sizes[-1]].spec, _hparams_id(hp), runs_dir)
     with run_lock(trajectory):  # one process extends the trajectory and evaluates its points at a time
         out = {n: _completed(s, run) for n, run in where.items() if (s := read_summary(run.folder)) is not None}
         missing = [n for n in sizes if n not in out]

@@ -163,15 +163,20 @@ def load_model(
     Deterministic: tiny models are initialised from ``seed``; real weights are read as stored. The
     returned model is in eval mode, has ``requires_grad=False`` on all parameters and carries
     ``model.layout`` (:class:`pmet.layouts.Layout`) and ``model.pmet_name``.
+
+    ``device="auto"``: the CPU without CUDA; under torchrun (:mod:`pmet.distributed`) the rank's own GPU;
+    otherwise a hub model (or Hugging Face id / local directory) is loaded with ``device_map="auto"``
+    (accelerate), which spreads a model too big for one GPU over all of them (the editor moves keys, values
+    and Δ to each edited weight's device), and any other model goes to ``cuda``.
     """
     key = ALIASES.get(name, name)
+    device_map = None
+    if str(device) == "auto":
+        device, device_map = _auto_device(MODEL_SPECS.get(key))
     spec = MODEL_SPECS.get(key)
     if spec is None:
-        if Path(name).is_dir():
-            model, tok = _load_pretrained(name, name, dtype)
-            crit = None
-        elif "/" in name:
-            model, tok = _load_pretrained(name, name, dtype)
+        if Path(name).is_dir() or "/" in name:
+            model, tok = _load_pretrained(name, name, dtype, device_map)
             crit = None
         else:
             known = ", ".join(MODEL_SPECS)
@@ -186,10 +191,12 @@ def load_model(
         model, tok = _load_gguf(spec, dtype)
         crit = spec.critical_layers
     else:
-        model, tok = _load_pretrained(spec.hf_id, key, dtype)
+        model, tok = _load_pretrained(spec.hf_id, key, dtype, device_map)
         crit = spec.critical_layers
 
-    model = model.to(device).eval()
+    if getattr(model, "hf_device_map", None) is None or device_map is None:
+        model = model.to(device)
+    model = model.eval()
     model.requires_grad_(False)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -237,15 +244,29 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _load_pretrained(hf_id: str, label: str, dtype: torch.dtype):
+def _auto_device(spec: ModelSpec | None) -> tuple[str, str | None]:
+    """``(device, device_map)`` for ``device="auto"`` (see :func:`load_model`)."""
+    if not torch.cuda.is_available():
+        return "cpu", None
+    from . import distributed
+
+    if distributed.world_size() > 1:
+        return f"cuda:{torch.cuda.current_device()}", None
+    hub = spec is None or spec.source == "hub"
+    return ("cuda", "auto") if hub else ("cuda", None)
+
+
+def _load_pretrained(hf_id: str, label: str, dtype: torch.dtype, device_map: str | None = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     local = Path(hf_id).is_dir()
     tried = f"local directory {hf_id!r}" if local else f"the Hugging Face cache and hub for {hf_id!r}"
+    placement = {"device_map": device_map} if device_map else {}
 
     def _load(local_only: bool):
         tok = AutoTokenizer.from_pretrained(hf_id, local_files_only=local_only)
-        return AutoModelForCausalLM.from_pretrained(hf_id, dtype=dtype, local_files_only=local_only), tok
+        return AutoModelForCausalLM.from_pretrained(hf_id, dtype=dtype, local_files_only=local_only,
+                                                    **placement), tok
 
     try:
         return _load(local_only=True)

@@ -170,7 +170,7 @@ class Notebook(SimpleNamespace):
     def save_runs(self, summaries) -> list[Path]:
         """Write the per-record results of every run in ``summaries`` (any nesting of dicts of run summaries)
         to ``<out>/results/...`` (:func:`pmet.runspec.results_path`) with :func:`pmet.runstore.write_run`."""
-        from .experiments import table_records
+        from .experiments import spec_records
         from .runcache import records_in_order, run_folder
         from .runstore import write_run
 
@@ -178,7 +178,7 @@ class Notebook(SimpleNamespace):
         for s in _summaries_in(summaries):
             spec = RunSpec.from_dict(s["spec"])
             hp_id = s["hparams"]
-            case_ids = [r.case_id for r in table_records(spec.dataset, spec.n_edits, spec.seed)]
+            case_ids = [r.case_id for r in spec_records(spec)[0]]
             rows = records_in_order(run_folder(spec, hp_id), case_ids)
             head = {**spec.to_dict(), "hparams_id": hp_id, "hparams_values": s.get("hparams_values")}
             written.append(write_run(results_path(self.out_dir, spec, hp_id), head, s, rows))

@@ -2,7 +2,7 @@
 weights that let an interrupted evaluation resume, and where ROME's sequential trajectory is kept.
 
 A run (:class:`pmet.runspec.RunSpec` + its hyperparameters' id) lives in
-``<runs_dir>/<model>/<dataset>/<method>/n{n}_seed{seed}_hp{id}[_gen]/`` (``runs_dir`` defaults to
+``<runs_dir>/<model>/<dataset>/<method>/n{n}_seed{seed}_hp{id}[_gen][_full]/`` (``runs_dir`` defaults to
 ``$PMET_CACHE_DIR/runs``) with ``records.jsonl`` (per-record results, appended as evaluated: an interrupted
 evaluation resumes), ``summary.json`` (written last: its presence means "done") and, while the evaluation is
 incomplete, ``edited_weights.safetensors``. This module holds no experiment logic (:mod:`pmet.experiments`).
@@ -36,8 +36,9 @@ def trajectory_path(spec: RunSpec, hparams_id: str, runs_dir=None) -> Path:
     """Where the sequential ROME edits of ``(model, dataset, seed, hyperparameters)`` keep their trajectory.
     One file serves every run size: a run of ``n`` edits edits a prefix of a longer run's records, so Table 1's
     run and Fig. 3's sweep (any N) replay and extend the same trajectory."""
+    full = "_full" if spec.pool == "full" else ""
     return (runs_root(runs_dir) / spec.model / spec.dataset / spec.method
-            / f"trajectory_seed{spec.seed}_hp{hparams_id}.safetensors")
+            / f"trajectory_seed{spec.seed}_hp{hparams_id}{full}.safetensors")
 
 
 @contextlib.contextmanager

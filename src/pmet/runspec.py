@@ -10,8 +10,8 @@ its metadata (:func:`spec_of`, :func:`precision_of`, :func:`model_label`), never
 
 Names derived here, and only here:
 
-* the run folder tag ``n{n}_seed{seed}_hp{hparams id}[_gen]`` (:meth:`RunSpec.run_tag`; the same string as
-  before this module existed, so existing caches stay valid);
+* the run folder tag ``n{n}_seed{seed}_hp{hparams id}[_gen][_full]`` (:meth:`RunSpec.run_tag`; the same
+  string as before this module existed, so existing caches stay valid);
 * an artifact's file stem (:func:`artifact_name`), e.g. ``table1_smollm2_bfloat16``;
 * a committed per-record file's path (:func:`results_path`).
 """
@@ -25,6 +25,7 @@ from typing import Any
 
 DATASETS = ("counterfact", "zsre")
 PRECISIONS = (None, "bfloat16", "float16")
+POOLS = (None, "subset", "full")
 FLOAT32 = "float32"
 
 
@@ -36,6 +37,9 @@ class RunSpec:
     ROME, MEMIT and PMET optimise their value vectors (Eq. 10); it reaches only the editors that have values.
     ``overrides``: further hyperparameter overrides (``{"clamp_norm_factor": 0.75}``), kept as sorted pairs
     so a spec is hashable; None values mean "the file's value" and are dropped.
+    ``pool``: which records the table draws from -- ``"subset"`` (the offline subsets), ``"full"`` (ROME's
+    complete files) or None (decided when the run starts, :func:`pmet.experiments.table_selection`; the spec
+    recorded with the result names the pool used).
     """
 
     model: str
@@ -46,8 +50,11 @@ class RunSpec:
     generation: bool = False
     value_autocast: str | None = None
     overrides: tuple = field(default=())
+    pool: str | None = None
 
     def __post_init__(self):
+        if self.pool not in POOLS:
+            raise ValueError(f"pool must be None, 'subset' or 'full', not {self.pool!r}")
         if self.dataset not in DATASETS:
             raise ValueError(f"dataset must be one of {', '.join(DATASETS)}, not {self.dataset!r}")
         if self.value_autocast not in PRECISIONS:
@@ -73,8 +80,10 @@ class RunSpec:
         return {**dict(self.overrides), **({"v_autocast": self.value_autocast} if self.value_autocast else {})}
 
     def run_tag(self, hparams_id: str) -> str:
-        """The run folder's name: ``n{n}_seed{seed}_hp{hparams_id}`` plus ``_gen`` with generation."""
-        return f"n{self.n_edits}_seed{self.seed}_hp{hparams_id}" + ("_gen" if self.generation else "")
+        """The run folder's name: ``n{n}_seed{seed}_hp{hparams_id}``, plus ``_gen`` with generation and ``_full``
+        for the complete files' pool."""
+        return (f"n{self.n_edits}_seed{self.seed}_hp{hparams_id}" + ("_gen" if self.generation else "")
+                + ("_full" if self.pool == "full" else ""))
 
     def label(self) -> str:
         return model_label(self.model, self.precision)

@@ -101,9 +101,9 @@ def _at_subject(model: nn.Module, tok, templates: list[str], subjects: list[str]
         look = torch.tensor([c[1] for c in chunk], device=device)
         with Trace(model, record=sites, stop_after=stop) as tr:
             model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False)
-        rows = torch.arange(len(chunk), device=device)
-        for s in sites:
-            out[s].append(tr[s][rows, look].float())
+        for s in sites:  # each site on its layer's device (device_map="auto" spreads layers over GPUs)
+            t = tr[s]
+            out[s].append(t[torch.arange(len(chunk), device=t.device), look.to(t.device)].float())
     return {s: torch.cat(v) for s, v in out.items()}
 
 
@@ -262,9 +262,10 @@ def edit(model: nn.Module, tok, requests, method: str = "pmet", hparams: EditHpa
         for i, l in enumerate(tqdm(layers, desc=f"{hp.method}: updating layers", disable=not progress)):
             for comp in components:
                 name = names[comp, l]
-                K = collect_keys(model, tok, reqs, l, templates, KEY_SITE[comp], hp.key_averaging)
+                wdev = model.get_parameter(name).device  # K, R and Δ live on the edited weight's device
+                K = collect_keys(model, tok, reqs, l, templates, KEY_SITE[comp], hp.key_averaging).to(wdev)
                 cur = current_outputs(model, tok, reqs, (value_name[comp], L))
-                R = core.residual(V[value_name[comp]], cur)
+                R = core.residual(V[value_name[comp]].to(wdev), cur)
                 Rl = core.spread_residual(R, len(layers) - 1, i, hp.spread)
                 C0 = mom2[comp][l]
                 delta = core.solve_update(Rl, K.T, C0, hp.mom2_update_weight)

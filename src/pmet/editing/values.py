@@ -269,6 +269,11 @@ def _sites(hp: EditHparams, L: int) -> dict[str, tuple[str, int]]:
     return {"mlp": ("mlp", L), "attn": ("attn", L)}
 
 
+def _at(t: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``t[rows, cols]`` as float32, indexed on ``t``'s own device (a layer's GPU under device_map="auto")."""
+    return t[rows.to(t.device), cols.to(t.device)].float()
+
+
 def optimize_batch(model: nn.Module, tok, requests: list[dict], hp: EditHparams, templates: list[str],
                    layer: int) -> tuple[dict[str, torch.Tensor], list[dict]]:
     """Optimise the δ's of ``requests`` together; returns ``{site name: [B, d] values}`` (``"mlp"`` and
@@ -279,16 +284,17 @@ def optimize_batch(model: nn.Module, tok, requests: list[dict], hp: EditHparams,
     B = len(requests)
     sites = _sites(hp, L)
     h_prev, rec = block_input(model, bt.input_ids, bt.attention_mask, L, record=sites.values())
-    init = {name: rec[site][bt.init_rows, bt.lookup[bt.init_rows]].float() for name, site in sites.items()}
+    init = {name: _at(rec[site], bt.init_rows, bt.lookup[bt.init_rows]).to(device) for name, site in sites.items()}
     opt_names = ["block"] if hp.value_site == "block" else (["mlp", "attn"] if hp.optimize_attn_delta else ["mlp"])
     deltas = {n: torch.zeros_like(init[n], requires_grad=True) for n in opt_names}
     opt = torch.optim.Adam(list(deltas.values()), lr=hp.v_lr)
     unembed = model.get_output_embeddings()  # (Layout.unembed is stale for NeoX in transformers 5)
     all_rows = torch.arange(len(bt.row_req), device=device)
 
-    def adder(name):
+    def adder(name):  # (.to(x.device): a no-op unless device_map="auto" put layer L on another GPU)
         vec = deltas[name][bt.row_req]
-        return lambda x: x.index_put((all_rows, bt.lookup), vec.to(x.dtype), accumulate=True)
+        return lambda x: x.index_put((all_rows.to(x.device), bt.lookup.to(x.device)),
+                                     vec.to(device=x.device, dtype=x.dtype), accumulate=True)
 
     phi = torch.full((B,), float(hp.nll_loss_factor), device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
@@ -299,15 +305,15 @@ def optimize_batch(model: nn.Module, tok, requests: list[dict], hp: EditHparams,
     for it in range(hp.v_num_grad_steps):
         with amp, Trace(model, add={sites[n]: adder(n) for n in opt_names}):
             hidden = forward_from_layer(model, h_prev, L, bt.attention_mask)
-        hidden = hidden.float()  # the loss (unembedding at the targets, softmax, KL) in float32
-        logp = torch.log_softmax(unembed(hidden[bt.t_rows, bt.t_pos]).float(), -1)
+        hidden = hidden.float().to(device)  # the loss (unembedding at the targets, softmax, KL) in float32
+        logp = torch.log_softmax(unembed(hidden[bt.t_rows, bt.t_pos]).float(), -1).to(device)
         tok_lp = logp.gather(1, bt.t_tok[:, None])[:, 0]
         missed = (tok_lp < logp.max(-1).values).float()
         nll_prompt = -torch.zeros(B * bt.n_prompts, device=device).index_add(0, bt.t_prompt, tok_lp) / bt.t_len
         nll = nll_prompt.view(B, bt.n_prompts).mean(1)
         prob = torch.exp(-nll_prompt.detach()).view(B, bt.n_prompts).mean(1)
         fit = torch.zeros(B, device=device).index_add(0, bt.t_req, missed) == 0
-        kl_lp = torch.log_softmax(unembed(hidden[bt.kl_rows, bt.lookup[bt.kl_rows]]).float(), -1)
+        kl_lp = torch.log_softmax(unembed(hidden[bt.kl_rows, bt.lookup[bt.kl_rows]]).float(), -1).to(device)
         if kl_init is None:
             kl_init = kl_lp.detach()
         kl = hp.kl_factor * (kl_lp.exp() * (kl_lp - kl_init)).sum(-1)
