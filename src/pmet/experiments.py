@@ -183,17 +183,25 @@ def spec_records(spec: RunSpec, model=None) -> tuple[list, str]:
     return table_selection(spec.dataset, spec.n_edits, spec.seed, full=full)
 
 
+def _has_field(hp, name: str) -> bool:
+    import dataclasses
+
+    return hp is not None and dataclasses.is_dataclass(hp) and name in {f.name for f in dataclasses.fields(hp)}
+
+
 def locate(model, spec: RunSpec, hp, runs_dir=None, cache=None, pool: str | None = None) -> SimpleNamespace:
     """Where the run ``spec`` with hyperparameters ``hp`` lives and what it records about itself:
     ``folder``, ``hp_id`` (hyperparameters + trained-editor identity + C0 corpus fallback), ``meta`` (stored in
     and checked against its per-record file) and ``spec`` -- the spec as run: its ``pool`` the record pool
     used (``pool``, else the spec's, else ``"subset"``) and its ``value_autocast`` the precision the editor
-    really used (None for editors without value vectors, whatever was asked)."""
+    really used (None for editors without value vectors, whatever was asked), its ``overrides`` those the
+    method has."""
     name = getattr(model, "pmet_name", None)
     if name is not None and name != spec.model:
         raise ValueError(f"the run is for model {spec.model!r} but the loaded model is {name!r}")
     ran = spec.replace(value_autocast=getattr(hp, "v_autocast", None) if hp is not None else None,
-                       pool=pool or spec.pool or POOL_SUBSET)
+                       pool=pool or spec.pool or POOL_SUBSET,
+                       overrides={k: v for k, v in spec.overrides if _has_field(hp, k)})
     hp_id = _hparams_id(hp) + _artifact_id(spec.method, model, hp, cache) + _c0_fallback_id(hp)
     meta = {"model": spec.model, "method": spec.method, "n_edits": spec.n_edits, "seed": spec.seed, "hparams": hp_id}
     if ran.pool != POOL_SUBSET:
@@ -375,12 +383,14 @@ def resolve_n_edits(model_name: str, n_edits: int | dict | None, default: int) -
     return PAPER_SIZES.get(model_name, default)
 
 
-def train_mend_if_missing(model, tok, dataset: str = "counterfact", cache=None, progress: bool = True) -> None:
-    """Train MEND's editor for ``model`` when the cache has none (as ``python -m pmet.editing.mend train``: its
-    own progress bar with ETA, checkpoints, resumable); a no-op when it is trained."""
+def train_mend_if_missing(model, tok, dataset: str = "counterfact", cache=None, progress: bool = True,
+                          overrides: dict | None = None) -> None:
+    """Train MEND's editor for ``model`` (hyperparameters with ``overrides``, e.g. fewer ``steps``) when the
+    cache has none (as ``python -m pmet.editing.mend train``: its own progress bar with ETA, checkpoints,
+    resumable); a no-op when it is trained."""
     from .editing.mend import editor_dir, train
 
-    hp = method_hparams("mend", model, dataset)
+    hp = method_hparams("mend", model, dataset, overrides)
     if (editor_dir(model, hp, cache) / "editor.safetensors").exists():
         return
     if progress:
@@ -411,7 +421,7 @@ def run_grid(model_names, methods, dataset: str = "counterfact", n_edits: int | 
         out[name] = {}
         chosen = methods.get(name, []) if isinstance(methods, dict) else methods
         if train_mend and "mend" in chosen:
-            train_mend_if_missing(model, tok, dataset, options.get("cache"), options.get("progress", True))
+            train_mend_if_missing(model, tok, dataset, options.get("cache"), options.get("progress", True), overrides)
         for method in chosen:
             spec = RunSpec(model=name, method=method, dataset=dataset, n_edits=n, seed=seed, generation=generation,
                            value_autocast=value_autocast, overrides=tuple((overrides or {}).items()))
