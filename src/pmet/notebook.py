@@ -158,11 +158,11 @@ class Notebook(SimpleNamespace):
     def artifact(self, kind: str, models, precision: str | None = None, seed: int = 0, parts=("",),
                  **config) -> "Artifact":
         """Declare an output: its name from :func:`pmet.runspec.artifact_name`, its configuration = the
-        notebook's parameters + ``config`` (resolved sizes etc.). Checked at once (before any run): an existing
+        notebook's parameters updated with ``config`` (resolved sizes etc.). Checked at once (before any run): an existing
         file of this artifact made with another configuration raises :class:`OutputExists` unless ``overwrite``.
         ``parts``: suffixes of the artifact's further files (``"_curve"``, ``"_example0"``)."""
         name = artifact_name(kind, models, precision, seed)
-        art = Artifact(self, name, config_of(notebook=self.notebook, **self.config(), **config))
+        art = Artifact(self, name, config_of(**{**self.config(), "notebook": self.notebook, **config}))
         for part in parts:
             art.check(part)
         return art
