@@ -26,7 +26,8 @@ def test_run_grid_per_model_methods_and_sizes(tmp_path, monkeypatch):
 
     calls = []
     monkeypatch.setattr(experiments, "run_edit_eval",
-                        lambda model, tok, spec, **k: calls.append((model, spec.method, spec.n_edits)) or {"n_edits": spec.n_edits})
+                        lambda model, tok, spec, **k:
+                        calls.append((model, spec.method, spec.n_edits)) or {"n_edits": spec.n_edits})
     monkeypatch.setattr("pmet.models.load_model", lambda name, device="cpu": (name, None))
     grid = experiments.run_grid(["a", "b"], {"a": ["none", "pmet"], "b": ["pmet"]}, n_edits={"a": 3, "b": 2})
     assert calls == [("a", "none", 3), ("a", "pmet", 3), ("b", "pmet", 2)]
@@ -110,7 +111,8 @@ def test_claims_from_two_synthetic_run_files(tmp_path):
     # a second seed (another record sample) is pooled, with its difference listed
     _run(tmp_path, "memit", _cf_rows([1.0] * 50 + [0.0] * 10, gen, spec_m), n=60, seed=1)
     _run(tmp_path, "pmet", _cf_rows([1.0] * 60, gen, spec_m), n=60, seed=1)
-    detail = write_claims(tmp_path, n_resamples=999) is not None and pd.read_csv(tmp_path / "tables" / "claims_detail.csv")
+    assert write_claims(tmp_path, n_resamples=999) is not None
+    detail = pd.read_csv(tmp_path / "tables" / "claims_detail.csv")
     eff = detail[(detail.artifact == "Table 1") & (detail.claim == "PMET > MEMIT on efficacy")].iloc[0]
     assert eff.seeds == "0,1" and eff.n_pairs == 120 and eff.test.startswith("exact McNemar (30:0")
     assert [round(float(x), 1) for x in eff.per_seed_diff.split()] == [33.3, 16.7]

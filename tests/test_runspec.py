@@ -7,8 +7,7 @@ import json
 import pandas as pd
 import pytest
 
-from pmet.runspec import (RunSpec, artifact_name, model_label, precision_of, precision_of_runs, results_path,
-                          spec_of)
+from pmet.runspec import RunSpec, artifact_name, model_label, precision_of, precision_of_runs, results_path, spec_of
 
 
 def test_run_tag_and_folder_keep_the_old_layout(tmp_path):
@@ -19,7 +18,8 @@ def test_run_tag_and_folder_keep_the_old_layout(tmp_path):
     assert spec.run_tag("abc") == "n100_seed0_hpabc_gen"
     assert run_folder(spec, "abc", tmp_path) == tmp_path / "smollm2" / "counterfact" / "pmet" / "n100_seed0_hpabc_gen"
     rome = RunSpec("smollm2", "rome", "zsre", 7, 3)
-    assert trajectory_path(rome, "x", tmp_path) == tmp_path / "smollm2" / "zsre" / "rome" / "trajectory_seed3_hpx.safetensors"
+    expected = tmp_path / "smollm2" / "zsre" / "rome" / "trajectory_seed3_hpx.safetensors"
+    assert trajectory_path(rome, "x", tmp_path) == expected
 
 
 def test_spec_validates_and_round_trips():

@@ -122,7 +122,8 @@ def paper_claims() -> list[Claim]:
         for m in PAPER_T2["pmet"]:
             s = _sign(PAPER_T2["pmet"][m] - PAPER_T2[b][m])
             if s:
-                out.append(Claim("Table 2", "GPT-J", "zsre", "pmet", b, m, s, f"{PAPER_T2['pmet'][m]} vs {PAPER_T2[b][m]}"))
+                out.append(Claim("Table 2", "GPT-J", "zsre", "pmet", b, m, s,
+                                 f"{PAPER_T2['pmet'][m]} vs {PAPER_T2[b][m]}"))
     for size, rows in PAPER_T3.items():  # Table 3: each ablation's direction against PMET, per paper row
         for abl in ABLATIONS:
             for m in METRICS:
@@ -215,7 +216,7 @@ def paired_claim_test(per_seed: dict, a: str, b: str, metric: str, n_resamples: 
                           seed=seed)
     per = []
     if len(seeds) > 1:
-        for s, xi, yi in zip(seeds, xs, ys):
+        for xi, yi in zip(xs, ys):
             q = paired_comparison(xi, yi, kind=kind, n_resamples=200, seed=seed)
             per.append(100 * q["diff"])
     out = {"measured": r["n"] > 0, "test": r["test"], "n_pairs": r["n"], "seeds": seeds, "per_seed_diff": per,
@@ -259,9 +260,11 @@ def detail_frame(results: str | Path, alpha: float = ALPHA, n_resamples: int = 9
                     t = {"test": "not measured in these runs", "n_pairs": 0, "seeds": [], "per_seed_diff": [],
                          "mean_a": np.nan, "mean_b": np.nan, "diff": np.nan, "diff_low": np.nan,
                          "diff_high": np.nan, "p": np.nan, "measured": False}
-                used = [r for s in (t["seeds"] or idx[(label, c.dataset, n)]) for r in idx[(label, c.dataset, n)][s].values()]
+                runs = idx[(label, c.dataset, n)]
+                used = [r for s in (t["seeds"] or runs) for r in runs[s].values()]
                 rows.append({"artifact": c.artifact, "block": c.block, "model": label, "n_edits": n,
-                             "paper_n_edits": c.paper_size, "claim": c.text.replace(c.metric, _metric_label(used, c.metric)),
+                             "paper_n_edits": c.paper_size,
+                             "claim": c.text.replace(c.metric, _metric_label(used, c.metric)),
                              "metric": c.metric, "sign": c.sign, "paper": c.paper,
                              "ledger": _in_ledger(c, n, sizes), **{k: v for k, v in t.items() if k != "measured"}})
     df = pd.DataFrame(rows)
@@ -309,7 +312,8 @@ def descriptive_frame(results: str | Path) -> pd.DataFrame:
                      [norms["pmet-even-spread"].get(("FFN", lay), math.inf) < p[("FFN", lay)] for lay in ffn]),
                     ("PMET's FFN ‖Δ‖ smallest of PMET, w/o δ^a, w/ W_O^MHSA (FFN), per layer",
                      [p[("FFN", lay)] <= min(norms[m].get(("FFN", lay), math.inf)
-                                             for m in ("pmet-no-attn-delta", "pmet-with-attn-weights")) for lay in ffn]),
+                                             for m in ("pmet-no-attn-delta", "pmet-with-attn-weights"))
+                      for lay in ffn]),
                 ]
                 for text, ok in checks:
                     k = sum(ok)
@@ -386,7 +390,8 @@ def _marginal_rows(claims: list[Claim], done: set, tables: Path) -> list[dict]:
     for c in claims:
         models = [m for (art, m) in old if art == c.artifact and _block_applies(m, c.block)] or ["—"]
         for model in models:
-            if (c.artifact, c.block, model, c.text) in done or (c.artifact, c.block, model, c.text, c.paper_size) in seen:
+            if ((c.artifact, c.block, model, c.text) in done
+                    or (c.artifact, c.block, model, c.text, c.paper_size) in seen):
                 continue
             seen.add((c.artifact, c.block, model, c.text, c.paper_size))
             got = old.get((c.artifact, model), {})

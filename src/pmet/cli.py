@@ -7,6 +7,12 @@ import sys
 
 import torch
 
+DATASETS = ("counterfact", "zsre")  # the hyperparameter files' datasets
+
+
+class UsageError(ValueError):
+    """A mistake on the command line: reported in one line, exit status 2."""
+
 
 def _top_predictions(model, tok, prompt: str, k: int = 5) -> list[tuple[str, float]]:
     enc = tok(prompt, return_tensors="pt").to(next(model.parameters()).device)
@@ -35,10 +41,14 @@ def cmd_models(args) -> int:
 
 
 def cmd_edit(args) -> int:
-    from .editing import edit, hparams_for
-    from .editing.editor import target_text
+    from .editing import edit, editor_names, hparams_for
+    from .editing.tokens import target_text
     from .models import load_model
 
+    if args.method not in editor_names():
+        raise UsageError(f"unknown method {args.method!r}; registered: {', '.join(editor_names())}")
+    if args.dataset not in DATASETS:
+        raise UsageError(f"unknown dataset {args.dataset!r}; valid: {', '.join(DATASETS)}")
     model, tok = load_model(args.model, device=args.device)
     request = {"prompt": args.prompt, "subject": args.subject, "target_new": args.target}
     if args.target_true:
@@ -184,6 +194,7 @@ def cmd_run(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .editing import editor_names
     from .models import DEFAULT_MODEL
 
     p = argparse.ArgumentParser(prog="pmet", description=__doc__)
@@ -193,13 +204,16 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_models)
 
     e = sub.add_parser("edit", help="edit one fact and show the top predictions before and after")
-    e.add_argument("--model", default=DEFAULT_MODEL)
+    e.add_argument("--model", default=DEFAULT_MODEL, help="a name of `pmet models`, a Hugging Face id or a local "
+                   f"directory (default: {DEFAULT_MODEL})")
     e.add_argument("--prompt", default="The mother tongue of {} is", help="template with {} for the subject")
     e.add_argument("--subject", default="Danielle Darrieux")
     e.add_argument("--target", default=" English", help="the new object (a leading space is added if missing)")
     e.add_argument("--target-true", default=None)
-    e.add_argument("--method", default="pmet")
-    e.add_argument("--dataset", default="counterfact", help="which hyperparameter file to use")
+    e.add_argument("--method", default="pmet", metavar="METHOD",
+                   help=f"the editor, one of: {', '.join(editor_names())} (default: pmet)")
+    e.add_argument("--dataset", default="counterfact", metavar="DATASET",
+                   help=f"which hyperparameter file to use, one of: {', '.join(DATASETS)} (default: counterfact)")
     e.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     e.add_argument("--cache-dir", default=None)
     e.add_argument("--top-k", type=int, default=5)
@@ -222,7 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("report", help="regenerate tables/claims.md (paired tests) and the figures from the committed "
                                       "files (results/*.jsonl.gz, tables/*.csv); offline, no model")
-    c.add_argument("--out-dir", default=None, help="repository root holding results/ and tables/ (default: this checkout)")
+    c.add_argument("--out-dir", default=None,
+                   help="repository root holding results/ and tables/ (default: this checkout)")
     c.add_argument("--results", default=None, help="folder of committed run files (default <out-dir>/results)")
     c.add_argument("--no-figures", action="store_true", help="only the claims")
     c.set_defaults(func=cmd_report)
@@ -263,13 +278,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from .data import DataNotFoundError, InvalidRecordError
+    from .editing import MethodUnavailable
     from .editing.saved import SavedEditError
     from .models import ModelUnavailableError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ModelUnavailableError, DataNotFoundError, InvalidRecordError, SavedEditError) as exc:
+    except (UsageError, ModelUnavailableError, DataNotFoundError, InvalidRecordError, MethodUnavailable,
+            SavedEditError) as exc:
         print(f"pmet: error: {exc}", file=sys.stderr)
         return 2
 

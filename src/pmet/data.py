@@ -22,9 +22,10 @@ import logging
 import os
 import tempfile
 import urllib.request
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Literal, NamedTuple, Optional, Sequence
+from typing import Any, Literal, NamedTuple
 
 from .paths import data_dir as default_data_dir
 
@@ -40,10 +41,10 @@ __all__ = [
 
 # --------------------------------------------------------------------------- files
 class RemoteFile(NamedTuple):
-    url: Optional[str]  # None: derived file, no public host
-    sha256: Optional[str]  # of the file exactly as described in SOURCES.md
-    max_bytes: Optional[int] = None  # keep only this many leading bytes of the download
-    git_blob: Optional[str] = None  # git blob id (``git hash-object``) where only that is known (SOURCES.md)
+    url: str | None  # None: derived file, no public host
+    sha256: str | None  # of the file exactly as described in SOURCES.md
+    max_bytes: int | None = None  # keep only this many leading bytes of the download
+    git_blob: str | None = None  # git blob id (``git hash-object``) where only that is known (SOURCES.md)
 
 
 _ROME = "https://rome.baulab.info/data/dsets/"
@@ -146,7 +147,7 @@ def git_blob_sha1(path: Path) -> str:
     return h.hexdigest()
 
 
-def checksum_mismatch(path: Path, known: Optional[RemoteFile]) -> Optional[str]:
+def checksum_mismatch(path: Path, known: RemoteFile | None) -> str | None:
     """``"sha256"`` or ``"git blob id"`` when ``path`` differs from the checksum recorded for it, else None."""
     if known is None:
         return None
@@ -157,12 +158,12 @@ def checksum_mismatch(path: Path, known: Optional[RemoteFile]) -> Optional[str]:
     return None
 
 
-def checksum_ok(path: Path, known: Optional[RemoteFile]) -> bool:
+def checksum_ok(path: Path, known: RemoteFile | None) -> bool:
     """Whether ``path`` matches the sha256 and/or git blob id recorded for it (True when none is known)."""
     return checksum_mismatch(path, known) is None
 
 
-def _download(url: str, dest: Path, max_bytes: Optional[int] = None,
+def _download(url: str, dest: Path, max_bytes: int | None = None,
               timeout: float = DOWNLOAD_TIMEOUT_S) -> None:
     """Fetch ``url`` into ``dest`` atomically (temp file in the same folder + os.replace)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -182,8 +183,8 @@ def _download(url: str, dest: Path, max_bytes: Optional[int] = None,
             os.unlink(tmp)
 
 
-def ensure_file(rel: str, data_dir: Optional[os.PathLike] = None, *, verify: bool = False,
-                download: Optional[bool] = None) -> Path:
+def ensure_file(rel: str, data_dir: os.PathLike | None = None, *, verify: bool = False,
+                download: bool | None = None) -> Path:
     """Return the local path of data file ``rel``, downloading it if needed.
 
     ``verify=True`` checks the sha256 of an existing file (downloads are always checked
@@ -287,15 +288,15 @@ class CounterFactRecord:
     prompt: str
     target_new: str
     target_true: str
-    relation_id: Optional[str] = None
+    relation_id: str | None = None
     paraphrase_prompts: tuple[str, ...] = ()
     neighborhood_prompts: tuple[str, ...] = ()
     attribute_prompts: tuple[str, ...] = ()
     generation_prompts: tuple[str, ...] = ()
-    neighborhood_target: Optional[str] = None
-    target_new_id: Optional[str] = None
-    target_true_id: Optional[str] = None
-    pararel_idx: Optional[int] = None
+    neighborhood_target: str | None = None
+    target_new_id: str | None = None
+    target_true_id: str | None = None
+    pararel_idx: int | None = None
     schema: Literal["original", "reduced"] = "original"
 
     @property
@@ -364,15 +365,15 @@ def _cf_file(path: str, mtime_ns: int, size: int, reduced: bool) -> tuple[Counte
     return tuple(parse(r) for r in _read_json_cached(path, mtime_ns, size))
 
 
-def _load_cf_file(rel: str, base: Optional[os.PathLike], reduced: bool) -> tuple[CounterFactRecord, ...]:
+def _load_cf_file(rel: str, base: os.PathLike | None, reduced: bool) -> tuple[CounterFactRecord, ...]:
     path = ensure_file(rel, base)
     st = path.stat()
     return _cf_file(str(path), st.st_mtime_ns, st.st_size, reduced)
 
 
 def load_counterfact(split: CounterFactSplit = "full", full_fields_only: bool = False,
-                     limit: Optional[int] = None,
-                     data_dir: Optional[os.PathLike] = None) -> list[CounterFactRecord]:
+                     limit: int | None = None,
+                     data_dir: os.PathLike | None = None) -> list[CounterFactRecord]:
     """Load CounterFact records (every record is validated; bad ones raise InvalidRecordError).
 
     * ``"full"``: the 1,653 original-schema records of ``counterfact_subset_merged.json``.
@@ -426,7 +427,7 @@ class ZsreRecord:
     loc: str
     loc_ans: str
     pred: str
-    cond: Optional[str] = None
+    cond: str | None = None
 
     @property
     def prompt(self) -> str:
@@ -481,8 +482,8 @@ def _parse_zsre(i: int, r: dict) -> ZsreRecord:
     return rec
 
 
-def load_zsre(split: Literal["eval", "train", "mem_eval"] = "eval", limit: Optional[int] = None, *,
-              strict: bool = False, data_dir: Optional[os.PathLike] = None) -> list[ZsreRecord]:
+def load_zsre(split: Literal["eval", "train", "mem_eval"] = "eval", limit: int | None = None, *,
+              strict: bool = False, data_dir: os.PathLike | None = None) -> list[ZsreRecord]:
     """Load zsRE records: ``"eval"`` = EasyEdit's 1,037-record subset of the MEND eval split,
     ``"train"`` = 1,000 MEND train records, ``"mem_eval"`` = ROME/MEMIT's complete ``zsre_mem_eval.json``
     (19,086 records, the paper's Table 2 set; downloaded and checked against its git blob id when missing).
@@ -523,7 +524,7 @@ class KnownFact:
     prediction: str
 
 
-def load_known_facts(data_dir: Optional[os.PathLike] = None) -> list[KnownFact]:
+def load_known_facts(data_dir: os.PathLike | None = None) -> list[KnownFact]:
     """The 1,209 facts GPT-2 XL knows (ROME's causal-tracing set)."""
     out = []
     for r in _read_json(ensure_file("known_1000.json", data_dir)):
@@ -550,7 +551,7 @@ WIKIPEDIA = ("wikimedia/wikipedia", "20231101.en")
 WIKIPEDIA_DEFAULT_CHARS = 40_000_000  # cap of a streamed read when the caller gives none
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _wikipedia_status() -> tuple[bool, str]:
     """Whether Wikipedia can be streamed through ``datasets`` here (checked once per process)."""
     import importlib.util
@@ -578,7 +579,7 @@ def resolve_corpus(name: str) -> tuple[str, str]:
     return "wikitext", f"wikitext (fallback: Wikipedia unavailable, {why})"
 
 
-def _wikipedia_paragraphs(max_chars: Optional[int]) -> list[str]:
+def _wikipedia_paragraphs(max_chars: int | None) -> list[str]:
     """Paragraphs of the first Wikipedia articles in the dataset's order (streamed, deterministic), up to
     ``max_chars`` characters. MEMIT samples random articles of the whole dump; streaming the first ones
     avoids downloading ~20 GB. Raises :class:`DataNotFoundError` when Wikipedia cannot be reached."""
@@ -606,14 +607,14 @@ def _wikipedia_paragraphs(max_chars: Optional[int]) -> list[str]:
     return out
 
 
-def _corpus_files(name: str, data_dir: Optional[os.PathLike]) -> list[Path]:
+def _corpus_files(name: str, data_dir: os.PathLike | None) -> list[Path]:
     if name not in CORPORA:
         raise ValueError(f"unknown corpus {name!r}; expected one of {sorted(CORPORA)}")
     return [ensure_file(rel, data_dir) for rel in CORPORA[name]]
 
 
-def load_text_corpus(name: str = "wikitext", max_chars: Optional[int] = None, *,
-                     drop_unk: bool = False, data_dir: Optional[os.PathLike] = None) -> list[str]:
+def load_text_corpus(name: str = "wikitext", max_chars: int | None = None, *,
+                     drop_unk: bool = False, data_dir: os.PathLike | None = None) -> list[str]:
     """Non-empty paragraphs (stripped lines) of a text corpus, files in :data:`CORPORA` order.
 
     Heading lines (`` = Title = ``, `` = = Section = = ``) and blank lines are skipped.
@@ -649,7 +650,7 @@ def _sha_cached(path: str, mtime_ns: int, size: int) -> str:
     return sha256_file(Path(path))
 
 
-def corpus_id(name: str = "wikitext", data_dir: Optional[os.PathLike] = None) -> str:
+def corpus_id(name: str = "wikitext", data_dir: os.PathLike | None = None) -> str:
     """Short stable id of a corpus's content (12 hex chars), for cache keys. For ``"wikipedia"``: the dataset
     and its config (the streamed articles come in the dataset's fixed order)."""
     h = hashlib.sha256(name.encode())

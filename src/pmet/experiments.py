@@ -31,12 +31,9 @@ from types import SimpleNamespace
 
 import torch
 
-from .editing.editor import MethodUnavailable  # noqa: F401  (re-exported for notebooks)
+from .editing import UNEDITED, MethodUnavailable, get_editor, load_hparams, sequential_methods
 from .runcache import EditedWeights, read_summary, run_folder, run_lock, trajectory_path, write_summary
 from .runspec import RunSpec
-
-UNEDITED = "none"
-
 
 POOL_SUBSET, POOL_FULL = "subset", "full"
 COMPLETE_FILES = {"counterfact": "counterfact.json", "zsre": "zsre_mem_eval.json"}  # the paper's complete sets
@@ -129,14 +126,12 @@ def _hparams_id(hp) -> str:
 
 
 def _artifact_id(method: str, model, hp, cache=None) -> str:
-    """Identity of what an editor loads besides its hyperparameters (MEND's trained hypernetwork), so a
-    retrained editor never reuses the cached run of an earlier one."""
-    if method != "mend":
+    """Identity of what an editor loads besides its hyperparameters (MEND's trained hypernetwork: the
+    registry's ``artifact_id`` hook), so a retrained editor never reuses the cached run of an earlier one."""
+    if method == UNEDITED:
         return ""
-    from .editing.mend import editor_dir
-
-    path = editor_dir(model, hp, cache) / "editor.safetensors"
-    return "_ed" + hashlib.sha256(path.read_bytes()).hexdigest()[:8] if path.exists() else ""
+    hook = get_editor(method).artifact_id
+    return hook(model, hp, cache) if hook is not None else ""
 
 
 def _c0_fallback_id(hp) -> str:
@@ -153,18 +148,13 @@ def _c0_fallback_id(hp) -> str:
 
 def method_hparams(method: str, model, dataset: str, overrides: dict | None = None):
     """The hyperparameters of ``method`` for ``model``/``dataset`` with those ``overrides`` the method has
-    (e.g. ``v_autocast`` reaches ROME, MEMIT and PMET, which optimise value vectors, not FT-W or MEND);
-    entries that are None are ignored. None for the unedited model."""
-    import dataclasses
-
-    from .editing import hparams_for
-
+    (e.g. ``v_autocast`` reaches ROME, MEMIT and PMET, which optimise value vectors, not FT-W or MEND: the
+    loader's ``only_where_present``; a name no editor has still raises); entries that are None are ignored.
+    None for the unedited model."""
     if method == UNEDITED:
         return None
-    hp = hparams_for(method, model, dataset)
-    known = {f.name for f in dataclasses.fields(hp)}
-    applicable = {k: v for k, v in (overrides or {}).items() if v is not None and k in known}
-    return hparams_for(method, model, dataset, **applicable) if applicable else hp
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    return load_hparams(method, model, dataset, given, only_where_present=True)
 
 
 def run_hparams(model, spec: RunSpec, hparams=None):
@@ -319,7 +309,7 @@ def _evaluate_and_save(model, tok, records, run: SimpleNamespace, eval_batch_siz
     return summary
 
 
-SEQUENTIAL = ("rome",)  # editors that apply the requests one after another
+SEQUENTIAL = sequential_methods()  # editors that apply the requests one after another (the registry)
 
 
 def run_sweep(model, tok, spec: RunSpec, sizes, *, runs_dir=None, cache=None, eval_batch_size: int = 32,

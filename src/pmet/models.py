@@ -157,7 +157,7 @@ def load_model(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
-) -> tuple[nn.Module, "object"]:
+) -> tuple[nn.Module, object]:
     """Load a model and its tokenizer by registry name, Hugging Face id or local directory.
 
     Deterministic: tiny models are initialised from ``seed``; real weights are read as stored. The
@@ -362,7 +362,7 @@ def _load_gguf(spec: ModelSpec, dtype: torch.dtype):
             model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype)
             return model, tok
         except Exception as exc:  # corrupt cache: rebuild it
-            warnings.warn(f"rebuilding the {spec.name} weight cache at {cached}: {exc}")
+            warnings.warn(f"rebuilding the {spec.name} weight cache at {cached}: {exc}", stacklevel=2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -385,7 +385,7 @@ def _save_atomically(model, tok, target: Path, stamp: str) -> None:
         shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
     except OSError as exc:  # read-only cache: loading still works, just slower next time
-        warnings.warn(f"could not cache de-quantised weights at {target}: {exc}")
+        warnings.warn(f"could not cache de-quantised weights at {target}: {exc}", stacklevel=2)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

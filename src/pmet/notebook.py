@@ -106,7 +106,7 @@ def resolve_out_dir(out_dir, overwrite: bool, notebook: str) -> Path:
     return path
 
 
-def setup(params: dict, notebook: str, small: dict | None = None, names: list[str] | None = None) -> "Notebook":
+def setup(params: dict, notebook: str, small: dict | None = None, names: list[str] | None = None) -> Notebook:
     """A notebook's whole setup (see module docstring); returns its :class:`Notebook` (the parameters as
     attributes, e.g. ``cfg.model``, plus the output methods)."""
     import warnings
@@ -145,7 +145,8 @@ class Notebook(SimpleNamespace):
         self.out_dir = str(resolve_out_dir(params.get("out_dir"), params.get("overwrite", False), notebook))
         if self.writes_repository and not self.overwrite:
             raise OutputExists(f"out_dir {self.out_dir} is the repository: its committed artifacts are regenerated "
-                               "only with -p overwrite True (or ./run.sh rerender); write elsewhere with -p out_dir DIR")
+                               "only with -p overwrite True (or ./run.sh rerender); write elsewhere with "
+                               "-p out_dir DIR")
 
     @property
     def writes_repository(self) -> bool:
@@ -153,13 +154,15 @@ class Notebook(SimpleNamespace):
 
     def config(self) -> dict:
         """The parameters that decide what is computed (everything but :data:`RUNTIME`)."""
-        return config_of(**{k: v for k, v in vars(self).items() if k not in RUNTIME and k != "notebook"})
+        return config_of(**{k: v for k, v in vars(self).items()
+                            if k not in RUNTIME and k != "notebook"})
 
     def artifact(self, kind: str, models, precision: str | None = None, seed: int = 0, parts=("",),
-                 **config) -> "Artifact":
+                 **config) -> Artifact:
         """Declare an output: its name from :func:`pmet.runspec.artifact_name`, its configuration = the
-        notebook's parameters updated with ``config`` (resolved sizes etc.). Checked at once (before any run): an existing
-        file of this artifact made with another configuration raises :class:`OutputExists` unless ``overwrite``.
+        notebook's parameters updated with ``config`` (resolved sizes etc.). Checked at once (before any run):
+        an existing file of this artifact made with another configuration raises :class:`OutputExists` unless
+        ``overwrite``.
         ``parts``: suffixes of the artifact's further files (``"_curve"``, ``"_example0"``)."""
         name = artifact_name(kind, models, precision, seed)
         art = Artifact(self, name, config_of(**{**self.config(), "notebook": self.notebook, **config}))

@@ -111,7 +111,7 @@ def _shape(model: str) -> tuple[dict, str]:
 
     m, _ = load_model(model)
     cfg = m.config
-    d_model = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd")
+    d_model = getattr(cfg, "hidden_size", None) or cfg.n_embd
     d_ff = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * d_model
     shape = dict(params=sum(p.numel() for p in m.parameters()), n_layers=m.layout.n_layers, d_model=d_model,
                  d_ff=d_ff)

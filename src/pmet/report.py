@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from .editing.registry import display_labels
+
 
 def _record(folder: Path, files: list[Path], meta: dict) -> None:
     """Note in ``<folder>/manifest.json`` what wrote each file, when, with which parameters."""
@@ -97,10 +99,7 @@ def interval_note(summaries) -> str:
 
 
 # ---- the paper's tables and figures from run summaries (see pmet.experiments) --------------------------
-DISPLAY = {"none": "Unedited", "ft": "FT-W", "mend": "MEND", "rome": "ROME", "memit": "MEMIT",
-           "memit-ffn": "MEMIT (δ on m^L)", "pmet": "PMET",
-           "pmet-no-attn-delta": "w/o δ^a", "pmet-with-attn-weights": "w/ W_O^MHSA",
-           "pmet-even-spread": "Even spread"}
+DISPLAY = display_labels()  # {method: table label}, in the paper's row order (pmet.editing.registry)
 CF_COLUMNS = [("Score", "score"), ("Efficacy", "efficacy"), ("Generalization", "generalization"),
               ("Specificity", "specificity"), ("Fluency", "fluency"), ("Consistency", "consistency")]
 ZSRE_COLUMNS = [("Efficacy", "efficacy"), ("Generalization", "generalization"), ("Specificity", "specificity")]
@@ -124,7 +123,8 @@ def _half_width(summary: dict, key: str) -> float | None:
 def grid_table(grid: dict, dataset: str = "counterfact") -> pd.DataFrame:
     """Table 1 / Table 2 layout from ``run_grid`` output: one block of rows per model, "mean [95% interval]"
     cells (:func:`fmt_interval`; the method in ``df.attrs["interval_note"]``, added to the caption by
-    :func:`save_table`), and the number of records each metric rests on. Unavailable editors keep their row with the reason."""
+    :func:`save_table`), and the number of records each metric rests on. Unavailable editors keep their row with
+    the reason."""
     columns = CF_COLUMNS if dataset == "counterfact" else ZSRE_COLUMNS
     proxy = any("consistency_proxy" in s for runs in grid.values() for s in runs.values())
     rows = []

@@ -88,7 +88,7 @@ class RunSpec:
     def label(self) -> str:
         return model_label(self.model, self.precision)
 
-    def replace(self, **changes) -> "RunSpec":
+    def replace(self, **changes) -> RunSpec:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
@@ -97,7 +97,7 @@ class RunSpec:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "RunSpec":
+    def from_dict(cls, d: dict) -> RunSpec:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 

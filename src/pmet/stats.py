@@ -155,7 +155,3 @@ def key_second_moments(
         results[l] = mom2
     return results
 
-
-def key_second_moment(model: nn.Module, tok, layer: int, **kwargs) -> torch.Tensor:
-    """``E[k k^T]`` for one layer; see :func:`key_second_moments`."""
-    return key_second_moments(model, tok, [layer], **kwargs)[layer]

@@ -34,7 +34,7 @@ def load_entry(path: Path, key: str, names=()) -> tuple[dict[str, torch.Tensor],
         reason = "its key does not match or it holds non-finite values"
     except Exception as exc:  # any unreadable file is a miss
         reason = f"{type(exc).__name__}: {exc}"
-    warnings.warn(f"recomputing corrupt cache entry {path} ({reason})")
+    warnings.warn(f"recomputing corrupt cache entry {path} ({reason})", stacklevel=2)
     return None
 
 
@@ -50,4 +50,4 @@ def save_entry(path: Path, tensors: dict[str, torch.Tensor], key: str, info: dic
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        warnings.warn(f"could not write cache entry {path}: {exc}")
+        warnings.warn(f"could not write cache entry {path}: {exc}", stacklevel=2)

@@ -49,8 +49,9 @@ from torch import nn
 
 from ..models import model_fingerprint
 from ..paths import cache_dir as default_cache_dir
-from .editor import EditResult, normalize_requests
-from .ft import make_result, resolve_hparams, restore_weights, snapshot, target_batch, target_nll
+from .baseline import make_result, restore_weights, snapshot, target_batch, target_nll
+from .requests import normalize_requests
+from .result import EditResult, MethodUnavailable
 
 
 @dataclass(frozen=True)
@@ -159,7 +160,7 @@ class MendEditor(nn.Module):
         self.edit_lrs = nn.Parameter(torch.full((len(shapes),), float(hp.edit_lr_init)))
 
     @classmethod
-    def for_model(cls, model: nn.Module, hp: MendHparams) -> "MendEditor":
+    def for_model(cls, model: nn.Module, hp: MendHparams) -> MendEditor:
         layout = model.layout
         shapes = {layout.weight_name(c, l): tuple(layout.get_weight(model, c, l).shape)
                   for l in edit_layers(model, hp) for c in hp.components}
@@ -279,8 +280,6 @@ def load_editor(model: nn.Module, hp: MendHparams, cache_dir=None) -> MendEditor
     path = editor_dir(model, hp, cache_dir) / "editor.safetensors"
     if not path.exists():
         name = getattr(model, "pmet_name", "<model>")
-        from .editor import MethodUnavailable
-
         raise MethodUnavailable(
             f"no trained MEND editor for {name} at {path}; train it with: {train_command(name)} "
             "(set PMET_CACHE_DIR to the same cache directory)")
@@ -302,12 +301,20 @@ def mend_deltas(model: nn.Module, tok, requests: list[dict], editor: MendEditor,
     return total
 
 
-def apply_mend(model: nn.Module, tok, requests, hparams=None, dataset: str = "counterfact", cache_dir=None,
-               editor: MendEditor | None = None, **_) -> EditResult:
-    """MEND edit of ``model`` in place with the trained editor (or ``editor``); ``restore()`` undoes it."""
+def artifact_id(model: nn.Module, hp: MendHparams, cache_dir=None) -> str:
+    """Identity of the trained editor ``apply_mend`` would load (``"_ed"`` + a hash of its file, ``""`` when
+    there is none), so a retrained editor never reuses the cached run of an earlier one."""
+    path = editor_dir(model, hp, cache_dir) / "editor.safetensors"
+    return "_ed" + hashlib.sha256(path.read_bytes()).hexdigest()[:8] if path.exists() else ""
+
+
+def apply_mend(model: nn.Module, tok, requests, hparams: MendHparams, cache_dir=None, progress: bool = False,
+               editor: MendEditor | None = None) -> EditResult:
+    """MEND edit of ``model`` in place with the trained editor (or ``editor``); ``restore()`` undoes it.
+    ``progress`` is accepted for the common editor interface."""
     t0 = time.perf_counter()
     reqs = normalize_requests(requests, tok)
-    hp = resolve_hparams(MendHparams, "mend", model, hparams, dataset)
+    hp = hparams
     editor = editor if editor is not None else load_editor(model, hp, cache_dir)
     layout = model.layout
     was_training = model.training
@@ -413,11 +420,13 @@ def training_step(model: nn.Module, tok, editor: MendEditor, batch: list[TrainEx
     loc = _loc_batch(tok, [ex.loc_text for ex in batch], device)
     with torch.no_grad():
         base = torch.log_softmax(model(**loc, use_cache=False).logits.float(), -1)
-    post = torch.log_softmax(functional_call(model, new, args=(), kwargs=dict(**loc, use_cache=False)).logits.float(), -1)
+    post_logits = functional_call(model, new, args=(), kwargs=dict(**loc, use_cache=False)).logits
+    post = torch.log_softmax(post_logits.float(), -1)
     mask = loc["attention_mask"].float()
     kl = ((base.exp() * (base - post)).sum(-1) * mask).sum() / mask.sum()
     loss = hp.c_edit * edit_nll.mean() + hp.c_loc * kl
-    info = {"loss": float(loss.detach()), "edit_nll_pre": float(nll_pre.mean()), "edit_nll_post": float(edit_nll[: len(reqs)].mean()),
+    info = {"loss": float(loss.detach()), "edit_nll_pre": float(nll_pre.mean()),
+            "edit_nll_post": float(edit_nll[: len(reqs)].mean()),
             "rephrase_nll_post": float(edit_nll[len(reqs):].mean()) if len(edit_nll) > len(reqs) else float("nan"),
             "loc_kl": float(kl), "delta_norm": float(sum(d.detach().norm() ** 2 for d in deltas.values()) ** 0.5)}
     return loss, info
@@ -568,19 +577,20 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads if args.cmd == "train" else 1)
     from ..models import load_model
+    from .registry import load_hparams  # the registry imports this module
 
     if args.cmd == "curve":
         from ..report import markdown_table
 
         model, _ = load_model(args.model)
-        hp = resolve_hparams(MendHparams, "mend", model, None, args.dataset)
+        hp = load_hparams("mend", model, args.dataset)
         blocks = curve_blocks(editor_dir(model, hp, args.cache_dir) / "curve.csv", args.every).round(3)
         print(markdown_table(blocks.astype({"steps up to": str})))
         return 0
 
     model, tok = load_model(args.model)
     over = {k: v for k, v in {"steps": args.steps, "batch_size": args.batch_size}.items() if v is not None}
-    hp = resolve_hparams(MendHparams, "mend", model, over or None, args.dataset)
+    hp = load_hparams("mend", model, args.dataset, over)
     t0 = time.perf_counter()
     path = train(model, tok, hp, cache_dir=args.cache_dir, resume=not args.no_resume)
     print(f"MEND editor: {path} ({path.stat().st_size / 2**20:.1f} MiB) in {time.perf_counter() - t0:.0f} s "

@@ -9,7 +9,7 @@ An edit is saved as two files in a folder:
     is not in general ``W0 + round(W1 - W0)`` (float addition does not undo float subtraction: after FT-W on
     tiny-llama 40-50% of the entries differ, in float32 and in bfloat16; PMET's small Δ happened to be exact
     there). The Δ is still there to read: ``SavedEdit.apply`` returns an
-    :class:`~pmet.editing.editor.EditResult` whose ``deltas`` are ``W1 - W0`` (float32, ``[d_out, d_in]``).
+    :class:`~pmet.editing.result.EditResult` whose ``deltas`` are ``W1 - W0`` (float32, ``[d_out, d_in]``).
 ``manifest.json``
     what the edit was and what it may be applied to: format version, method, hyperparameters
     (``to_dict``), the requests, the critical layers, the model's fingerprint
@@ -42,13 +42,15 @@ import math
 import os
 import time
 from dataclasses import MISSING, fields
-from datetime import datetime, timezone
-from importlib import import_module
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from .registry import get_editor
+from .result import EditResult
 
 FORMAT = "pmet-saved-edit"
 FORMAT_VERSION = 1
@@ -153,13 +155,13 @@ def build_manifest(result, weights_before: dict[str, str], weights_after: dict[s
             for n, w in sorted(weights_after.items())
         },
         "versions": {"pmet": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     return json.loads(json.dumps(manifest, default=str))  # as it will read back (tuples -> lists ...)
 
 
 def save_edit(result, path: str | Path, check: bool = True) -> Path:
-    """Write ``result`` (an :class:`~pmet.editing.editor.EditResult` whose model still carries the edit) to
+    """Write ``result`` (an :class:`~pmet.editing.result.EditResult` whose model still carries the edit) to
     the folder ``path`` (created; an earlier saved edit there is replaced): ``weights.safetensors`` with the
     post-edit weights and ``manifest.json`` (module docstring). ``check``: refuse when a weight is not its
     original plus the result's Δ (the model was edited further). Returns the folder."""
@@ -193,20 +195,17 @@ def save_edit(result, path: str | Path, check: bool = True) -> Path:
 # ---------------------------------------------------------------------------------------------- loading
 def _rebuild_hparams(manifest: dict):
     """The hyperparameter object the edit used, rebuilt from the manifest (its dict if that fails)."""
-    d, cls_path = manifest.get("hparams"), manifest.get("hparams_class")
-    if not isinstance(d, dict) or not cls_path:
+    d = manifest.get("hparams")
+    if not isinstance(d, dict) or not manifest.get("hparams_class"):
         return d
-    try:
-        module, _, name = cls_path.rpartition(".")
-        return getattr(import_module(module), name)(**d)
-    except Exception:  # a renamed class or a changed field: the dict still says what was used
+    try:  # the method's class from the editor registry
+        return get_editor(manifest["method"]).hparams_cls(**d)
+    except Exception:  # an unknown method or a changed field: the dict still says what was used
         return d
 
 
 def _result(method: str, model: nn.Module, originals: dict, deltas: dict, **kw):
     """An :class:`EditResult` for an applied saved edit; fields it has no data for are left empty."""
-    from .editor import EditResult
-
     kw = dict(method=method, deltas=deltas, _model=model, _originals=originals, **kw)
     for f in fields(EditResult):
         if f.name in kw or f.default is not MISSING or f.default_factory is not MISSING:
@@ -263,7 +262,7 @@ class SavedEdit:
 
     def apply(self, model: nn.Module):
         """Write the edit into ``model`` in place (after :meth:`check`); the weights become bit for bit those
-        right after the original edit. Returns an :class:`~pmet.editing.editor.EditResult` with ``method``,
+        right after the original edit. Returns an :class:`~pmet.editing.result.EditResult` with ``method``,
         ``hparams``, ``layers``, ``requests`` and ``deltas`` (``W1 - W0``, float32, ``[d_out, d_in]``) whose
         ``restore()`` puts the weights the model had before back, bit for bit."""
         t0 = time.perf_counter()

@@ -27,7 +27,7 @@ each mean rests on. ``score`` is the harmonic mean of the efficacy, generalizati
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from torch import nn
@@ -35,7 +35,7 @@ from torch import nn
 from .generation import ConsistencyScorer, generate_fast, n_gram_entropy, word_tokenizer_name
 from .results import ResultsFile, evaluate_resumable
 from .scoring import DEFAULT_MAX_BATCH_TOKENS, _pad_id, prompt_ids, score_id_pairs, target_ids
-from .stats import CI, harmonic_mean, mean_ci, metric_ci, score_ci
+from .stats import ci_by_rule, format_ci, harmonic_mean, score_ci
 
 __all__ = ["evaluate_counterfact", "summarize_counterfact", "counterfact_table", "CF_METRICS"]
 
@@ -183,7 +183,7 @@ def summarize_counterfact(rows: Sequence[dict], ci: str = "auto", confidence: fl
         vals = _metric_values(rows, m)
         if not vals:
             continue
-        c = _ci(vals, ci, confidence, seed, n_resamples).scaled(100.0)
+        c = ci_by_rule(vals, ci, confidence, seed, n_resamples).scaled(100.0)
         out[m], out[f"{m}_ci"], out[f"{m}_n"], out[f"{m}_ci_method"] = c.mean, (c.low, c.high), c.n, c.method
     parts = ["efficacy", "generalization", "specificity"]
     if all(p in out for p in parts):
@@ -201,24 +201,6 @@ def summarize_counterfact(rows: Sequence[dict], ci: str = "auto", confidence: fl
     return out
 
 
-def _ci(vals, ci: str, confidence: float, seed: int, n_resamples: int) -> CI:
-    """One metric's interval (fractions) by the summary's ``ci`` rule."""
-    if ci == "auto":
-        return metric_ci(vals, confidence=confidence, seed=seed, n_resamples=n_resamples)
-    kw = {"seed": seed, "n_resamples": n_resamples} if ci == "bootstrap" else {}
-    return mean_ci(vals, method=ci, confidence=confidence, **kw)
-
-
-def _fmt(summary: dict, m: str, digits: int = 1) -> str:
-    if m not in summary:
-        return ""
-    v = summary[m]
-    c = summary.get(f"{m}_ci")
-    if c is None or c[0] is None or not np.isfinite(c[0]):
-        return f"{v:.{digits}f}"
-    return f"{v:.{digits}f} (±{(c[1] - c[0]) / 2:.{digits}f})"
-
-
 def counterfact_table(summaries: dict, with_n: bool = True):
     """pandas DataFrame, one row per named summary, columns as in the paper's Table 1.
 
@@ -234,7 +216,7 @@ def counterfact_table(summaries: dict, with_n: bool = True):
     for name, s in summaries.items():
         row = {"Editor": name}
         for head, key in cols:
-            row[head] = _fmt(s, key)
+            row[head] = format_ci(s, key)
         if with_n:
             row["n (eff/gen/spec/flu/cons)"] = "/".join(
                 str(s.get(f"{k}_n", 0)) for k in ("efficacy", "generalization", "specificity", "fluency",

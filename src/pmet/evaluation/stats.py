@@ -419,7 +419,9 @@ def paired_comparison(a, b, kind: str | None = None, strata=None, confidence: fl
                 start += size
             return out / max(n, 1)
 
-        stat = lambda u, v: one(u) - one(v)
+        def stat(u, v):
+            return one(u) - one(v)
+
         order = np.argsort(labels, kind="stable")
         xs, ys = x[order], y[order]
         if n == 0:
@@ -476,3 +478,23 @@ def bh(pvalues) -> np.ndarray:
     adj = np.minimum.accumulate(adj[::-1])[::-1]
     out[order] = np.minimum(adj, 1.0)
     return out
+
+
+def format_ci(summary: dict, m: str, digits: int = 1) -> str:
+    """Metric ``m`` of a summary as ``"v (±half CI width)"`` (``"v"`` without a finite CI, ``""`` if absent)."""
+    if m not in summary:
+        return ""
+    v = summary[m]
+    c = summary.get(f"{m}_ci")
+    if c is None or c[0] is None or not np.isfinite(c[0]):
+        return f"{v:.{digits}f}"
+    return f"{v:.{digits}f} (±{(c[1] - c[0]) / 2:.{digits}f})"
+
+
+def ci_by_rule(vals, ci: str, confidence: float, seed: int, n_resamples: int) -> CI:
+    """One metric's interval (fractions) by a summary's ``ci`` rule: ``"auto"`` (:func:`metric_ci`: Wilson
+    for 0/1 outcomes, bootstrap otherwise), ``"bootstrap"`` or another :func:`mean_ci` method."""
+    if ci == "auto":
+        return metric_ci(vals, confidence=confidence, seed=seed, n_resamples=n_resamples)
+    kw = {"seed": seed, "n_resamples": n_resamples} if ci == "bootstrap" else {}
+    return mean_ci(vals, method=ci, confidence=confidence, **kw)

@@ -21,13 +21,13 @@ counterfactual ``alt`` (EasyEdit convention). It must match the target the edito
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from torch import nn
 
-from .counterfact import _ci, _fmt
 from .results import ResultsFile, evaluate_resumable
 from .scoring import DEFAULT_MAX_BATCH_TOKENS, _pad_id, prompt_ids, score_id_pairs, target_ids
+from .stats import ci_by_rule, format_ci
 
 __all__ = ["evaluate_zsre", "summarize_zsre", "zsre_table", "ZSRE_METRICS", "zsre_target"]
 
@@ -100,7 +100,7 @@ def summarize_zsre(rows: Sequence[dict], ci: str = "auto", confidence: float = 0
         vals = [r[m] for r in rows if r.get(m) is not None]
         if not vals:
             continue
-        c = _ci(vals, ci, confidence, seed, n_resamples).scaled(100.0)
+        c = ci_by_rule(vals, ci, confidence, seed, n_resamples).scaled(100.0)
         out[m], out[f"{m}_ci"], out[f"{m}_n"], out[f"{m}_ci_method"] = c.mean, (c.low, c.high), c.n, c.method
     return out
 
@@ -114,7 +114,7 @@ def zsre_table(summaries: dict, with_n: bool = True):
         row = {"Editor": name}
         for head, key in (("Efficacy", "efficacy"), ("Generalization", "generalization"),
                           ("Specificity", "specificity")):
-            row[head] = _fmt(s, key)
+            row[head] = format_ci(s, key)
         if with_n:
             row["n"] = s.get("n_records", 0)
         recs.append(row)
