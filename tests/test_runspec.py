@@ -91,3 +91,11 @@ def test_default_out_dir_is_fresh_and_the_repository_needs_overwrite(monkeypatch
     assert str(resolve_out_dir("/x", True, "table1")) == "/x"
     with pytest.raises(OutputExists, match="overwrite True"):
         _nb(REPO_ROOT, out_dir=str(REPO_ROOT))
+
+
+def test_run_files_get_finite_summaries():
+    """A one-record run's CI is NaN; the committed run file (strict JSON) gets None there instead."""
+    from pmet.notebook import _finite
+
+    assert _finite({"a": [float("nan"), 1.0], "b": {"c": float("inf")}, "d": "x"}) == {"a": [None, 1.0],
+                                                                                       "b": {"c": None}, "d": "x"}

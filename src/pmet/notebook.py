@@ -27,6 +27,7 @@ is rebuilt in the repository only when ``overwrite=True``.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import time
@@ -184,7 +185,7 @@ class Notebook(SimpleNamespace):
             case_ids = [r.case_id for r in spec_records(spec)[0]]
             rows = records_in_order(run_folder(spec, hp_id), case_ids)
             head = {**spec.to_dict(), "hparams_id": hp_id, "hparams_values": s.get("hparams_values")}
-            written.append(write_run(results_path(self.out_dir, spec, hp_id), head, s, rows))
+            written.append(write_run(results_path(self.out_dir, spec, hp_id), _finite(head), _finite(s), rows))
         return written
 
     def write_claims(self):
@@ -195,6 +196,17 @@ class Notebook(SimpleNamespace):
 
     def finish(self) -> None:
         print(f"outputs written to {self.out_dir}")
+
+
+def _finite(obj):
+    """JSON data with NaN/inf (e.g. the CI of a one-record run) replaced by None, as the per-record rows."""
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
 
 
 def _summaries_in(obj):
