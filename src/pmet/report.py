@@ -127,6 +127,7 @@ def grid_table(grid: dict, dataset: str = "counterfact") -> pd.DataFrame:
     the reason."""
     columns = CF_COLUMNS if dataset == "counterfact" else ZSRE_COLUMNS
     proxy = any("consistency_proxy" in s for runs in grid.values() for s in runs.values())
+    portability = any("portability" in s for runs in grid.values() for s in runs.values())
     rows = []
     for model, runs in grid.items():
         for method, s in runs.items():
@@ -139,6 +140,10 @@ def grid_table(grid: dict, dataset: str = "counterfact") -> pd.DataFrame:
                 row[head] = "n/a" if "unavailable" in s else fmt_interval(s.get(key), s.get(f"{key}_ci"))
             row["n records"] = ("-" if "unavailable" in s else
                                 "/".join(str(s.get(f"{metric_key(s, k)}_n", 0)) for _, k in columns if k != "score"))
+            if portability:  # EasyEdit's one-hop questions, where records have one (pmet.evaluation.portability)
+                row["Portability"] = "n/a" if "unavailable" in s else fmt_interval(s.get("portability"),
+                                                                                   s.get("portability_ci"))
+                row["n portability"] = s.get("portability_n", 0)
             if "unavailable" in s:
                 row["note"] = s["unavailable"]
             rows.append(row)

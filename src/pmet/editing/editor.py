@@ -86,11 +86,20 @@ def current_outputs(model: nn.Module, tok, requests: list[dict], site: tuple[str
 
 
 def apply_shared_editor(model: nn.Module, tok, requests, hparams: EditHparams, cache_dir: str | Path | None = None,
-                        progress: bool = True, use_value_cache: bool = True) -> EditResult:
+                        progress: bool = True, use_value_cache: bool = True,
+                        prior_keys: dict[str, torch.Tensor] | None = None) -> EditResult:
     """Edit ``model`` in place with PMET, MEMIT or an ablation (``hparams.method`` and its switches) so that
     each request's prompt continues with its ``target_new`` (module docstring). ``cache_dir``: context
     templates, key statistics and value vectors (default ``$PMET_CACHE_DIR``); ``use_value_cache=False``
-    recomputes the values. Works on the model's device and dtype."""
+    recomputes the values. Works on the model's device and dtype.
+
+    ``hparams.null_space`` (``pmet-ns``, ``memit-ns``): each ``Δ^l`` is AlphaEdit's projected solve
+    (:func:`pmet.editing.core.solve_update_null_space`) with ``P`` from the same ``C0``, instead of Eq. 9;
+    ``prior_keys`` (weight name -> ``Kp Kpᵀ``, the keys of earlier edits of a sequential run,
+    :func:`pmet.sequential.run_sequential`) enter it as AlphaEdit's sequential term. Without
+    ``null_space`` ``prior_keys`` must be None."""
+    if prior_keys is not None and not hparams.null_space:
+        raise ValueError("prior_keys are used by the null-space solve only (null_space=True: pmet-ns, memit-ns)")
     t0 = time.perf_counter()
     reqs = normalize_requests(requests, tok)
     hp = hparams
@@ -136,7 +145,12 @@ def apply_shared_editor(model: nn.Module, tok, requests, hparams: EditHparams, c
                 R = core.residual(V[value_name[comp]].to(wdev), cur)
                 Rl = core.spread_residual(R, len(layers) - 1, i, hp.spread)
                 C0 = mom2[comp][l]
-                delta = core.solve_update(Rl, K.T, C0, hp.mom2_update_weight)
+                if hp.null_space:
+                    P = core.null_space_projector(C0, hp.null_space_threshold)
+                    prior = (prior_keys or {}).get(name)
+                    delta = core.solve_update_null_space(Rl, K.T, P, hp.null_space_alpha, prior)
+                else:
+                    delta = core.solve_update(Rl, K.T, C0, hp.mom2_update_weight)
                 layout.add_to_weight(model, comp, l, delta)
                 deltas[name] = delta.float().cpu()
                 keys[name] = K.cpu()

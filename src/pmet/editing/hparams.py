@@ -13,6 +13,11 @@ method                     value_site     optimize_attn_delta update_attn_weight
 ``memit-ffn``              components     False               False               even     memit
 ========================== ============== =================== =================== ======== =========
 
+``pmet-ns`` and ``memit-ns`` (= AlphaEdit) are ``pmet`` and ``memit`` with ``null_space=True``: Eq. 9 is
+replaced by AlphaEdit's projected solve (:func:`pmet.editing.core.solve_update_null_space`). The null-space
+fields are left out of :meth:`EditHparams.to_dict` while they hold their defaults, so the cache keys of every
+configuration made before they existed stay the same.
+
 ``memit-ffn`` is MEMIT with its value vector moved from the hidden state h^L to the FFN output m^L (δ
 added where W_O^FFN writes, no δ^a). On pre-norm blocks (GPT-J, NeoX, Llama) adding δ to m^L adds it to
 h^L unchanged, so it differs from MEMIT only in the clamp's reference norm (|m^L| instead of |h^L|) and in
@@ -101,6 +106,10 @@ class EditHparams:
     mom2_n_tokens: int = 100_000
     mom2_dtype: str = "float32"
     mom2_corpus: str = "wikitext"
+    # --- null-space projection (AlphaEdit; methods pmet-ns, memit-ns) --------------------------------------
+    null_space: bool = False  # Δ projected onto the null space of C0 (pmet.editing.core.solve_update_null_space)
+    null_space_threshold: float = 2e-2  # eigenvalues of E[kk^T] below it span the null space (AlphaEdit's)
+    null_space_alpha: float = 10.0  # α of AlphaEdit's (… + αI)^{-1} (its "L2")
 
     def __post_init__(self):
         checks = {
@@ -122,6 +131,8 @@ class EditHparams:
             raise ValueError("kl_prompt must contain '{}' for the subject")
         if self.v_autocast not in (None, "bfloat16", "float16"):
             raise ValueError(f"EditHparams.v_autocast must be None, 'bfloat16' or 'float16', not {self.v_autocast!r}")
+        if not (self.null_space_threshold > 0 and self.null_space_alpha > 0):
+            raise ValueError("EditHparams.null_space_threshold and null_space_alpha must be > 0")
         if self.v_num_grad_steps < 1 or self.v_batch_size < 1:
             raise ValueError("v_num_grad_steps and v_batch_size must be >= 1")
 
@@ -141,7 +152,7 @@ class EditHparams:
 
 
 # fields added after the first release -> their neutral default (left out of to_dict and cache keys)
-LATER_FIELDS = {"v_autocast": None}
+LATER_FIELDS = {"v_autocast": None, "null_space": False, "null_space_threshold": 2e-2, "null_space_alpha": 10.0}
 
 
 def _switches(method: str) -> dict:

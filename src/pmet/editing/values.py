@@ -47,8 +47,11 @@ backward is several times slower than its float32 one and ate most of autocast's
 (``benchmarks/results/profile_values_bf16.txt``); eager attention turns it into bf16 matrix products.
 Float32 runs keep the model's own implementation (their cached values stay bit-identical).
 
-Values are cached per request (safetensors, atomic write) under ``cache_dir/values/<fingerprint>/``,
-keyed by a hash of everything that changes them (:mod:`pmet.editing.value_cache`).
+Values are cached per request (safetensors, atomic write, checksummed: :mod:`pmet.tensor_cache`) under
+``cache_dir/values/<fingerprint>/``, keyed by a hash of everything that changes them
+(:mod:`pmet.editing.value_cache`). Each entry also records the keys of the batch it was optimised in, so a
+value missing from a partly saved or partly corrupt batch is recomputed in that same batch and comes out bit
+for bit as before (:func:`pmet.editing.value_cache.resume_batches`).
 """
 
 from __future__ import annotations
@@ -68,7 +71,7 @@ from ..tensor_cache import load_entry, save_entry
 from .hparams import EditHparams
 from .partial_forward import attention_implementation, block_input, forward_from_layer
 from .tokens import build_value_batch
-from .value_cache import value_cache_key, weights_checksum
+from .value_cache import resume_batches, value_cache_key, weights_checksum
 
 
 def value_sites(hp: EditHparams, L: int) -> dict[str, tuple[str, int]]:
@@ -213,6 +216,7 @@ def compute_values(model: nn.Module, tok, requests: list[dict], hp: EditHparams,
     results: list[dict | None] = [None] * len(requests)
     infos: list[dict] = [{} for _ in requests]
     keys, paths = [None] * len(requests), [None] * len(requests)
+    mates: list[list[str] | None] = [None] * len(requests)  # cached entries: the keys of the batch they came from
     if use_cache:
         root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         model_id = {"fingerprint": model_fingerprint(model), "weights": weights_checksum(model)}
@@ -221,17 +225,25 @@ def compute_values(model: nn.Module, tok, requests: list[dict], hp: EditHparams,
             paths[i] = root / "values" / model_id["fingerprint"] / f"{keys[i]}.safetensors"
             hit = load_entry(paths[i], keys[i], names)
             if hit is not None:
+                info = dict(hit[1])
+                mates[i] = info.pop("batch_keys", None)
                 results[i] = {n: hit[0][n].to(device) for n in names}
-                infos[i] = {**hit[1], "cached": True}
+                infos[i] = {**info, "cached": True}
     todo = [i for i, r in enumerate(results) if r is None]
-    batches = [todo[s:s + hp.v_batch_size] for s in range(0, len(todo), hp.v_batch_size)]
+    batches = resume_batches(keys, mates, todo)
+    rebuilt = {i for b in batches for i in b}
+    rest = [i for i in todo if i not in rebuilt]
+    batches += [rest[s:s + hp.v_batch_size] for s in range(0, len(rest), hp.v_batch_size)]
     attn = attention_implementation(model, "eager") if hp.v_autocast else contextlib.nullcontext()
     with attn:
         for batch in tqdm(batches, desc=f"values ({hp.method}, layer {layer})", disable=not progress or not batches):
             vals, info = optimize_batch(model, tok, [requests[i] for i in batch], hp, templates, layer)
             for j, i in enumerate(batch):
+                if results[i] is not None:  # a cached batch-mate, recomputed only to rebuild the batch
+                    continue
                 results[i] = {n: vals[n][j] for n in names}
                 infos[i] = {**info[j], "cached": False}
                 if use_cache:
-                    save_entry(paths[i], {n: t.float() for n, t in results[i].items()}, keys[i], info[j])
+                    save_entry(paths[i], {n: t.float() for n, t in results[i].items()}, keys[i],
+                               {**info[j], "batch_keys": [keys[b] for b in batch]})
     return {n: torch.stack([r[n] for r in results]) for n in names}, infos
