@@ -134,7 +134,7 @@ def test_a_default_run_leaves_every_committed_file_unchanged(tmp_path, monkeypat
               "cache_dir": str(tmp_path / "cache")}
     nbs = copy / "notebooks"
     papermill.execute_notebook(str(nbs / "table1.ipynb"), str(tmp_path / "t1.ipynb"), parameters=params,
-                               cwd=str(nbs), progress_bar=False, kernel_name="python3")
+                               cwd=str(nbs), progress_bar=False, kernel_name=notebook_kernel())
     status = subprocess.run(["git", "status", "--porcelain", "--ignored"], cwd=copy, check=True,
                             capture_output=True, text=True).stdout.split("\n")
     assert [s for s in status if s and not s.startswith("!! ")] == []  # nothing committed changed
@@ -149,4 +149,4 @@ def test_a_default_run_leaves_every_committed_file_unchanged(tmp_path, monkeypat
     with pytest.raises(papermill.PapermillExecutionError, match="overwrite True"):
         papermill.execute_notebook(str(nbs / "table1.ipynb"), str(tmp_path / "t2.ipynb"),
                                    parameters={**params, "out_dir": str(copy)}, cwd=str(nbs), progress_bar=False,
-                                   kernel_name="python3")
+                                   kernel_name=notebook_kernel())
