@@ -170,11 +170,13 @@ def main(argv=None) -> int:
 
     # ---- end to end ------------------------------------------------------------------------------------
     from pmet.experiments import run_edit_eval
+    from pmet.runspec import RunSpec
 
     t = time.perf_counter()
     e2e_hp = replace(hp, v_autocast=None if a.autocast == "none" else a.autocast)
     res["end_to_end_autocast"] = e2e_hp.v_autocast
-    summary = run_edit_eval(model, tok, "pmet", "counterfact", a.n, seed=11, hparams=e2e_hp,
+    summary = run_edit_eval(model, tok, RunSpec(a.model, "pmet", n_edits=a.n, seed=11,
+                                                value_autocast=e2e_hp.v_autocast), hparams=e2e_hp,
                             runs_dir=Path(work) / "runs", progress=False)
     res["end_to_end_seconds"] = time.perf_counter() - t
     res["end_to_end_efficacy"] = summary.get("efficacy")

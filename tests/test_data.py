@@ -88,7 +88,7 @@ def test_default_data_dir_is_shared(monkeypatch):
 
 def test_tests_and_ci_read_the_fixtures(monkeypatch):
     """conftest points PMET_DATA_DIR at the committed fixtures; the notebooks' CI configuration does too."""
-    from pmet.report import configure
+    from pmet.notebook import configure
 
     assert data_dir() == FIXTURES == fixtures_data_dir() and D.is_fixture_folder(FIXTURES)
     monkeypatch.setenv("PMET_NOTEBOOK_SMALL", "1")

@@ -70,9 +70,10 @@ def test_table_1_shows_portability_only_where_summaries_have_it():
 
 def test_run_summaries_carry_portability(tiny_models, tmp_cache, tmp_path):
     from pmet.experiments import run_edit_eval, table_records
+    from pmet.runspec import RunSpec
 
     model, tok = tiny_models["tiny-llama"]
-    s = run_edit_eval(model, tok, "none", "counterfact", n_edits=6, runs_dir=tmp_path, progress=False)
+    s = run_edit_eval(model, tok, RunSpec("tiny-llama", "none", n_edits=6), runs_dir=tmp_path, progress=False)
     have = sum(r.case_id in load_portability() for r in table_records("counterfact", 6))
     assert have > 0 and s["portability_n"] == have and 0 <= s["portability"] <= 100
     assert (next(tmp_path.rglob("summary.json")).parent / "portability.json").exists()
