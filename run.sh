@@ -59,13 +59,22 @@ run_tests() {
   export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
   # PMET_NOTEBOOK_SMALL=1: notebooks run in their small CI configuration (tiny model, a handful of
   # records) and write into a temporary out_dir, so committed results are never overwritten.
+  # Both halves read the committed fixture data (tests/fixtures/data): tests/conftest.py sets PMET_DATA_DIR for
+  # pytest, and it is given to the notebooks here (their CI configuration also defaults to it), so nothing is
+  # needed beside the checkout. Lint, tests and notebooks all run; the exit status is non-zero if any failed.
   export PMET_NOTEBOOK_SMALL=1
-  "$VENV/bin/ruff" check src tests benchmarks
-  "$VENV/bin/python" -m pytest -q tests "$@"
+  local rc_lint=0 rc_tests=0 rc_nbs=0
+  "$VENV/bin/ruff" check src tests benchmarks || rc_lint=$?
+  "$VENV/bin/python" -m pytest -q tests "$@" || rc_tests=$?
   shopt -s nullglob
   local nbs=(notebooks/*.ipynb)
   if [ ${#nbs[@]} -gt 0 ]; then
-    "$VENV/bin/python" -m pytest -q --nbval-lax -p no:cacheprovider "${nbs[@]}"
+    PMET_DATA_DIR="$PWD/tests/fixtures/data" \
+      "$VENV/bin/python" -m pytest -q --nbval-lax -p no:cacheprovider "${nbs[@]}" || rc_nbs=$?
+  fi
+  if [ "$rc_lint" -ne 0 ] || [ "$rc_tests" -ne 0 ] || [ "$rc_nbs" -ne 0 ]; then
+    echo "run.sh test: exit status lint $rc_lint, tests $rc_tests, notebooks $rc_nbs" >&2
+    return 1
   fi
 }
 

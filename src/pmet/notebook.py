@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from .paths import REPO_ROOT, in_source_checkout
+from .paths import REPO_ROOT, fixtures_data_dir, in_source_checkout
 from .runspec import RunSpec, artifact_name, config_of, results_path
 
 SMALL_ENV = "PMET_NOTEBOOK_SMALL"
@@ -55,7 +55,8 @@ def configure(params: dict, small: dict | None = None, names: list[str] | None =
     which entries are parameters (default: every lower-case non-module value defined there). When the
     environment variable ``PMET_NOTEBOOK_SMALL=1`` is set (CI), ``small`` overrides them and ``out_dir``
     becomes a fresh temporary directory (with its own cache, so nothing is reused from earlier runs), so CI
-    runs are fast, honest and never overwrite committed results.
+    runs are fast, honest and never overwrite committed results; ``data_dir``, unless given, becomes the
+    committed test fixtures (:func:`pmet.paths.fixtures_data_dir`), so CI needs no data beside the checkout.
     """
     simple = (str, int, float, bool, list, tuple, dict, type(None))
     keys = names or [k for k, v in params.items() if not k.startswith("_") and k.islower() and isinstance(v, simple)
@@ -65,6 +66,9 @@ def configure(params: dict, small: dict | None = None, names: list[str] | None =
         cfg.update(small or {})
         cfg["out_dir"] = tempfile.mkdtemp(prefix="pmet-nb-")
         cfg["cache_dir"] = os.path.join(cfg["out_dir"], "cache")  # CI recomputes everything it shows
+        fixtures = fixtures_data_dir()
+        if not cfg.get("data_dir") and fixtures is not None:
+            cfg["data_dir"] = str(fixtures)  # CI reads the committed fixtures: nothing needed beside the checkout
         cfg["small"] = True
     else:
         cfg.setdefault("small", False)
