@@ -63,3 +63,13 @@ def tiny(request, tiny_models):
 def tmp_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("PMET_CACHE_DIR", str(tmp_path / "cache"))
     return tmp_path / "cache"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run far faster on one thread (and the machine is shared): ``pytestmark =
+    pytest.mark.usefixtures("one_thread")`` in a test module."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -10,6 +10,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from helpers import params_of
 
 from pmet.data import InvalidRecordError
 from pmet.editing import (
@@ -37,17 +38,7 @@ REQS = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tiny models are far faster on one thread (and the machine is shared)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _params(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _changed(model, before):
@@ -262,7 +253,7 @@ def test_edit_makes_target_top_and_restores(tiny_models, tmp_cache, name, method
             "the target top (step 2), and δ^m alone does not; MEMIT passes on the same model and PMET edits the "
             "real gemma3-270m")))
     model, tok = tiny_models[name]
-    before = _params(model)
+    before = params_of(model)
     prompt = REQ["prompt"].format(REQ["subject"])
     target = tok(" " + REQ["target_new"], add_special_tokens=False)["input_ids"][0]
     assert _top(model, tok, prompt) != target
@@ -290,7 +281,7 @@ def test_ablation_switches_change_exactly_their_weights(tiny_models, tmp_cache):
     crit = lay.critical_layers
     mlp_out = {lay.weight_name("mlp_out", l) for l in crit}
     attn_out = {lay.weight_name("attn_out", l) for l in crit}
-    before = _params(model)
+    before = params_of(model)
     for method in METHODS:
         result = edit(model, tok, [REQ], method=method, hparams={"v_num_grad_steps": 5}, progress=False)
         changed = _changed(model, before)
@@ -346,7 +337,7 @@ def test_value_cache_is_hit_on_second_call(tiny_models, tmp_cache):
 ])
 def test_bad_request_raises_before_any_change(tiny_models, tmp_cache, bad):
     model, tok = tiny_models["tiny-gptj"]
-    before = _params(model)
+    before = params_of(model)
     with pytest.raises(InvalidRecordError):
         edit(model, tok, [REQ, bad], method="pmet", progress=False)
     assert not _changed(model, before)
