@@ -231,7 +231,8 @@ def run_edit_eval(model, tok, spec: RunSpec, *, hparams=None, runs_dir: str | Pa
     edits are replayed from its trajectory file where they exist (:func:`pmet.runcache.trajectory_path`).
 
     The summary holds the metrics in percent with 95% intervals (the per-metric rule of
-    :func:`pmet.evaluation.stats.metric_ci`) and their n's, the editor's timings, ``delta_norms`` (Frobenius norm of Δ per edited weight, for Fig. 4) and ``spec``.
+    :func:`pmet.evaluation.stats.metric_ci`) and their n's, the editor's timings, ``delta_norms``
+    (Frobenius norm of Δ per edited weight, for Fig. 4) and ``spec``.
     """
     from . import distributed
     from .editing import edit
