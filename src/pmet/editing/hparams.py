@@ -91,6 +91,7 @@ class EditHparams:
     kl_prompt: str = "{} is a"
     v_batch_size: int = 16  # requests optimised together (fast path)
     v_autocast: str | None = None  # "bfloat16": Eq. 10's forward/backward under torch.autocast (None: float32)
+    v_fast: bool = False  # finished requests leave the batch (pmet.editing.values); changes rounding, not the math
     # --- context templates (prefixes of Eqs. 10 and 12) ---------------------------------------------------
     context_length: int = 10  # tokens per generated prefix, start word included (MEMIT: max_out_len=10)
     context_n_per_start: int = 1  # MEMIT: 5 generations over 5 start words
@@ -122,6 +123,8 @@ class EditHparams:
             raise ValueError("kl_prompt must contain '{}' for the subject")
         if self.v_autocast not in (None, "bfloat16", "float16"):
             raise ValueError(f"EditHparams.v_autocast must be None, 'bfloat16' or 'float16', not {self.v_autocast!r}")
+        if not isinstance(self.v_fast, bool):
+            raise ValueError(f"EditHparams.v_fast must be True or False, not {self.v_fast!r}")
         if self.v_num_grad_steps < 1 or self.v_batch_size < 1:
             raise ValueError("v_num_grad_steps and v_batch_size must be >= 1")
 
@@ -141,7 +144,7 @@ class EditHparams:
 
 
 # fields added after the first release -> their neutral default (left out of to_dict and cache keys)
-LATER_FIELDS = {"v_autocast": None}
+LATER_FIELDS = {"v_autocast": None, "v_fast": False}
 
 
 def _switches(method: str) -> dict:

@@ -8,6 +8,7 @@ the base model's block list (:func:`layers_from`).
 
 from __future__ import annotations
 
+import copy
 from contextlib import contextmanager
 
 import torch
@@ -102,3 +103,47 @@ def attention_implementation(model: nn.Module, name: str):
         yield
     finally:
         model.set_attn_implementation(before)
+
+
+def low_precision_blocks(model: nn.Module, start: int, dtype: torch.dtype) -> list[nn.Module]:
+    """Copies of blocks ``start..end`` whose matrices (parameters with 2+ dimensions: linear and Conv1D
+    weights) are cast to ``dtype`` once; vectors (norm weights, biases) stay as they are, and the copies
+    share the model's config objects (so :func:`attention_implementation` still reaches them).
+
+    Under ``torch.autocast(dtype)`` a copy computes exactly what the original computes (autocast casts a
+    matrix to ``dtype`` with the same rounding at every use, forward and backward); it only saves those
+    casts. The originals are not touched."""
+    base, attr = _base_model(model)
+    memo = {}
+    for m in model.modules():
+        cfg = getattr(m, "config", None)
+        if cfg is not None:
+            memo[id(cfg)] = cfg
+    blocks = []
+    for block in list(getattr(base, attr))[start:]:
+        twin = copy.deepcopy(block, memo)
+        for p in twin.parameters():
+            p.requires_grad_(False)
+            if p.dim() >= 2:
+                p.data = p.data.to(dtype)
+        blocks.append(twin)
+    return blocks
+
+
+@contextmanager
+def swapped_blocks(model: nn.Module, start: int, blocks: list[nn.Module] | None):
+    """Temporarily replace blocks ``start..end`` of ``model`` with ``blocks`` (e.g. from
+    :func:`low_precision_blocks`), so that layout paths (``model.layers.12.mlp``) and hooks reach the copies.
+    ``blocks=None`` leaves the model as it is."""
+    if blocks is None:
+        yield
+        return
+    base, attr = _base_model(model)
+    orig = getattr(base, attr)
+    if len(orig) - start != len(blocks):
+        raise ValueError(f"{len(blocks)} replacement blocks for blocks {start}..{len(orig) - 1}")
+    setattr(base, attr, nn.ModuleList(list(orig)[:start] + list(blocks)))
+    try:
+        yield
+    finally:
+        setattr(base, attr, orig)
