@@ -67,9 +67,10 @@ from ..paths import cache_dir as default_cache_dir
 from ..tensor_cache import load_entry, save_entry
 from .hparams import EditHparams
 from .partial_forward import (
-    attention_implementation, block_input, forward_from_layer, low_precision_blocks, swapped_blocks,
+    attention_implementation, block_input, forward_from_layer, forward_from_prefix, low_precision_blocks, prefix_state,
+    swapped_blocks,
 )
-from .tokens import build_value_batch
+from .tokens import build_value_batch, pad_id_of, split_at_subject
 from .value_cache import value_cache_key, weights_checksum
 
 
@@ -180,7 +181,16 @@ def optimize_batch(model: nn.Module, tok, requests: list[dict], hp: EditHparams,
     bt = build_value_batch(tok, requests, templates, hp.kl_prompt, device)
     B = len(requests)
     sites = value_sites(hp, L)
-    h_prev, rec = block_input(model, bt.input_ids, bt.attention_mask, L, record=sites.values())
+    prefix = None
+    if hp.v_fast:  # the positions before the subject's last token are run once (keys/values kept)
+        split = split_at_subject(bt, pad_id_of(tok))
+        state = prefix_state(model, split.prefix_ids, split.prefix_mask, split.suffix.input_ids,
+                             split.suffix.attention_mask, L, record=sites.values())
+        if state is not None:
+            bt = split.suffix
+            h_prev, rec, prefix = state
+    if prefix is None:
+        h_prev, rec = block_input(model, bt.input_ids, bt.attention_mask, L, record=sites.values())
     init = {name: rec[site][bt.init_rows, bt.lookup[bt.init_rows]].float() for name, site in sites.items()}
     opt_names = ["block"] if hp.value_site == "block" else (["mlp", "attn"] if hp.optimize_attn_delta else ["mlp"])
     deltas = {n: torch.zeros_like(init[n], requires_grad=True) for n in opt_names}
@@ -219,9 +229,13 @@ def optimize_batch(model: nn.Module, tok, requests: list[dict], hp: EditHparams,
         else:  # only the requests still optimised
             if lv is None or lv.req.numel() != int((~done).sum()):
                 lv = _live_rows(bt, (~done).nonzero()[:, 0])
+                if prefix is not None:
+                    lv_prefix = prefix.rows(lv.rows, getattr(torch, hp.v_autocast) if hp.v_autocast else None)
             with amp, swapped_blocks(model, L, blocks), \
                     Trace(model, add={sites[n]: live_adder(n, lv) for n in opt_names}):
-                hidden = forward_from_layer(model, h_prev[lv.rows, :lv.mask.shape[1]], L, lv.mask)
+                h_live = h_prev[lv.rows, :lv.mask.shape[1]]
+                hidden = (forward_from_prefix(model, h_live, L, lv.mask, lv_prefix) if prefix is not None
+                          else forward_from_layer(model, h_live, L, lv.mask))
             hidden = hidden.float()
             logp = torch.log_softmax(unembed(hidden[lv.t_rows, lv.t_pos]).float(), -1)
             kl_lp = torch.log_softmax(unembed(hidden[lv.kl_rows, lv.lookup[lv.kl_rows]]).float(), -1)
