@@ -13,11 +13,19 @@ import torch
 
 from pmet.data import InvalidRecordError
 from pmet.editing import (
-    METHODS, EditHparams, compute_keys, compute_values, edit, forward_from_layer, hparams_path, load_hparams,
-    solve_update, spread_residual,
+    METHODS,
+    EditHparams,
+    compute_keys,
+    compute_values,
+    edit,
+    forward_from_layer,
+    hparams_path,
+    load_hparams,
+    normalize_requests,
+    solve_update,
+    spread_residual,
 )
 from pmet.editing.context import flatten, get_context_templates
-from pmet.editing import normalize_requests
 from pmet.editing.partial_forward import block_input
 from pmet.editing.tokens import pad_id_of, pad_right
 

@@ -100,7 +100,7 @@ def test_the_cycle_finder_finds_cycles():
 # --------------------------------------------------------------------------------------------- registry
 def test_registry_holds_every_editor_in_table_order():
     assert editor_names() == ("ft", "mend", "rome", "memit", "memit-ffn", "pmet", "pmet-no-attn-delta",
-                              "pmet-with-attn-weights", "pmet-even-spread")
+                              "pmet-with-attn-weights", "pmet-even-spread", "pmet-ns", "memit-ns")
     assert [display_label(m) for m in ("none", "ft", "pmet", "memit-ffn")] == [
         "Unedited", "FT-W", "PMET", "MEMIT (δ on m^L)"]
     assert {n for n, s in EDITORS.items() if s.sequential} == {"rome"}

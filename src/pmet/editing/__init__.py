@@ -15,8 +15,18 @@ from .editor import apply_shared_editor, collect_keys, current_outputs
 from .hparams import METHODS, EditHparams
 from .partial_forward import forward_from_layer
 from .registry import (
-    EDITORS, UNEDITED, EditorSpec, display_label, edit, editor_names, get_editor, hparams_for, hparams_path,
-    load_hparams, register, sequential_methods,
+    EDITORS,
+    UNEDITED,
+    EditorSpec,
+    display_label,
+    edit,
+    editor_names,
+    get_editor,
+    hparams_for,
+    hparams_path,
+    load_hparams,
+    register,
+    sequential_methods,
 )
 from .requests import normalize_requests
 from .result import EditResult, MethodUnavailable

@@ -62,9 +62,9 @@ def _at_subject(model: nn.Module, tok, templates: list[str], subjects: list[str]
         look = torch.tensor([c[1] for c in chunk], device=device)
         with Trace(model, record=sites, stop_after=stop) as tr:
             model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False)
-        rows = torch.arange(len(chunk), device=device)
-        for s in sites:
-            out[s].append(tr[s][rows, look].float())
+        for s in sites:  # each site on its layer's device (device_map="auto" spreads layers over GPUs)
+            t = tr[s]
+            out[s].append(t[torch.arange(len(chunk), device=t.device), look.to(t.device)].float())
     return {s: torch.cat(v) for s, v in out.items()}
 
 
@@ -87,12 +87,21 @@ def current_outputs(model: nn.Module, tok, requests: list[dict], site: tuple[str
 
 def apply_shared_editor(model: nn.Module, tok, requests, hparams: EditHparams, cache_dir: str | Path | None = None,
                         progress: bool = True, use_value_cache: bool = True,
+                        prior_keys: dict[str, torch.Tensor] | None = None,
                         context_templates: list[list[str]] | None = None) -> EditResult:
     """Edit ``model`` in place with PMET, MEMIT or an ablation (``hparams.method`` and its switches) so that
     each request's prompt continues with its ``target_new`` (module docstring). ``cache_dir``: context
     templates, key statistics and value vectors (default ``$PMET_CACHE_DIR``); ``use_value_cache=False``
     recomputes the values; ``context_templates`` (groups of ``"...{}"`` prefixes, e.g. ``[["{}"], [...]]``)
-    replaces the generated ones (benchmarks use fixed ones). Works on the model's device and dtype."""
+    replaces the generated ones (benchmarks use fixed ones). Works on the model's device and dtype.
+
+    ``hparams.null_space`` (``pmet-ns``, ``memit-ns``): each ``Δ^l`` is AlphaEdit's projected solve
+    (:func:`pmet.editing.core.solve_update_null_space`) with ``P`` from the same ``C0``, instead of Eq. 9;
+    ``prior_keys`` (weight name -> ``Kp Kpᵀ``, the keys of earlier edits of a sequential run,
+    :func:`pmet.sequential.run_sequential`) enter it as AlphaEdit's sequential term. Without
+    ``null_space`` ``prior_keys`` must be None."""
+    if prior_keys is not None and not hparams.null_space:
+        raise ValueError("prior_keys are used by the null-space solve only (null_space=True: pmet-ns, memit-ns)")
     t0 = time.perf_counter()
     reqs = normalize_requests(requests, tok)
     hp = hparams
@@ -132,12 +141,18 @@ def apply_shared_editor(model: nn.Module, tok, requests, hparams: EditHparams, c
         for i, l in enumerate(tqdm(layers, desc=f"{hp.method}: updating layers", disable=not progress)):
             for comp in components:
                 name = names[comp, l]
-                K = collect_keys(model, tok, reqs, l, templates, KEY_SITE[comp], hp.key_averaging)
+                wdev = model.get_parameter(name).device  # K, R and Δ live on the edited weight's device
+                K = collect_keys(model, tok, reqs, l, templates, KEY_SITE[comp], hp.key_averaging).to(wdev)
                 cur = current_outputs(model, tok, reqs, (value_name[comp], L))
-                R = core.residual(V[value_name[comp]], cur)
+                R = core.residual(V[value_name[comp]].to(wdev), cur)
                 Rl = core.spread_residual(R, len(layers) - 1, i, hp.spread)
                 C0 = mom2[comp][l]
-                delta = core.solve_update(Rl, K.T, C0, hp.mom2_update_weight)
+                if hp.null_space:
+                    P = core.null_space_projector(C0, hp.null_space_threshold)
+                    prior = (prior_keys or {}).get(name)
+                    delta = core.solve_update_null_space(Rl, K.T, P, hp.null_space_alpha, prior)
+                else:
+                    delta = core.solve_update(Rl, K.T, C0, hp.mom2_update_weight)
                 layout.add_to_weight(model, comp, l, delta)
                 deltas[name] = delta.float().cpu()
                 keys[name] = K.cpu()

@@ -13,6 +13,11 @@ method                     value_site     optimize_attn_delta update_attn_weight
 ``memit-ffn``              components     False               False               even     memit
 ========================== ============== =================== =================== ======== =========
 
+``pmet-ns`` and ``memit-ns`` (= AlphaEdit) are ``pmet`` and ``memit`` with ``null_space=True``: Eq. 9 is
+replaced by AlphaEdit's projected solve (:func:`pmet.editing.core.solve_update_null_space`). The null-space
+fields are left out of :meth:`EditHparams.to_dict` while they hold their defaults, so the cache keys of every
+configuration made before they existed stay the same.
+
 ``memit-ffn`` is MEMIT with its value vector moved from the hidden state h^L to the FFN output m^L (δ
 added where W_O^FFN writes, no δ^a). On pre-norm blocks (GPT-J, NeoX, Llama) adding δ to m^L adds it to
 h^L unchanged, so it differs from MEMIT only in the clamp's reference norm (|m^L| instead of |h^L|) and in
@@ -91,7 +96,7 @@ class EditHparams:
     kl_prompt: str = "{} is a"
     v_batch_size: int = 16  # requests optimised together (fast path)
     v_autocast: str | None = None  # "bfloat16": Eq. 10's forward/backward under torch.autocast (None: float32)
-    v_fast: bool = False  # finished requests leave the batch (pmet.editing.values); changes rounding, not the math
+    v_fast: bool = False  # prefix run once, finished requests leave the batch (pmet.editing.values); rounding only
     # --- context templates (prefixes of Eqs. 10 and 12) ---------------------------------------------------
     context_length: int = 10  # tokens per generated prefix, start word included (MEMIT: max_out_len=10)
     context_n_per_start: int = 1  # MEMIT: 5 generations over 5 start words
@@ -102,6 +107,10 @@ class EditHparams:
     mom2_n_tokens: int = 100_000
     mom2_dtype: str = "float32"
     mom2_corpus: str = "wikitext"
+    # --- null-space projection (AlphaEdit; methods pmet-ns, memit-ns) --------------------------------------
+    null_space: bool = False  # Δ projected onto the null space of C0 (pmet.editing.core.solve_update_null_space)
+    null_space_threshold: float = 2e-2  # eigenvalues of E[kk^T] below it span the null space (AlphaEdit's)
+    null_space_alpha: float = 10.0  # α of AlphaEdit's (… + αI)^{-1} (its "L2")
 
     def __post_init__(self):
         checks = {
@@ -125,10 +134,12 @@ class EditHparams:
             raise ValueError(f"EditHparams.v_autocast must be None, 'bfloat16' or 'float16', not {self.v_autocast!r}")
         if not isinstance(self.v_fast, bool):
             raise ValueError(f"EditHparams.v_fast must be True or False, not {self.v_fast!r}")
+        if not (self.null_space_threshold > 0 and self.null_space_alpha > 0):
+            raise ValueError("EditHparams.null_space_threshold and null_space_alpha must be > 0")
         if self.v_num_grad_steps < 1 or self.v_batch_size < 1:
             raise ValueError("v_num_grad_steps and v_batch_size must be >= 1")
 
-    def with_method(self, method: str) -> "EditHparams":
+    def with_method(self, method: str) -> EditHparams:
         """A copy with ``method``'s switches (see :data:`METHOD_SWITCHES`)."""
         return replace(self, method=method, **_switches(method))
 
@@ -144,7 +155,8 @@ class EditHparams:
 
 
 # fields added after the first release -> their neutral default (left out of to_dict and cache keys)
-LATER_FIELDS = {"v_autocast": None, "v_fast": False}
+LATER_FIELDS = {"v_autocast": None, "null_space": False, "null_space_threshold": 2e-2, "null_space_alpha": 10.0,
+                "v_fast": False}
 
 
 def _switches(method: str) -> dict:

@@ -165,7 +165,8 @@ def edit(model, tok, requests, method: str = "pmet", hparams=None, cache_dir: st
 
     ``method``: a registered editor (:func:`editor_names`): ``"pmet"``, ``"memit"``, ``"memit-ffn"`` (MEMIT's
     value on m^L: the post-norm adaptation), ``"pmet-no-attn-delta"``, ``"pmet-with-attn-weights"``,
-    ``"pmet-even-spread"``, or a baseline ``"rome"``, ``"ft"`` (FT-W), ``"mend"``. ``hparams``: the method's
+    ``"pmet-even-spread"``, ``"pmet-ns"``/``"memit-ns"`` (null-space projection; memit-ns is AlphaEdit), or
+    a baseline ``"rome"``, ``"ft"`` (FT-W), ``"mend"``. ``hparams``: the method's
     dataclass (used as given), a dict of overrides of its file, or None (:func:`resolve_hparams`; CounterFact
     files). ``cache_dir``: context templates, key statistics and value vectors (default
     ``$PMET_CACHE_DIR``). ``options``: what the editor's apply function takes besides those, e.g.
@@ -198,3 +199,7 @@ for _name, _label in _SHARED_LABELS.items():
     register(EditorSpec(_name, _label, EditHparams, apply_shared_editor,
                         file_base="memit" if _name.startswith("memit") else "pmet",
                         fixed={"method": _name, **METHOD_SWITCHES[_name]}))
+# beyond the paper: PMET and MEMIT with AlphaEdit's null-space projection (memit-ns is AlphaEdit)
+for _base, _label in (("pmet", "PMET-ns"), ("memit", "MEMIT-ns (AlphaEdit)")):
+    register(EditorSpec(f"{_base}-ns", _label, EditHparams, apply_shared_editor, file_base=_base,
+                        fixed={"method": f"{_base}-ns", **METHOD_SWITCHES[_base], "null_space": True}))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..data import InvalidRecordError, validate_request
+from ..data import InvalidRecordError, request_label, validate_request
 from .tokens import target_ids, target_text
 
 
@@ -21,14 +21,14 @@ def normalize_requests(requests: Any, tok=None) -> list[dict]:
     for i, r in enumerate(requests):
         if hasattr(r, "as_request"):
             r = r.as_request()
-        validate_request(r)
+        validate_request(r, i)
         r = dict(r)
         for k in ("target_new", "target_true"):
             if isinstance(r.get(k), dict):
                 r[k] = r[k].get("str")
         r["target_new"] = target_text(r["target_new"])
         if tok is not None and not target_ids(tok, r["target_new"]):
-            raise InvalidRecordError(f"request {i}: target_new {r['target_new']!r} has no tokens")
+            raise InvalidRecordError(f"{request_label(r, i)}: target_new {r['target_new']!r} has no tokens")
         r.setdefault("case_id", i)
         out.append(r)
     if not out:

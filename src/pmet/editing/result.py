@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,9 +34,18 @@ class EditResult:
     timings: dict[str, float]
     _model: nn.Module = field(repr=False, default=None)
     _originals: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)
+    restored: bool = False  # restore() was called (a saved edit refuses a restored result)
 
     def restore(self) -> None:
         """Put the original weights of every edited module back, bit for bit."""
         with torch.no_grad():
             for name, w0 in self._originals.items():
                 self._model.get_parameter(name).copy_(w0)
+        self.restored = True
+
+    def save(self, path: str | Path, check: bool = True) -> Path:
+        """Write this edit to the folder ``path`` (post-edit weights + JSON manifest) so that
+        :func:`pmet.load_edit` can re-apply it bit for bit; see :mod:`pmet.editing.saved`."""
+        from .saved import save_edit  # saved.py builds on this module
+
+        return save_edit(self, path, check=check)

@@ -47,9 +47,9 @@ from tqdm.auto import tqdm
 from ..hooks import Trace
 from ..stats import key_second_moments
 from ..tensor_cache import load_entry, save_entry
+from .baseline import make_result, restore_weights, snapshot
 from .context import flatten, get_context_templates
 from .core import compute_keys
-from .baseline import make_result, restore_weights, snapshot
 from .hparams import EditHparams
 from .partial_forward import attention_implementation
 from .requests import normalize_requests
@@ -116,8 +116,8 @@ def prompt_keys(model: nn.Module, tok, request: dict, templates: list[str], laye
     ids, mask = pad_right(seqs, pad_id_of(tok), device)
     with Trace(model, record=[("mlp_key", layer)], stop_after=("mlp_key", layer)) as tr:
         model(input_ids=ids, attention_mask=mask, use_cache=False)
-    k = tr["mlp_key", layer]
-    return k[torch.arange(len(seqs), device=device), torch.tensor(look, device=device)].float()
+    k = tr["mlp_key", layer]  # on the layer's device (models spread over GPUs with device_map="auto")
+    return k[torch.arange(len(seqs), device=k.device), torch.tensor(look, device=k.device)].float()
 
 
 def rank_one_factors(W: torch.Tensor, bias: torch.Tensor | None, C: torch.Tensor, k_star: torch.Tensor,

@@ -5,7 +5,8 @@ Conventions shared by every editor (the authors' MEMIT/PMET code, where the pape
 * targets are stored raw (``"English"``) and tokenised with a leading space (:func:`target_text`);
 * the position an edit reads or writes is the subject's *last* token (MEMIT's ``fact_token="subject_last"``),
   found from the tokenizer's character offsets (:func:`encode_with_subject`);
-* batches are right-padded (:func:`pad_right`), so a row gives the same result alone or in any batch;
+* batches are right-padded (:func:`pad_right`), so a row gives the same result alone or in any batch (up to
+  the last bits of floating-point sums, whose order depends on the padded length);
 * the value optimisation of Eq. 10 runs one batch whose rows are every context-prefixed prompt followed by
   the target tokens but the last (teacher forcing), then the KL prompt (:func:`build_value_batch`).
 """
@@ -54,7 +55,9 @@ def target_ids(tok, target: str) -> list[int]:
 
 def pad_right(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Right padding: real tokens keep positions 0..n-1 and never attend to padding (causal), so a row
-    gives the same result alone or in any batch."""
+    gives the same result alone or in any batch, up to rounding: the padded length changes the order of
+    floating-point sums, which Eq. 10's optimisation amplifies to ~1e-4 relative (see
+    :func:`pmet.editing.value_cache.resume_batches`)."""
     n = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), n), dtype=torch.long)

@@ -2,7 +2,8 @@
 
 Entries live under ``cache_dir/values/<model fingerprint>/`` and are keyed by a hash of everything that
 changes a value: the model (fingerprint and a checksum of the weights edits write), the layer, the context
-templates, the request and the value hyperparameters (:data:`VALUE_FIELDS`).
+templates, the request and the value hyperparameters (:data:`VALUE_FIELDS`). Each entry's info also records
+``batch_keys``, the keys of the batch it was optimised in (:func:`resume_batches`); it is not part of the key.
 """
 
 from __future__ import annotations
@@ -42,3 +43,26 @@ def value_cache_key(model_id: dict, hp: EditHparams, layer: int, templates: list
                "hp": {**{f: getattr(hp, f) for f in VALUE_FIELDS}, **later},
                "request": {k: request[k] for k in ("prompt", "subject", "target_new")}}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def resume_batches(keys: list, mates: list, todo: list[int]) -> list[list[int]]:
+    """The batches that recompute missing values in the composition they were first computed in.
+
+    A request's value depends, in its last bits (and after the optimisation's steps, ~1e-4 relative), on the
+    other requests in its batch (padding lengths change the order of floating-point sums), so a value missing
+    from a batch that was partly saved (a run killed while it wrote the batch's entries) or partly discarded
+    (a corrupt entry) is recomputed with the same batch-mates, in the same order, as the cached entries of that
+    batch record (``batch_keys``): the result is then bit for bit that of an uninterrupted run. Only batches
+    whose members are all among ``keys`` can be rebuilt; other missing values are batched as usual."""
+    index = {}
+    for i, k in enumerate(keys):
+        index.setdefault(k, i)
+    missing, out, covered = set(todo), [], set()
+    for recorded in mates:
+        if not recorded or not all(k in index for k in recorded):
+            continue
+        batch = [index[k] for k in recorded]
+        if any(i in missing and i not in covered for i in batch):
+            out.append(batch)
+            covered.update(batch)
+    return out

@@ -47,8 +47,11 @@ backward is several times slower than its float32 one and ate most of autocast's
 (``benchmarks/results/profile_values_bf16.txt``); eager attention turns it into bf16 matrix products.
 Float32 runs keep the model's own implementation (their cached values stay bit-identical).
 
-Values are cached per request (safetensors, atomic write) under ``cache_dir/values/<fingerprint>/``,
-keyed by a hash of everything that changes them (:mod:`pmet.editing.value_cache`).
+Values are cached per request (safetensors, atomic write, checksummed: :mod:`pmet.tensor_cache`) under
+``cache_dir/values/<fingerprint>/``, keyed by a hash of everything that changes them
+(:mod:`pmet.editing.value_cache`). Each entry also records the keys of the batch it was optimised in, so a
+value missing from a partly saved or partly corrupt batch is recomputed in that same batch and comes out bit
+for bit as before (:func:`pmet.editing.value_cache.resume_batches`).
 """
 
 from __future__ import annotations
@@ -71,7 +74,7 @@ from .partial_forward import (
     swapped_blocks,
 )
 from .tokens import build_value_batch, pad_id_of, split_at_subject
-from .value_cache import value_cache_key, weights_checksum
+from .value_cache import resume_batches, value_cache_key, weights_checksum
 
 
 def value_sites(hp: EditHparams, L: int) -> dict[str, tuple[str, int]]:
@@ -79,6 +82,11 @@ def value_sites(hp: EditHparams, L: int) -> dict[str, tuple[str, int]]:
     if hp.value_site == "block":
         return {"block": ("block", L)}
     return {"mlp": ("mlp", L), "attn": ("attn", L)}
+
+
+def _at(t: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``t[rows, cols]`` as float32, indexed on ``t``'s own device (a layer's GPU under device_map="auto")."""
+    return t[rows.to(t.device), cols.to(t.device)].float()
 
 
 @dataclass
@@ -191,16 +199,17 @@ def optimize_batch(model: nn.Module, tok, requests: list[dict], hp: EditHparams,
             h_prev, rec, prefix = state
     if prefix is None:
         h_prev, rec = block_input(model, bt.input_ids, bt.attention_mask, L, record=sites.values())
-    init = {name: rec[site][bt.init_rows, bt.lookup[bt.init_rows]].float() for name, site in sites.items()}
+    init = {name: _at(rec[site], bt.init_rows, bt.lookup[bt.init_rows]).to(device) for name, site in sites.items()}
     opt_names = ["block"] if hp.value_site == "block" else (["mlp", "attn"] if hp.optimize_attn_delta else ["mlp"])
     deltas = {n: torch.zeros_like(init[n], requires_grad=True) for n in opt_names}
     opt = torch.optim.Adam(list(deltas.values()), lr=hp.v_lr)
     unembed = model.get_output_embeddings()  # (Layout.unembed is stale for NeoX in transformers 5)
     all_rows = torch.arange(len(bt.row_req), device=device)
 
-    def adder(name):
+    def adder(name):  # (.to(x.device): a no-op unless device_map="auto" put layer L on another GPU)
         vec = deltas[name][bt.row_req]
-        return lambda x: x.index_put((all_rows, bt.lookup), vec.to(x.dtype), accumulate=True)
+        return lambda x: x.index_put((all_rows.to(x.device), bt.lookup.to(x.device)),
+                                     vec.to(device=x.device, dtype=x.dtype), accumulate=True)
 
     def live_adder(name, lv):
         vec, rows = deltas[name][lv.row_req], torch.arange(lv.rows.numel(), device=device)
@@ -217,9 +226,9 @@ def optimize_batch(model: nn.Module, tok, requests: list[dict], hp: EditHparams,
         if not hp.v_fast:  # the reference: every request's rows, every step
             with amp, swapped_blocks(model, L, blocks), Trace(model, add={sites[n]: adder(n) for n in opt_names}):
                 hidden = forward_from_layer(model, h_prev, L, bt.attention_mask)
-            hidden = hidden.float()  # the loss (unembedding at the targets, softmax, KL) in float32
-            logp = torch.log_softmax(unembed(hidden[bt.t_rows, bt.t_pos]).float(), -1)
-            kl_lp = torch.log_softmax(unembed(hidden[bt.kl_rows, bt.lookup[bt.kl_rows]]).float(), -1)
+            hidden = hidden.float().to(device)  # the loss (unembedding at the targets, softmax, KL) in float32
+            logp = torch.log_softmax(unembed(hidden[bt.t_rows, bt.t_pos]).float(), -1).to(device)
+            kl_lp = torch.log_softmax(unembed(hidden[bt.kl_rows, bt.lookup[bt.kl_rows]]).float(), -1).to(device)
             if kl_init is None:
                 kl_init = kl_lp.detach()  # the reference distribution: δ = 0 at the first step
             terms = value_loss(logp, bt.t_tok, bt.t_prompt, bt.t_req, bt.t_len, kl_lp, kl_init,
@@ -293,6 +302,7 @@ def compute_values(model: nn.Module, tok, requests: list[dict], hp: EditHparams,
     results: list[dict | None] = [None] * len(requests)
     infos: list[dict] = [{} for _ in requests]
     keys, paths = [None] * len(requests), [None] * len(requests)
+    mates: list[list[str] | None] = [None] * len(requests)  # cached entries: the keys of the batch they came from
     if use_cache:
         root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         model_id = {"fingerprint": model_fingerprint(model), "weights": weights_checksum(model)}
@@ -301,10 +311,15 @@ def compute_values(model: nn.Module, tok, requests: list[dict], hp: EditHparams,
             paths[i] = root / "values" / model_id["fingerprint"] / f"{keys[i]}.safetensors"
             hit = load_entry(paths[i], keys[i], names)
             if hit is not None:
+                info = dict(hit[1])
+                mates[i] = info.pop("batch_keys", None)
                 results[i] = {n: hit[0][n].to(device) for n in names}
-                infos[i] = {**hit[1], "cached": True}
+                infos[i] = {**info, "cached": True}
     todo = [i for i, r in enumerate(results) if r is None]
-    batches = [todo[s:s + hp.v_batch_size] for s in range(0, len(todo), hp.v_batch_size)]
+    batches = resume_batches(keys, mates, todo)
+    rebuilt = {i for b in batches for i in b}
+    rest = [i for i in todo if i not in rebuilt]
+    batches += [rest[s:s + hp.v_batch_size] for s in range(0, len(rest), hp.v_batch_size)]
     attn = attention_implementation(model, "eager") if hp.v_autocast else contextlib.nullcontext()
     # under autocast the matrices of blocks L..end are cast once here rather than at every use (same numbers)
     blocks = low_precision_blocks(model, layer, getattr(torch, hp.v_autocast)) if hp.v_autocast and todo else None
@@ -312,8 +327,11 @@ def compute_values(model: nn.Module, tok, requests: list[dict], hp: EditHparams,
         for batch in tqdm(batches, desc=f"values ({hp.method}, layer {layer})", disable=not progress or not batches):
             vals, info = optimize_batch(model, tok, [requests[i] for i in batch], hp, templates, layer, blocks)
             for j, i in enumerate(batch):
+                if results[i] is not None:  # a cached batch-mate, recomputed only to rebuild the batch
+                    continue
                 results[i] = {n: vals[n][j] for n in names}
                 infos[i] = {**info[j], "cached": False}
                 if use_cache:
-                    save_entry(paths[i], {n: t.float() for n, t in results[i].items()}, keys[i], info[j])
+                    save_entry(paths[i], {n: t.float() for n, t in results[i].items()}, keys[i],
+                               {**info[j], "batch_keys": [keys[b] for b in batch]})
     return {n: torch.stack([r[n] for r in results]) for n in names}, infos

@@ -12,8 +12,8 @@ from .counterfact import CF_METRICS, counterfact_table, evaluate_counterfact, su
 from .generation import ConsistencyScorer, compute_n_gram_entropy, generate_fast, n_gram_entropy
 from .results import ResultsFile, load_results
 from .scoring import PairScore, fast_path_ok, score_id_pairs, score_pairs
-from .summarize import summarize_file
 from .stats import CI, bootstrap_ci, compare_rows, harmonic_mean, mean_ci, normal_ci, paired_test
+from .summarize import summarize_file
 from .zsre import ZSRE_METRICS, evaluate_zsre, summarize_zsre, zsre_table
 
 __all__ = [

@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 
@@ -112,7 +112,7 @@ def _parse_lines(text: str) -> tuple[dict, list[dict]]:
     return meta, rows
 
 
-def evaluate_resumable(records, score_batch, batch_size: int, store: "ResultsFile | None", desc: str,
+def evaluate_resumable(records, score_batch, batch_size: int, store: ResultsFile | None, desc: str,
                        progress: bool = True) -> list[dict]:
     """The loop both evaluations share: skip records already in ``store``, score the rest ``batch_size``
     at a time with ``score_batch(chunk) -> rows`` (one row per record, with ``case_id``), time them,

@@ -32,10 +32,9 @@ fire on the fast path (hooks on submodules do); pass ``fast=False`` for such mod
 
 from __future__ import annotations
 
-import math
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -74,7 +73,7 @@ class PairScore:
 
 
 # ----------------------------------------------------------------------------------------- tokenization
-_TOK_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_TOK_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _cache_for(tok) -> dict:
@@ -115,7 +114,7 @@ def body_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     return body, head
 
 
-_FAST_OK: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_FAST_OK: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @torch.no_grad()
