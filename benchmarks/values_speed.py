@@ -224,7 +224,8 @@ def main(argv=None) -> int:
             rel = max(float(((vals[m, "fast"][k] - vals[m, "float32"][k]).norm(dim=1)
                              / vals[m, "float32"][k].norm(dim=1)).max()) for k in vals[m, "float32"])
             res[f"values_{m}_fast_max_rel_diff"] = round(rel, 4)
-    summary_keys = {"threads": res["threads"], "machine": res["machine"]}
+    summary_keys = {"threads": res["threads"], "machine": res["machine"], "values_n_requests": a.n,
+                    "values_mom2_n_tokens": a.mom2_tokens}
     for m in methods:
         summary_keys[f"authors_{m}_s_per_request"] = AUTHORS_S_PER_REQUEST[m]
         for v, key in (("fast", "fast"), ("float32", "float32")):
