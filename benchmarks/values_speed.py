@@ -100,8 +100,8 @@ def edit_outcomes(model, tok, records, hp, cache_dir: Path) -> list[dict]:
     """Edit with ``hp`` (values from ``cache_dir``), score each rewrite prompt, restore the model."""
     from pmet.editing import normalize_requests
     from pmet.editing.editor import apply_shared_editor
-    from pmet.evaluation.scoring import prompt_ids, score_id_pairs, target_ids
     from pmet.editing.tokens import pad_id_of
+    from pmet.evaluation.scoring import prompt_ids, score_id_pairs, target_ids
 
     reqs = normalize_requests([r.as_request() for r in records], tok)
     res = apply_shared_editor(model, tok, reqs, hp, cache_dir=cache_dir, progress=False,

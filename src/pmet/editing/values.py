@@ -70,7 +70,12 @@ from ..paths import cache_dir as default_cache_dir
 from ..tensor_cache import load_entry, save_entry
 from .hparams import EditHparams
 from .partial_forward import (
-    attention_implementation, block_input, forward_from_layer, forward_from_prefix, low_precision_blocks, prefix_state,
+    attention_implementation,
+    block_input,
+    forward_from_layer,
+    forward_from_prefix,
+    low_precision_blocks,
+    prefix_state,
     swapped_blocks,
 )
 from .tokens import build_value_batch, pad_id_of, split_at_subject
