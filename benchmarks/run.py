@@ -50,6 +50,8 @@ def main(argv=None) -> int:
     p.add_argument("--autocast", default="bfloat16", choices=["bfloat16", "none"],
                    help="also time the batched values under this autocast dtype (and use it end to end)")
     p.add_argument("--out", default=None)
+    p.add_argument("--values-speed", action="store_true",
+                   help="also run benchmarks.values_speed (issue 20's value benchmark, ~5-10 min quiet) at the end")
     a = p.parse_args(argv)
 
     work = tempfile.mkdtemp(prefix="pmet-bench-")
@@ -196,6 +198,10 @@ def main(argv=None) -> int:
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(res, indent=1))
+    if a.values_speed:  # its own table, merged into benchmarks/results/summary.json
+        from benchmarks import values_speed
+
+        values_speed.main(["--model", a.model, "--threads", str(a.threads or 2)])
     return 0
 
 
