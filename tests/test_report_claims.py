@@ -166,3 +166,25 @@ def test_table_cells_all_have_intervals_inside_0_100(tmp_path):
     assert "[" in a.loc[1, "Efficacy"] and "↓" in a.loc[1, "Efficacy"] and "interval_note" in a.attrs
     f = sweep_frame({(2, "pmet"): grid["m"]["pmet"]})
     assert f.low.notna().all() and (f.high > f.low).all()
+
+
+def test_editors_without_value_vectors_pair_with_every_value_precision(tmp_path):
+    """FT-W has no value vectors, so its float32 run is the same run beside PMET's bf16-autocast values; a
+    float32 MEMIT run is not (its values differ), so PMET vs MEMIT stays unpaired across precisions."""
+    from pmet.runstore import write_run
+
+    n = 30
+    rows_ft = _cf_rows([0.0] * 20 + [1.0] * 10, [0.5] * n, [0.5] * n)
+    rows_pmet = _cf_rows([1.0] * n, [0.5] * n, [0.5] * n)
+    for method, rows, precision in (("ft", rows_ft, None), ("pmet", rows_pmet, "bfloat16"),
+                                    ("memit", rows_ft, None)):
+        spec = {"model": "m", "dataset": "counterfact", "method": method, "n_edits": n, "seed": 0,
+                "generation": False, "value_autocast": precision, "overrides": {}}
+        write_run(tmp_path / "results" / f"{method}.jsonl.gz", spec, {}, rows)
+    write_claims(tmp_path, n_resamples=99)
+    detail = pd.read_csv(tmp_path / "tables" / "claims_detail.csv")
+    t1 = detail[(detail.artifact == "Table 1") & (detail.block == "GPT-J")]
+    bf16 = t1[t1.model.str.contains("bfloat16")].set_index("claim")
+    assert bf16.loc["PMET > FT-W on efficacy"].test.startswith("exact McNemar (20:0")
+    # never paired with a float32 MEMIT run: no paired row for PMET vs MEMIT in the bf16 block
+    assert "PMET > MEMIT on efficacy" not in bf16.index or not bf16.loc["PMET > MEMIT on efficacy"].n_pairs

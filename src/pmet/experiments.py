@@ -300,6 +300,8 @@ def _evaluate_and_save(model, tok, records, run: SimpleNamespace, eval_batch_siz
     if edited is not None:
         summary["timings"] = dict(edited.timings)
         summary["delta_norms"] = dict(edited.delta_norms)
+        if getattr(edited, "values_cached", None) is not None:
+            summary["values_cached"] = edited.values_cached
         summary["hparams_values"] = hp.to_dict() if hasattr(hp, "to_dict") else None
         if getattr(hp, "mom2_corpus", None):
             from .data import resolve_corpus

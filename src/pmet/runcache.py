@@ -103,6 +103,8 @@ class EditedWeights:
 
         names = list(result._originals)
         info = {"seconds": seconds, "timings": dict(getattr(result, "timings", {})),
+                # value vectors read from the cache cost nothing: edit times are comparable only without them
+                "values_cached": sum(1 for i in getattr(result, "value_info", None) or [] if i.get("cached")),
                 "delta_norms": {k: float(torch.linalg.norm(v.float())) for k, v in result.deltas.items()}}
         save_entry(self.path, {n: self.model.get_parameter(n).detach() for n in names}, self.key, info)
         return SimpleNamespace(restore=result.restore, **info)
