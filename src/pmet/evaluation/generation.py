@@ -194,9 +194,9 @@ def _decode_legacy(model, parts, ids, mask, uniforms, steps, top_k) -> torch.Ten
 def _static_cache(model: nn.Module, max_len: int):
     """A preallocated KV cache of ``max_len`` slots for ``model`` (None when transformers lacks one).
 
-    For models whose layers are all full attention, each layer returns only the slots written so far
-    (:class:`_PrefixStaticLayer`), so attention does not run over the empty tail; otherwise it is
-    transformers' ``StaticCache`` (attention over all slots, the tail masked).
+    Each layer returns only the slots written so far (``_PrefixStaticLayer``), so attention does not
+    run over the empty tail. Only for models whose layers are all full attention: sliding-window or
+    hybrid layers (e.g. Gemma 3) return None and are decoded by :func:`_decode_legacy`.
     """
     try:
         from transformers import StaticCache
@@ -205,9 +205,9 @@ def _static_cache(model: nn.Module, max_len: int):
         cache = StaticCache(config=model.config, max_cache_len=max_len)
     except Exception:  # noqa: BLE001 - old transformers or an unsupported config
         return None
-    if all(type(layer) is StaticLayer for layer in cache.layers):
-        cache = Cache(layers=[_prefix_layer_class()(max_cache_len=max_len) for _ in cache.layers])
-    return cache
+    if not all(type(layer) is StaticLayer for layer in cache.layers):
+        return None
+    return Cache(layers=[_prefix_layer_class()(max_cache_len=max_len) for _ in cache.layers])
 
 
 @functools.lru_cache(maxsize=1)
@@ -233,7 +233,7 @@ def _decode_static(model, parts, ids, mask, uniforms, steps, top_k) -> torch.Ten
     step as a slice, and nothing is concatenated while decoding. Sampling: the top-k logits, their
     softmax, then ROME's inverse-CDF draw with the prompt's own uniform (the same draw as the legacy
     path, whose softmax over the whole vocabulary followed by renormalising the top k is the same
-    distribution). Models without a static cache fall back to :func:`_decode_legacy`.
+    distribution). Models without a plain static cache fall back to :func:`_decode_legacy`.
     """
     b, width = ids.shape
     total = width + steps
@@ -255,8 +255,7 @@ def _decode_static(model, parts, ids, mask, uniforms, steps, top_k) -> torch.Ten
     pos = (mask.cumsum(-1) - 1).clamp_min(0)
     next_pos = pos[:, -1:] + 1
     out = torch.empty(b, steps, dtype=torch.long, device=ids.device)
-    prefix = isinstance(cache.layers[0], _prefix_layer_class())  # keys are the written slots only
-    kwargs = {"input_ids": ids, "attention_mask": full_mask[:, :, :width, :width if prefix else total],
+    kwargs = {"input_ids": ids, "attention_mask": full_mask[:, :, :width, :width],  # keys: written slots
               "position_ids": pos,
               "use_cache": True, cache_kw: cache}
     for s in range(steps):
@@ -267,8 +266,7 @@ def _decode_static(model, parts, ids, mask, uniforms, steps, top_k) -> torch.Ten
         new = top_i.gather(1, choice[:, None])
         out[:, s:s + 1] = new
         slot = width + s
-        keys_len = slot + 1 if prefix else total
-        kwargs = {"input_ids": new, "attention_mask": full_mask[:, :, slot:slot + 1, :keys_len],
+        kwargs = {"input_ids": new, "attention_mask": full_mask[:, :, slot:slot + 1, :slot + 1],
                   "position_ids": next_pos + s,
                   "use_cache": True, cache_kw: cache}
     return out
