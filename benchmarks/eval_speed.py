@@ -46,8 +46,13 @@ def main(argv=None) -> int:
     from pmet import load_model
     from pmet.data import load_counterfact, load_zsre
     from pmet.evaluation import (
-        ConsistencyScorer, counterfact_table, evaluate_counterfact, evaluate_zsre, summarize_counterfact,
-        summarize_zsre, zsre_table,
+        ConsistencyScorer,
+        counterfact_table,
+        evaluate_counterfact,
+        evaluate_zsre,
+        summarize_counterfact,
+        summarize_zsre,
+        zsre_table,
     )
 
     n_cf = args.n if args.n_cf is None else args.n_cf

@@ -83,7 +83,8 @@ def main(argv=None) -> int:
     for name in a.models:
         solve_layers = a.solve_layers or (1 if name == "gptj" else a.layers)
         cmd = [sys.executable, "-m", "benchmarks.scale", "--child", name, "--n", str(a.n), "--layers",
-               str(a.layers), "--solve-layers", str(solve_layers)] + (["--threads", str(a.threads)] if a.threads else [])
+               str(a.layers), "--solve-layers", str(solve_layers)]
+        cmd += ["--threads", str(a.threads)] if a.threads else []
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
         r = rows[-1]

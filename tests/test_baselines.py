@@ -5,10 +5,20 @@ import json
 import pytest
 import torch
 
-from pmet.editing.editor import normalize_requests
-from pmet.editing.ft import FTHparams, apply_ft, target_batch, target_nll
-from pmet.editing.mend import (MendEditor, MendHparams, apply_mend, gradient_factors, load_editor, sample_batch, train,
-                               training_examples, training_step)
+from pmet.editing import normalize_requests
+from pmet.editing.baseline import target_batch, target_nll
+from pmet.editing.ft import FTHparams, apply_ft
+from pmet.editing.mend import (
+    MendEditor,
+    MendHparams,
+    apply_mend,
+    gradient_factors,
+    load_editor,
+    sample_batch,
+    train,
+    training_examples,
+    training_step,
+)
 from pmet.editing.rome import RomeHparams, apply_rome
 
 REQS = [
@@ -273,13 +283,8 @@ def test_shared_edit_dispatch(tiny_models, tmp_cache, method):
 
     model, tok = tiny_models["tiny-llama"]
     before = _state(model)
-    try:
-        res = edit(model, tok, REQS[:1], method=method, progress=False,
-                   hparams={"ft": {"num_steps": 2}, "rome": {"v_num_grad_steps": 3}}[method])
-    except ValueError as exc:
-        if "unknown editing method" in str(exc):
-            pytest.skip(f"pmet.editing.edit does not dispatch {method!r} yet")
-        raise
+    res = edit(model, tok, REQS[:1], method=method, progress=False,
+               hparams={"ft": {"num_steps": 2}, "rome": {"v_num_grad_steps": 3}}[method])
     assert res.method == method and res.deltas
     res.restore()
     _assert_same(model, before)
@@ -287,7 +292,23 @@ def test_shared_edit_dispatch(tiny_models, tmp_cache, method):
 
 def test_baseline_without_hyperparameters_is_unavailable_not_a_crash():
     from pmet.editing import MethodUnavailable
-    from pmet.editing.ft import hparams_file
+    from pmet.editing import hparams_path as hparams_file
 
     with pytest.raises(MethodUnavailable, match="no mend hyperparameter file for no-such-model"):
         hparams_file("mend", "no-such-model")
+
+
+def test_mend_never_trains_on_a_record_any_table_can_edit():
+    """MEND's training examples and every table's record pool (all sizes, both record formats) are disjoint:
+    before, 1,298 full-field CounterFact train-split records were in both."""
+    from pmet.data import load_counterfact
+    from pmet.experiments import table_pool_ids, table_records
+
+    cf_pool = {r.case_id for r in table_records("counterfact", None, full_fields_only=False)}
+    assert cf_pool == table_pool_ids("counterfact")
+    assert cf_pool & {r.case_id for r in load_counterfact("train")}  # the overlap the exclusion removes
+    cf_train = {ex.source_id for ex in training_examples("counterfact")}
+    assert cf_train and not cf_train & cf_pool
+    z_pool = {r.src for r in table_records("zsre", None)}
+    z_train = {ex.source_id for ex in training_examples("zsre")}
+    assert z_train and not z_train & z_pool

@@ -13,12 +13,21 @@ import torch
 
 from pmet.data import InvalidRecordError
 from pmet.editing import (
-    METHODS, EditHparams, compute_keys, compute_values, edit, forward_from_layer, hparams_path, load_hparams,
-    solve_update, spread_residual,
+    METHODS,
+    EditHparams,
+    compute_keys,
+    compute_values,
+    edit,
+    forward_from_layer,
+    hparams_path,
+    load_hparams,
+    normalize_requests,
+    solve_update,
+    spread_residual,
 )
 from pmet.editing.context import flatten, get_context_templates
-from pmet.editing.editor import normalize_requests
-from pmet.editing.values import block_input, pad_id_of, pad_right
+from pmet.editing.partial_forward import block_input
+from pmet.editing.tokens import pad_id_of, pad_right
 
 REQ = {"prompt": "The mother tongue of {}", "subject": "Danielle Darrieux", "target_new": "Paris"}
 REQS = [
@@ -105,7 +114,7 @@ def test_load_hparams_files_and_switches():
     with pytest.raises(ValueError, match="unknown hyperparameter"):
         load_hparams("pmet", "gptj", not_a_field=1)
     with pytest.raises(ValueError, match="unknown editing method"):
-        load_hparams("rome", "gptj")
+        load_hparams("romeo", "gptj")  # (rome has its own hyperparameters now: the one loader reads them)
     with pytest.raises(ValueError):
         EditHparams(value_site="block", optimize_attn_delta=True)
 
@@ -140,7 +149,7 @@ def test_batched_values_equal_one_at_a_time(tiny_models, tmp_cache):
 
 
 def test_attention_implementation_switch_restores(tiny_models):
-    from pmet.editing.values import attention_implementation
+    from pmet.editing.partial_forward import attention_implementation
 
     model, tok = tiny_models["tiny-llama"]
     before = model.config._attn_implementation
@@ -158,7 +167,7 @@ def test_attention_implementation_switch_restores(tiny_models):
 
 
 def test_bf16_autocast_values_are_close_and_cached_apart(tiny_models, tmp_cache):
-    from pmet.editing.values import value_cache_key
+    from pmet.editing.value_cache import value_cache_key
 
     model, tok = tiny_models["tiny-llama"]
     reqs = normalize_requests(REQS, tok)

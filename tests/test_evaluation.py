@@ -12,12 +12,23 @@ from scipy import stats as st
 
 from pmet.data import CounterFactRecord, ZsreRecord
 from pmet.evaluation import (
-    ResultsFile, bootstrap_ci, compute_n_gram_entropy, evaluate_counterfact, evaluate_zsre, harmonic_mean,
-    mean_ci, normal_ci, paired_test, score_id_pairs, score_pairs, summarize_counterfact, summarize_zsre,
+    ResultsFile,
+    bootstrap_ci,
+    compute_n_gram_entropy,
+    evaluate_counterfact,
+    evaluate_zsre,
+    harmonic_mean,
+    mean_ci,
+    normal_ci,
+    paired_test,
+    score_pairs,
+    summarize_counterfact,
+    summarize_zsre,
 )
 from pmet.evaluation.generation import ConsistencyScorer, generate_fast, n_gram_entropy
-from pmet.evaluation.results import load_results, summarize_file
+from pmet.evaluation.results import load_results
 from pmet.evaluation.scoring import fast_path_ok, prompt_ids, target_ids
+from pmet.evaluation.summarize import summarize_file
 
 
 def _cf(case_id, new, true, schema="original", gen=()):
@@ -187,7 +198,8 @@ def test_paired_tests():
     from pmet.evaluation import compare_rows
 
     ra = [{"case_id": i, "efficacy": float(v)} for i, v in enumerate(a)]
-    rb = [{"case_id": i, "efficacy": float(v)} for i, v in reversed(list(enumerate(b)))] + [{"case_id": 99, "efficacy": 1.0}]
+    rb = [{"case_id": i, "efficacy": float(v)} for i, v in reversed(list(enumerate(b)))]
+    rb += [{"case_id": 99, "efficacy": 1.0}]
     cmp = compare_rows(ra, rb, "efficacy")
     assert cmp["n"] == 60 and cmp["pvalue"] == res["pvalue"] and cmp["mean_diff"] == pytest.approx(res["mean_diff"])
 
@@ -331,7 +343,8 @@ def test_consistency_exact_rome_files(tmp_path):
     np.save(tmp_path / "idf.npy", idf)
     (tmp_path / "tfidf_vocab.json").write_text(json.dumps(vocab))
     snips = [{"relation_id": "P103", "target_id": "Q1860",
-              "samples": [{"name": "X", "text": "English is spoken in England."}, {"name": "Y", "text": "English mat"}]}]
+              "samples": [{"name": "X", "text": "English is spoken in England."},
+                          {"name": "Y", "text": "English mat"}]}]
     (tmp_path / "attribute_snippets.json").write_text(json.dumps(snips))
     scorer = ConsistencyScorer(data_dir=tmp_path)
     assert scorer.metric_name == "consistency" and scorer.exact

@@ -13,6 +13,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from pmet.rerender import notebook_kernel
+
 papermill = pytest.importorskip("papermill")
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
@@ -24,7 +26,7 @@ def _run(name: str, tmp_path: Path, monkeypatch, **params) -> Path:
     out = tmp_path / "out"
     papermill.execute_notebook(str(NOTEBOOKS / f"{name}.ipynb"), str(tmp_path / f"{name}.ipynb"),
                                parameters={**params, "out_dir": str(out), "cache_dir": str(tmp_path / "cache")},
-                               cwd=str(NOTEBOOKS), progress_bar=False, kernel_name="python3")
+                               cwd=str(NOTEBOOKS), progress_bar=False, kernel_name=notebook_kernel())
     return out
 
 
@@ -84,7 +86,7 @@ def test_rerender_repeats_the_recorded_parameters(tmp_path, monkeypatch):
     params = {"model": "tiny-llama", "edit_counts": [2], "methods": ["pmet", "pmet-even-spread"],
               "generation": False, "out_dir": str(out), "cache_dir": str(tmp_path / "cache")}
     papermill.execute_notebook(str(source), str(rendered), parameters=params, cwd=str(source.parent),
-                               progress_bar=False, kernel_name="python3")
+                               progress_bar=False, kernel_name=notebook_kernel())
     assert recorded_run(rendered) == (source.resolve(), params)
     table = out / "tables" / "table3_tiny-llama.csv"
     first = table.read_text()

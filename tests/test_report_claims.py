@@ -1,8 +1,9 @@
-import json
 
+import numpy as np
+import pandas as pd
 import pytest
 
-from pmet.claims import claims_frame, save_summaries, verdict, write_claims
+from pmet.claims import write_claims
 from pmet.report import ablation_table, grid_table, save_table, sweep_sizes
 
 
@@ -25,7 +26,8 @@ def test_run_grid_per_model_methods_and_sizes(tmp_path, monkeypatch):
 
     calls = []
     monkeypatch.setattr(experiments, "run_edit_eval",
-                        lambda model, tok, method, dataset, n, *a, **k: calls.append((model, method, n)) or {"n_edits": n})
+                        lambda model, tok, method, dataset, n, *a, **k:
+                        calls.append((model, method, n)) or {"n_edits": n})
     monkeypatch.setattr("pmet.models.load_model", lambda name, device="cpu": (name, None))
     grid = experiments.run_grid(["a", "b"], {"a": ["none", "pmet"], "b": ["pmet"]}, n_edits={"a": 3, "b": 2})
     assert calls == [("a", "none", 3), ("a", "pmet", 3), ("b", "pmet", 2)]
@@ -40,97 +42,6 @@ def test_resolve_n_edits_paper_default_and_per_model():
     per_model = {"smollm2": 100, "gemma3-270m": 50}
     assert resolve_n_edits("gemma3-270m", per_model, 1000) == 50
     assert resolve_n_edits("neox", per_model, 1000) == 10_000  # not named: the default rule
-
-
-def test_verdicts():
-    a, b = _s(efficacy=(90, 88, 92)), _s(efficacy=(80, 78, 82))
-    assert verdict(a, b, "efficacy", +1)[0] == "holds"
-    assert verdict(a, b, "efficacy", -1)[0] == "does not hold"
-    c = _s(efficacy=(81, 75, 87))
-    assert verdict(c, b, "efficacy", +1)[0] == "inconclusive (CIs overlap)"
-    assert verdict(a, {}, "efficacy", +1)[0] == "not measured"
-
-
-def test_tables_and_claims_roundtrip(tmp_path):
-    pm = _s(efficacy=(99, 98, 100), generalization=(90, 88, 92), specificity=(60, 58, 62))
-    pm["score"] = 80.0
-    me = _s(efficacy=(95, 94, 96), generalization=(80, 78, 82), specificity=(70, 68, 72))
-    me["score"] = 80.5
-    mf = _s(efficacy=(99, 98, 100), generalization=(95, 94, 96), specificity=(60, 58, 62))
-    grid = {"m": {"memit": me, "pmet": pm, "mend": {"unavailable": "not trained", "n_edits": 10}},
-            "g": {"memit-ffn": mf, "pmet": pm}}
-    t = grid_table({"m": grid["m"]})
-    assert list(t.Editor) == ["MEMIT", "PMET", "MEND"] and t.loc[2, "Efficacy"] == "n/a"
-    assert t.loc[1, "Efficacy"] == "99.0 (1.0)"
-    paths = save_table(t, "table1_m", tmp_path, "caption")
-    assert all(p.exists() for p in paths) and "caption" in paths[1].read_text()
-    assert json.loads((tmp_path / "tables" / "manifest.json").read_text())["table1_m.csv"]["caption"] == "caption"
-    save_summaries(grid, "table1_m", tmp_path)
-    df = write_claims(tmp_path)
-    got = dict(zip(df.claim, df.verdict))
-    assert got["PMET > MEMIT on efficacy"] == "holds"
-    assert got["PMET < MEMIT on specificity"] == "holds"
-    assert got["PMET > MEMIT on score"] == "inconclusive (no CI)"
-    assert got["PMET > MEMIT (δ on m^L) on generalization"] == "does not hold"
-    assert got["PMET > MEMIT (δ on m^L) on efficacy"].startswith("inconclusive")
-    assert (tmp_path / "tables" / "claims.md").read_text().startswith("# The paper's claims")
-    save_summaries(grid, "table1_m_bfloat16", tmp_path)  # rendered with value_autocast="bfloat16"
-    assert {"m", "m (values bfloat16)"} <= set(write_claims(tmp_path).query("artifact == 'Table 1'").model)
-
-
-def test_claims_name_the_consistency_proxy(tmp_path):
-    """Our consistency is the offline proxy wherever ROME's reference texts are missing: claims say so."""
-    pm = _s(efficacy=(99, 98, 100), fluency=(600, 598, 602), consistency_proxy=(25, 24, 26))
-    me = _s(efficacy=(95, 94, 96), fluency=(590, 588, 592), consistency_proxy=(20, 19, 21))
-    save_summaries({"m": {"memit": me, "pmet": pm}}, "table1_m", tmp_path)
-    df = claims_frame(tmp_path)
-    got = dict(zip(df.claim, df.verdict))
-    assert got["PMET > MEMIT on consistency (proxy)"] == "holds"
-    assert got["PMET > MEMIT on fluency"] == "holds"
-    t = grid_table({"m": {"memit": me, "pmet": pm}})
-    assert "Consistency (proxy)" in t.columns and list(t["n records"]) == ["10/0/0/10/10"] * 2
-    save_summaries({"m": {"memit": _s(efficacy=(95, 94, 96)), "pmet": _s(efficacy=(99, 98, 100))}}, "table1_m",
-                   tmp_path)  # no generation: nothing measured, no proxy named
-    df = claims_frame(tmp_path)
-    assert dict(zip(df.claim, df.verdict))["PMET > MEMIT on consistency"] == "not measured"
-
-
-def test_sweep_claims_count_points_in_each_direction(tmp_path):
-    hi, lo, mid = (90, 88, 92), (50, 48, 52), (89, 80, 95)
-    sweep = {
-        (1, "pmet"): _s(efficacy=hi, generalization=hi, specificity=lo),
-        (1, "memit"): _s(efficacy=mid, generalization=lo, specificity=hi),
-        (1, "rome"): _s(efficacy=lo, generalization=hi, specificity=hi),
-        (10, "pmet"): _s(efficacy=hi, generalization=lo, specificity=lo),
-        (10, "memit"): _s(efficacy=mid, generalization=lo, specificity=hi),
-        (10, "rome"): _s(efficacy=lo, generalization=lo, specificity=mid),
-    }
-    save_summaries(sweep, "fig3_sweep_m", tmp_path)
-    df = write_claims(tmp_path)
-    got = dict(zip(df.claim, df.verdict))
-    assert got["PMET > MEMIT on efficacy across edit counts"] == "inconclusive (CIs overlap)"
-    assert got["PMET > MEMIT on generalization across edit counts"] == "holds"  # 1 of 2, never against
-    assert got["PMET < MEMIT on specificity across edit counts"] == "holds"
-    assert got["PMET > ROME on efficacy across edit counts"] == "holds"
-    assert got["PMET > ROME on generalization across edit counts"] == "inconclusive (CIs overlap)"
-    assert got["PMET > ROME on specificity across edit counts"] == "does not hold"
-    ours = dict(zip(df.claim, df.ours))
-    assert ours["PMET > ROME on efficacy across edit counts"].startswith("2 of 2 points")
-    save_summaries(sweep, "fig3_sweep_m_bfloat16", tmp_path)
-    assert set(claims_frame(tmp_path).model) == {"m", "m (values bfloat16)"}
-
-
-def test_ablation_table_marks_differences(tmp_path):
-    s = {(10, "pmet"): _s(efficacy=(90, 0, 0)), (10, "pmet-even-spread"): _s(efficacy=(80, 0, 0))}
-    t = ablation_table(s)
-    assert list(t.Editor) == ["PMET", "Even spread"]
-    assert t.loc[1, "Efficacy"] == "80.0 (↓10.0)"
-    save_summaries(s, "table3_m", tmp_path)
-    df = claims_frame(tmp_path)
-    assert (df.artifact == "Table 3").any()
-    save_summaries(s, "table3_m_bfloat16", tmp_path)  # Table 3 rendered with value_autocast="bfloat16"
-    models = set(claims_frame(tmp_path).query("artifact == 'Table 3'").model)
-    assert models == {"m", "m (values bfloat16)"}
 
 
 def test_size_note_only_below_the_default():
@@ -151,3 +62,107 @@ def test_configure_reads_json_lists_and_dicts_given_as_text(monkeypatch):
     assert cfg.models == ["a", "b"] and cfg.n_edits == {"a": 3} and cfg.model == "smollm2" and cfg.methods == ["x"]
     with pytest.raises(ValueError, match="-y"):
         configure({"models": "[smollm2, gemma]", "out_dir": "."})
+
+
+def _run(tmp_path, method, rows, n=None, seed=0, dataset="counterfact", **summary):
+    from pmet.runstore import write_run
+
+    spec = {"model": "m", "dataset": dataset, "method": method, "n_edits": n or len(rows), "seed": seed,
+            "generation": True, "value_autocast": None, "overrides": {}}
+    return write_run(tmp_path / "results" / f"{method}_n{spec['n_edits']}_s{seed}.jsonl.gz", spec, summary, rows)
+
+
+def _cf_rows(eff, gen, spec, flu=None):
+    return [{"case_id": i, "efficacy": e, "generalization": g, "specificity": s,
+             **({"fluency": f} if flu is not None else {})}
+            for i, (e, g, s, f) in enumerate(zip(eff, gen, spec, flu if flu is not None else [None] * len(eff)))]
+
+
+def test_claims_from_two_synthetic_run_files(tmp_path):
+    """Two editors on the same 60 records: PMET wins efficacy on 20 records and never loses (exact McNemar
+    p = 2^-19), generalization is identical, specificity is lower for PMET (paper's sign vs MEMIT)."""
+    rng = np.random.default_rng(0)
+    n = 60
+    gen = rng.choice([0.0, 0.5, 1.0], n)
+    spec_m = rng.random(n)
+    _run(tmp_path, "memit", _cf_rows([1.0] * 40 + [0.0] * 20, gen, spec_m, rng.normal(6, 0.1, n)))
+    _run(tmp_path, "pmet", _cf_rows([1.0] * 60, gen, spec_m - 0.2 - 0.01 * rng.random(n), rng.normal(6, 0.1, n)),
+         edit_seconds=10.0)
+    ledger = write_claims(tmp_path, n_resamples=999)
+    md = (tmp_path / "tables" / "claims.md").read_text()
+    assert md.startswith("# The paper's claims") and "Holm" in md
+    detail = pd.read_csv(tmp_path / "tables" / "claims_detail.csv")
+    t1 = detail[(detail.artifact == "Table 1") & (detail.block == "GPT-J")].set_index("claim")
+    eff = t1.loc["PMET > MEMIT on efficacy"]
+    assert eff.test.startswith("exact McNemar (20:0") and eff.p == pytest.approx(2 * 0.5 ** 20)
+    assert eff["diff"] == pytest.approx(100 * 20 / 60, abs=1e-3) and eff.verdict == "holds"
+    assert t1.loc["PMET > MEMIT on generalization"].verdict == "inconclusive"  # identical per record
+    assert t1.loc["PMET < MEMIT on specificity"].verdict == "holds"
+    assert t1.loc["PMET > MEMIT on score"].test.startswith("sign-flip permutation (Score)")
+    fam = detail[(detail.artifact == "Table 1") & (detail.block == "GPT-J") & (detail.model == "m")]
+    assert fam.set_index("claim").loc["PMET > MEMIT on consistency (proxy)"].verdict == "not measured in these runs"
+    fam = fam.dropna(subset=["p"])
+    assert (fam.p_holm >= fam.p - 1e-12).all() and fam.p_holm.max() <= 1
+    # every ledger claim of Table 1 for model m comes from a paired test; no claim is silently missing
+    rows = ledger[(ledger.artifact == "Table 1") & (ledger.model == "m")]
+    assert len(rows) == 6 + 6  # GPT-J block vs MEMIT (6 metrics) and the NeoX block (6)
+    assert set(rows.verdict) <= {"holds", "does not hold", "inconclusive", "not measured in these runs"}
+    assert (ledger.verdict == "not yet run with per-record results").any()  # FT-W, MEND, ROME, Table 2, ...
+    # a second seed (another record sample) is pooled, with its difference listed
+    _run(tmp_path, "memit", _cf_rows([1.0] * 50 + [0.0] * 10, gen, spec_m), n=60, seed=1)
+    _run(tmp_path, "pmet", _cf_rows([1.0] * 60, gen, spec_m), n=60, seed=1)
+    assert write_claims(tmp_path, n_resamples=999) is not None
+    detail = pd.read_csv(tmp_path / "tables" / "claims_detail.csv")
+    eff = detail[(detail.artifact == "Table 1") & (detail.claim == "PMET > MEMIT on efficacy")].iloc[0]
+    assert eff.seeds == "0,1" and eff.n_pairs == 120 and eff.test.startswith("exact McNemar (30:0")
+    assert [round(float(x), 1) for x in eff.per_seed_diff.split()] == [33.3, 16.7]
+
+
+def test_claims_command_runs_on_the_committed_files(tmp_path):
+    """`python -m pmet report` regenerates the ledger from the repository's committed files (offline)."""
+    import shutil
+
+    from pmet.paths import REPO_ROOT
+
+    shutil.copytree(REPO_ROOT / "tables", tmp_path / "tables")
+    if (REPO_ROOT / "results").exists():
+        shutil.copytree(REPO_ROOT / "results", tmp_path / "results")
+    from pmet.cli import main
+
+    assert main(["report", "--out-dir", str(tmp_path), "--no-figures"]) == 0
+    md = (tmp_path / "tables" / "claims.md").read_text()
+    for claim in ("PMET > FT-W on score", "PMET < MEND on specificity", "PMET > ROME on efficacy",
+                  "w/o δ^a < PMET on generalization", "PMET's edit time", "smallest of PMET"):
+        assert claim in md, claim
+    assert "inconclusive (no CI)" not in md
+    assert "Table 2" in md and "GPT-NeoX" in md and "10,000 edits" in md and "5,623 edits" in md
+
+
+def test_table_cells_all_have_intervals_inside_0_100(tmp_path):
+    """Every cell has an interval, none of zero width, none outside [0, 100], even at 100% and n = 2; the
+    caption names the method."""
+    import re
+
+    from pmet.evaluation import summarize_counterfact, summarize_zsre
+    from pmet.report import sweep_frame
+
+    perfect = _cf_rows([1.0, 1.0], [1.0, 1.0], [0.9, 1.0], [6.0, 6.1])
+    mixed = _cf_rows([1.0, 0.0, 1.0], [0.5, 1.0, 0.0], [0.3, 0.6, 0.9], [5.0, 5.5, 6.0])
+    grid = {"m": {"pmet": {**summarize_counterfact(perfect), "n_edits": 2},
+                  "memit": {**summarize_counterfact(mixed), "n_edits": 3}}}
+    t = grid_table(grid)
+    for col in ("Score", "Efficacy", "Generalization", "Specificity", "Fluency"):
+        for cell in t[col]:
+            mean, lo, hi = map(float, re.match(r"([\d.]+) \[([\d.]+), ([\d.]+)\]", cell).groups())
+            assert lo < hi and (col == "Fluency" or 0 <= lo <= mean <= hi <= 100), (col, cell)
+    assert t.loc[0, "Efficacy"].startswith("100.0 [") and t.loc[0, "Efficacy"] != "100.0 [100.0, 100.0]"
+    paths = save_table(t, "table1_m", tmp_path, "Table 1.")
+    assert "Wilson" in paths[1].read_text().splitlines()[0]
+    z = grid_table({"m": {"pmet": {**summarize_zsre([{"case_id": i, "efficacy": 1.0, "generalization": 0.5,
+                                                      "specificity": 0.0} for i in range(4)]), "n_edits": 4}}},
+                   "zsre")
+    assert all("[" in c and "[0.0, 0.0]" not in c for c in z[["Efficacy", "Generalization", "Specificity"]].iloc[0])
+    a = ablation_table({(2, "pmet"): grid["m"]["pmet"], (2, "pmet-even-spread"): grid["m"]["memit"]})
+    assert "[" in a.loc[1, "Efficacy"] and "↓" in a.loc[1, "Efficacy"] and "interval_note" in a.attrs
+    f = sweep_frame({(2, "pmet"): grid["m"]["pmet"]})
+    assert f.low.notna().all() and (f.high > f.low).all()

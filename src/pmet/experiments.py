@@ -11,8 +11,11 @@ folder (ROME's sweep: on its trajectory) while it edits and evaluates, so two pr
 run (two notebooks, or parallel workers, on one cache) do it once: the second waits, then reads the summary.
 
 Record choice: CounterFact tables use the 1,653 full-field records *minus* those whose case id is in
-the ``counterfact-val`` split (hyperparameters are tuned on that split only); above that size the
-reduced-format ``counterfact-edit`` requests are added. zsRE tables use the 1,037-record eval subset.
+the ``counterfact-val`` split (hyperparameters are tuned on that split only). zsRE tables use the
+1,037-record eval subset. Where ROME's complete files are in the data folder (``counterfact.json``, 21,919
+records; ``zsre_mem_eval.json``, 19,086), for the paper's models (gptj, neox), and for any run larger than
+the subset, the pool is the complete file instead (downloaded and checksummed when missing), again minus the
+val ids (:func:`table_selection`); such runs are kept apart in the cache (``_full`` in the run folder name).
 Nested permutations mean that a smaller run edits a prefix of a larger run's records.
 """
 
@@ -29,10 +32,8 @@ from types import SimpleNamespace
 
 import torch
 
-from .editing.editor import MethodUnavailable  # noqa: F401  (re-exported for notebooks)
+from .editing import UNEDITED, MethodUnavailable, get_editor, load_hparams, sequential_methods
 from .paths import cache_dir
-
-UNEDITED = "none"
 
 
 @contextlib.contextmanager
@@ -55,26 +56,87 @@ def run_lock(path: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def table_records(dataset: str, n: int | None = None, seed: int = 0, full_fields_only: bool = True) -> list:
-    """The records a table edits and evaluates (see module docstring); ``n=None`` means all of them."""
+POOL_SUBSET, POOL_FULL = "subset", "full"
+COMPLETE_FILES = {"counterfact": "counterfact.json", "zsre": "zsre_mem_eval.json"}  # the paper's complete sets
+
+
+def _pool_kind(dataset: str, n: int | None, subset_size: int, full: bool | None) -> str:
+    """Which pool a table draws from: the complete file (:data:`COMPLETE_FILES`) when ``full`` is True
+    (downloaded if missing; an error with its URL if that fails), when it is present in the data folder
+    (``full=None``), or when ``n`` exceeds the subset (then downloaded as for True); else the subset."""
+    from .data import ensure_file
+
+    if full is False:
+        return POOL_SUBSET
+    rel = COMPLETE_FILES[dataset]
+    if full is None:
+        try:
+            ensure_file(rel, download=False)
+            return POOL_FULL
+        except FileNotFoundError:
+            if n is None or n <= subset_size:
+                return POOL_SUBSET
+    ensure_file(rel)  # DataNotFoundError: one line with the URL and what to do
+    return POOL_FULL
+
+
+def table_selection(dataset: str, n: int | None = None, seed: int = 0, full_fields_only: bool = True,
+                    full: bool | None = None) -> tuple[list, str]:
+    """``(records, pool)``: the records a table edits and evaluates (module docstring) and the pool they come
+    from, ``"subset"`` or ``"full"`` (see :func:`_pool_kind`). The full CounterFact pool is ROME's complete
+    ``counterfact.json`` (21,919 records) minus the ``counterfact-val`` case ids; the full zsRE pool is
+    ``zsre_mem_eval.json`` (19,086). ``n=None`` means all of them."""
     from .data import load_counterfact, load_zsre
 
     if dataset == "counterfact":
         val_ids = {r.case_id for r in load_counterfact("val")}
-        pool = [r for r in load_counterfact("full") if r.case_id not in val_ids]
-        if not full_fields_only and (n is None or n > len(pool)):
-            have = {r.case_id for r in pool}
-            pool += [r for r in load_counterfact("edit") if r.case_id not in have and r.case_id not in val_ids]
+        subset = [] if full else [r for r in load_counterfact("full") if r.case_id not in val_ids]
+        kind = _pool_kind(dataset, n, len(subset), full if (full_fields_only or full) else False)
+        if kind == POOL_FULL:
+            pool = [r for r in load_counterfact("original") if r.case_id not in val_ids]
+        else:
+            pool = subset
+            if not full_fields_only and (n is None or n > len(pool)):
+                have = {r.case_id for r in pool}
+                pool += [r for r in load_counterfact("edit") if r.case_id not in have and r.case_id not in val_ids]
     elif dataset == "zsre":
-        pool = load_zsre("eval")
+        subset = [] if full else load_zsre("eval")
+        kind = _pool_kind(dataset, n, len(subset), full)
+        pool = load_zsre("mem_eval") if kind == POOL_FULL else subset
     else:
         raise ValueError(f"dataset must be 'counterfact' or 'zsre', not {dataset!r}")
     order = list(range(len(pool)))
     random.Random(seed).shuffle(order)
     if n is not None and n > len(pool):
         raise ValueError(f"{dataset}: asked for {n} records, only {len(pool)} available "
-                         f"(full_fields_only={full_fields_only})")
-    return [pool[i] for i in order[: n if n is not None else len(pool)]]
+                         f"({kind} pool, full_fields_only={full_fields_only})")
+    return [pool[i] for i in order[: n if n is not None else len(pool)]], kind
+
+
+def table_records(dataset: str, n: int | None = None, seed: int = 0, full_fields_only: bool = True,
+                  full: bool | None = None) -> list:
+    """The records a table edits and evaluates (see :func:`table_selection`); ``n=None`` means all of them."""
+    return table_selection(dataset, n, seed, full_fields_only, full)[0]
+
+
+def paper_pool(model) -> bool | None:
+    """``True`` (the complete data files) for the paper's models (gptj, neox), else ``None`` (auto)."""
+    return True if getattr(model, "pmet_name", model) in PAPER_SIZES else None
+
+
+def table_pool_ids(dataset: str) -> set:
+    """Every record any table can edit (the union of :func:`table_records`' pools at every size): CounterFact
+    case ids (full-field records outside ``counterfact-val`` and reduced ``counterfact-edit`` records outside
+    it), zsRE questions (``src``) of the eval subset. MEND's training excludes these
+    (:func:`pmet.editing.mend.training_examples`)."""
+    from .data import load_counterfact, load_zsre
+
+    if dataset == "counterfact":
+        val_ids = {r.case_id for r in load_counterfact("val")}
+        return ({r.case_id for r in load_counterfact("full")} | {r.case_id for r in load_counterfact("edit")}) - val_ids
+    if dataset == "zsre":
+        return {r.src for r in load_zsre("eval")}
+    raise ValueError(f"dataset must be 'counterfact' or 'zsre', not {dataset!r}")
 
 
 def _hparams_id(hp) -> str:
@@ -85,36 +147,29 @@ def _hparams_id(hp) -> str:
 
 
 def _artifact_id(method: str, model, hp, cache=None) -> str:
-    """Identity of what an editor loads besides its hyperparameters (MEND's trained hypernetwork), so a
-    retrained editor never reuses the cached run of an earlier one."""
-    if method != "mend":
+    """Identity of what an editor loads besides its hyperparameters (MEND's trained hypernetwork: the
+    registry's ``artifact_id`` hook), so a retrained editor never reuses the cached run of an earlier one."""
+    if method == UNEDITED:
         return ""
-    from .editing.mend import editor_dir
-
-    path = editor_dir(model, hp, cache) / "editor.safetensors"
-    return "_ed" + hashlib.sha256(path.read_bytes()).hexdigest()[:8] if path.exists() else ""
+    hook = get_editor(method).artifact_id
+    return hook(model, hp, cache) if hook is not None else ""
 
 
 def run_dir(runs_dir: Path, model_name: str, dataset: str, method: str, n: int, seed: int, hp_id: str,
-            generation: bool) -> Path:
-    tag = f"n{n}_seed{seed}_hp{hp_id}" + ("_gen" if generation else "")
+            generation: bool, pool: str = POOL_SUBSET) -> Path:
+    tag = f"n{n}_seed{seed}_hp{hp_id}" + ("_gen" if generation else "") + ("_full" if pool == POOL_FULL else "")
     return runs_dir / model_name / dataset / method / tag
 
 
 def method_hparams(method: str, model, dataset: str, overrides: dict | None = None):
     """The hyperparameters of ``method`` for ``model``/``dataset`` with those ``overrides`` the method has
-    (e.g. ``v_autocast`` reaches ROME, MEMIT and PMET, which optimise value vectors, not FT-W or MEND);
-    entries that are None are ignored. None for the unedited model."""
-    import dataclasses
-
-    from .editing import hparams_for
-
+    (e.g. ``v_autocast`` reaches ROME, MEMIT and PMET, which optimise value vectors, not FT-W or MEND: the
+    loader's ``only_where_present``; a name no editor has still raises); entries that are None are ignored.
+    None for the unedited model."""
     if method == UNEDITED:
         return None
-    hp = hparams_for(method, model, dataset)
-    known = {f.name for f in dataclasses.fields(hp)}
-    applicable = {k: v for k, v in (overrides or {}).items() if v is not None and k in known}
-    return hparams_for(method, model, dataset, **applicable) if applicable else hp
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    return load_hparams(method, model, dataset, given, only_where_present=True)
 
 
 def run_edit_eval(
@@ -145,12 +200,17 @@ def run_edit_eval(
     The summary holds the metrics in percent with 95% CIs (normal approximation) and their n's, the
     editor's timings, and ``delta_norms`` (Frobenius norm of Δ per edited weight, for Fig. 4).
     """
+    from . import distributed
     from .editing import edit
 
-    records = table_records(dataset, n_edits, seed)
+    if distributed.world_size() > 1:  # torchrun: values and evaluation shard over the ranks
+        return distributed.run_edit_eval_sharded(
+            model, tok, method, dataset, n_edits, seed, generation, hparams=hparams, runs_dir=runs_dir, cache=cache,
+            eval_batch_size=eval_batch_size, progress=progress, overrides=overrides)
+    records, pool = table_selection(dataset, n_edits, seed, full=paper_pool(model))
     hp = None if method == UNEDITED else (hparams or method_hparams(method, model, dataset, overrides))
-    out, meta = _run_location(model, method, dataset, len(records), seed, hp, generation, runs_dir, cache)
-    trajectory = rome_trajectory(model, dataset, seed, hp, runs_dir, cache) if method in SEQUENTIAL else None
+    out, meta = _run_location(model, method, dataset, len(records), seed, hp, generation, runs_dir, cache, pool)
+    trajectory = rome_trajectory(model, dataset, seed, hp, runs_dir, cache, pool) if method in SEQUENTIAL else None
     with contextlib.ExitStack() as locks:
         if trajectory is not None:  # the trajectory first, as run_sweep locks it (and only it)
             locks.enter_context(run_lock(trajectory))
@@ -219,21 +279,36 @@ class EditedWeights:
         return SimpleNamespace(restore=restore, **info)
 
 
-def rome_trajectory(model, dataset: str, seed: int, hp, runs_dir=None, cache=None) -> Path:
+def rome_trajectory(model, dataset: str, seed: int, hp, runs_dir=None, cache=None, pool: str = POOL_SUBSET) -> Path:
     """Where the sequential ROME edits of ``(model, dataset, seed, hparams)`` keep their trajectory. One
     file serves every run size: a run of ``n`` edits edits a prefix of a longer run's records, so Table 1's
     run and Fig. 3's sweep (any N) replay and extend the same trajectory."""
     runs_dir = Path(runs_dir) if runs_dir is not None else cache_dir() / "runs"
     name = getattr(model, "pmet_name", "model")
-    return runs_dir / name / dataset / "rome" / f"trajectory_seed{seed}_hp{_hparams_id(hp)}.safetensors"
+    full = "_full" if pool == POOL_FULL else ""
+    return runs_dir / name / dataset / "rome" / f"trajectory_seed{seed}_hp{_hparams_id(hp)}{full}.safetensors"
 
 
-def _run_location(model, method, dataset, n, seed, hp, generation, runs_dir, cache) -> tuple[Path, dict]:
+def _run_location(model, method, dataset, n, seed, hp, generation, runs_dir, cache,
+                  pool: str = POOL_SUBSET) -> tuple[Path, dict]:
     runs_dir = Path(runs_dir) if runs_dir is not None else cache_dir() / "runs"
     name = getattr(model, "pmet_name", "model")
-    hp_id = _hparams_id(hp) + _artifact_id(method, model, hp, cache)
-    out = run_dir(runs_dir, name, dataset, method, n, seed, hp_id, generation)
-    return out, {"model": name, "method": method, "n_edits": n, "seed": seed, "hparams": hp_id}
+    hp_id = _hparams_id(hp) + _artifact_id(method, model, hp, cache) + _c0_fallback_id(hp)
+    out = run_dir(runs_dir, name, dataset, method, n, seed, hp_id, generation, pool)
+    meta = {"model": name, "method": method, "n_edits": n, "seed": seed, "hparams": hp_id}
+    return out, ({**meta, "pool": pool} if pool != POOL_SUBSET else meta)
+
+
+def _c0_fallback_id(hp) -> str:
+    """``"_c0<corpus>"`` when C0's corpus had to fall back (Wikipedia unreachable), so such a run never
+    stands in for one with the requested corpus; ``""`` otherwise."""
+    asked = getattr(hp, "mom2_corpus", None)
+    if not asked:
+        return ""
+    from .data import resolve_corpus
+
+    used = resolve_corpus(asked)[0]
+    return "" if used == asked else f"_c0{used}"
 
 
 def _evaluate_and_save(model, tok, records, dataset, out: Path, meta: dict, generation: bool, eval_batch_size: int,
@@ -248,6 +323,7 @@ def _evaluate_and_save(model, tok, records, dataset, out: Path, meta: dict, gene
         rows = evaluate_counterfact(model, tok, records, batch_size=eval_batch_size, generation=generation,
                                     out_path=out / "records.jsonl", progress=progress, meta=meta)
         summary = summarize_counterfact(rows)
+        summary.update(_portability(model, tok, records, out))
     else:
         rows = evaluate_zsre(model, tok, records, batch_size=eval_batch_size, out_path=out / "records.jsonl",
                              progress=progress, meta=meta)
@@ -259,6 +335,10 @@ def _evaluate_and_save(model, tok, records, dataset, out: Path, meta: dict, gene
         summary["timings"] = dict(edited.timings)
         summary["delta_norms"] = dict(edited.delta_norms)
         summary["hparams_values"] = hp.to_dict() if hasattr(hp, "to_dict") else None
+        if getattr(hp, "mom2_corpus", None):
+            from .data import resolve_corpus
+
+            summary["c0_corpus"] = resolve_corpus(hp.mom2_corpus)[1] or hp.mom2_corpus
     summary["device"] = str(next(model.parameters()).device)
     summary["torch"] = torch.__version__
     summary_path = out / "summary.json"
@@ -268,7 +348,18 @@ def _evaluate_and_save(model, tok, records, dataset, out: Path, meta: dict, gene
     return summary
 
 
-SEQUENTIAL = ("rome",)  # editors that apply the requests one after another
+def _portability(model, tok, records, out: Path) -> dict:
+    """Portability of the records that have an EasyEdit one-hop question (:mod:`pmet.evaluation.portability`):
+    per-record values to ``portability.json``, the summary's ``portability*`` fields returned."""
+    from .evaluation.portability import score_portability, summarize_portability
+
+    scores = score_portability(model, tok, records)
+    if scores:
+        (out / "portability.json").write_text(json.dumps({str(k): v for k, v in scores.items()}, sort_keys=True))
+    return summarize_portability(scores)
+
+
+SEQUENTIAL = sequential_methods()  # editors that apply the requests one after another (the registry)
 
 
 def run_sweep(model, tok, method: str, sizes, dataset: str = "counterfact", seed: int = 0,
@@ -289,12 +380,17 @@ def run_sweep(model, tok, method: str, sizes, dataset: str = "counterfact", seed
         return {n: run_edit_eval(model, tok, method, dataset, n, seed, generation, runs_dir=runs_dir, cache=cache,
                                  eval_batch_size=eval_batch_size, progress=progress, overrides=overrides)
                 for n in sizes}
+    from . import distributed
     from .editing import edit
 
+    if distributed.world_size() > 1:  # a sequential editor cannot shard its edits: rank 0 runs the sweep
+        return distributed.on_rank0(run_sweep, model, tok, method, sizes, dataset, seed, generation, runs_dir, cache,
+                                    eval_batch_size, progress, overrides)
     hp = method_hparams(method, model, dataset, overrides)
-    records = table_records(dataset, sizes[-1], seed)
-    where = {n: _run_location(model, method, dataset, n, seed, hp, generation, runs_dir, cache) for n in sizes}
-    trajectory = rome_trajectory(model, dataset, seed, hp, runs_dir, cache)
+    records, pool = table_selection(dataset, sizes[-1], seed, full=paper_pool(model))
+    where = {n: _run_location(model, method, dataset, n, seed, hp, generation, runs_dir, cache, pool)
+             for n in sizes}
+    trajectory = rome_trajectory(model, dataset, seed, hp, runs_dir, cache, pool)
     with run_lock(trajectory):  # one process extends the trajectory and evaluates its points at a time
         out = {n: json.loads((loc / "summary.json").read_text()) for n, (loc, _) in where.items()
                if (loc / "summary.json").exists()}

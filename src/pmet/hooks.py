@@ -135,7 +135,7 @@ class Trace:
             return _replace_first(out, new) if fn is not None else None
         return hook
 
-    def __enter__(self) -> "Trace":
+    def __enter__(self) -> Trace:
         sites = dict.fromkeys([*self.record, *self.add, *([self.stop_after] if self.stop_after else [])])
         try:
             for site in sites:

@@ -90,7 +90,7 @@ class Layout:
         """``W <- W + Δ`` in place, with ``Δ`` given as ``[d_out, d_in]``."""
         w = self.module(model, component, layer).weight
         with torch.no_grad():
-            w.add_((delta.T if self.conv1d else delta).to(w.dtype))
+            w.add_((delta.T if self.conv1d else delta).to(device=w.device, dtype=w.dtype))
 
 
 LAYOUTS: dict[str, Layout] = {

@@ -157,21 +157,26 @@ def load_model(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
-) -> tuple[nn.Module, "object"]:
+) -> tuple[nn.Module, object]:
     """Load a model and its tokenizer by registry name, Hugging Face id or local directory.
 
     Deterministic: tiny models are initialised from ``seed``; real weights are read as stored. The
     returned model is in eval mode, has ``requires_grad=False`` on all parameters and carries
     ``model.layout`` (:class:`pmet.layouts.Layout`) and ``model.pmet_name``.
+
+    ``device="auto"``: the CPU without CUDA; under torchrun (:mod:`pmet.distributed`) the rank's own GPU;
+    otherwise a hub model (or Hugging Face id / local directory) is loaded with ``device_map="auto"``
+    (accelerate), which spreads a model too big for one GPU over all of them (the editor moves keys, values
+    and Δ to each edited weight's device), and any other model goes to ``cuda``.
     """
     key = ALIASES.get(name, name)
+    device_map = None
+    if str(device) == "auto":
+        device, device_map = _auto_device(MODEL_SPECS.get(key))
     spec = MODEL_SPECS.get(key)
     if spec is None:
-        if Path(name).is_dir():
-            model, tok = _load_pretrained(name, name, dtype)
-            crit = None
-        elif "/" in name:
-            model, tok = _load_pretrained(name, name, dtype)
+        if Path(name).is_dir() or "/" in name:
+            model, tok = _load_pretrained(name, name, dtype, device_map)
             crit = None
         else:
             known = ", ".join(MODEL_SPECS)
@@ -186,10 +191,12 @@ def load_model(
         model, tok = _load_gguf(spec, dtype)
         crit = spec.critical_layers
     else:
-        model, tok = _load_pretrained(spec.hf_id, key, dtype)
+        model, tok = _load_pretrained(spec.hf_id, key, dtype, device_map)
         crit = spec.critical_layers
 
-    model = model.to(device).eval()
+    if getattr(model, "hf_device_map", None) is None or device_map is None:
+        model = model.to(device)
+    model = model.eval()
     model.requires_grad_(False)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -237,15 +244,29 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _load_pretrained(hf_id: str, label: str, dtype: torch.dtype):
+def _auto_device(spec: ModelSpec | None) -> tuple[str, str | None]:
+    """``(device, device_map)`` for ``device="auto"`` (see :func:`load_model`)."""
+    if not torch.cuda.is_available():
+        return "cpu", None
+    from . import distributed
+
+    if distributed.world_size() > 1:
+        return f"cuda:{torch.cuda.current_device()}", None
+    hub = spec is None or spec.source == "hub"
+    return ("cuda", "auto") if hub else ("cuda", None)
+
+
+def _load_pretrained(hf_id: str, label: str, dtype: torch.dtype, device_map: str | None = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     local = Path(hf_id).is_dir()
     tried = f"local directory {hf_id!r}" if local else f"the Hugging Face cache and hub for {hf_id!r}"
+    placement = {"device_map": device_map} if device_map else {}
 
     def _load(local_only: bool):
         tok = AutoTokenizer.from_pretrained(hf_id, local_files_only=local_only)
-        return AutoModelForCausalLM.from_pretrained(hf_id, dtype=dtype, local_files_only=local_only), tok
+        return AutoModelForCausalLM.from_pretrained(hf_id, dtype=dtype, local_files_only=local_only,
+                                                    **placement), tok
 
     try:
         return _load(local_only=True)
@@ -326,31 +347,83 @@ def _load_gguf(spec: ModelSpec, dtype: torch.dtype):
     """Load a packaged GGUF; the de-quantised fp32 weights are cached as safetensors.
 
     De-quantising takes ~15 s (SmolLM2) to ~1 min (Gemma-3) on 2 CPU cores; the cache
-    (``$PMET_CACHE_DIR/models/<name>``) loads in about a second. It is keyed by the GGUF file's size and
-    mtime and rebuilt when they change or when it is unreadable.
+    (``$PMET_CACHE_DIR/models/<name>``) loads in about a second. It is keyed by the GGUF's content
+    (:func:`gguf_content_key`), so a new virtual environment with the same package reuses it, and it is
+    rebuilt when the content changes or when it is unreadable.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = _gguf_path(spec)
-    stat = gguf.stat()
-    stamp = f"{stat.st_size}-{int(stat.st_mtime)}"
+    key = gguf_content_key(gguf)
     cached = cache_dir() / "models" / spec.name
-    if (cached / "pmet_stamp.txt").exists() and (cached / "pmet_stamp.txt").read_text() == stamp:
+    if _cache_is_current(cached, gguf, key):
         try:
             tok = AutoTokenizer.from_pretrained(cached)
             model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype)
             return model, tok
         except Exception as exc:  # corrupt cache: rebuild it
-            warnings.warn(f"rebuilding the {spec.name} weight cache at {cached}: {exc}")
+            warnings.warn(f"rebuilding the {spec.name} weight cache at {cached}: {exc}", stacklevel=2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    _save_atomically(model, tok, cached, stamp)
+    _save_atomically(model, tok, cached, {CONTENT_KEY_FILE: key, LEGACY_STAMP_FILE: _legacy_stamp(gguf)})
     return model.to(dtype), tok
 
 
-def _save_atomically(model, tok, target: Path, stamp: str) -> None:
+GGUF_HEAD_BYTES = 8 << 20  # the header: metadata (tokenizer included) and the tensor index
+GGUF_TAIL_BYTES = 1 << 20
+
+
+def gguf_content_key(path: Path) -> str:
+    """What a GGUF's de-quantised weight cache is keyed by: ``"gguf-<size>-<sha256[:32]>"``, the hash taken
+    over the first 8 MiB (GGUF header: metadata, tokenizer, tensor index) and the last 1 MiB (the end of the
+    tensor data). Its location and modification time are left out, so the same file installed into another
+    virtual environment maps to the same cache; reading 9 MiB takes milliseconds, not the ~0.5 s of hashing
+    the whole file on every load."""
+    path = Path(path)
+    size = path.stat().st_size
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        h.update(f.read(GGUF_HEAD_BYTES))
+        if size > GGUF_HEAD_BYTES:
+            f.seek(max(GGUF_HEAD_BYTES, size - GGUF_TAIL_BYTES))
+            h.update(f.read())
+    return f"gguf-{size}-{h.hexdigest()[:32]}"
+
+
+CONTENT_KEY_FILE = "pmet_content_key.txt"  # the cache's key: gguf_content_key of the GGUF it was made from
+LEGACY_STAMP_FILE = "pmet_stamp.txt"  # the key before content keys: "<size>-<mtime>" of the GGUF
+
+
+def _legacy_stamp(gguf: Path) -> str:
+    st = gguf.stat()
+    return f"{st.st_size}-{int(st.st_mtime)}"
+
+
+def _cache_is_current(cached: Path, gguf: Path, key: str) -> bool:
+    """Whether the weight cache folder ``cached`` was made from ``gguf`` (content ``key``). A cache made
+    before content keys (only a ``pmet_stamp.txt`` with this very file's size and mtime) is recognised too
+    and gets its content key added, so it is not converted again. The old stamp is kept (and still
+    written), so older pmet versions sharing the cache keep recognising it."""
+    def read(name: str) -> str | None:
+        try:
+            return (cached / name).read_text()
+        except OSError:
+            return None
+
+    if read(CONTENT_KEY_FILE) == key:
+        return True
+    if read(LEGACY_STAMP_FILE) == _legacy_stamp(gguf):
+        try:
+            (cached / CONTENT_KEY_FILE).write_text(key)
+        except OSError:
+            pass
+        return True
+    return False
+
+
+def _save_atomically(model, tok, target: Path, stamps: dict[str, str]) -> None:
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     try:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -360,11 +433,12 @@ def _save_atomically(model, tok, target: Path, stamp: str) -> None:
             del model.config.quantization_config
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        (tmp / "pmet_stamp.txt").write_text(stamp)
+        for name, text in stamps.items():
+            (tmp / name).write_text(text)
         shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
     except OSError as exc:  # read-only cache: loading still works, just slower next time
-        warnings.warn(f"could not cache de-quantised weights at {target}: {exc}")
+        warnings.warn(f"could not cache de-quantised weights at {target}: {exc}", stacklevel=2)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

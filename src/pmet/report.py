@@ -17,6 +17,7 @@ from types import SimpleNamespace
 
 import pandas as pd
 
+from .editing.registry import display_labels
 from .paths import REPO_ROOT, in_source_checkout
 
 SMALL_ENV = "PMET_NOTEBOOK_SMALL"
@@ -85,6 +86,9 @@ def save_table(df: pd.DataFrame, name: str, out_dir: str | Path, caption: str, m
     out = Path(out_dir)
     tdir = out / "tables"
     tdir.mkdir(parents=True, exist_ok=True)
+    note = df.attrs.get("interval_note")
+    if note and note not in caption:  # every table names how its intervals were made
+        caption = f"{caption.rstrip()} {note}"
     paths = [tdir / f"{name}.csv", tdir / f"{name}.md", tdir / f"{name}.tex"]
     df.to_csv(paths[0], index=False)
     paths[1].write_text(f"{caption}\n\n{markdown_table(df)}\n")
@@ -115,11 +119,31 @@ def fmt_ci(mean: float, half_width: float | None, digits: int = 1) -> str:
     return f"{mean:.{digits}f} ({half_width:.{digits}f})"
 
 
+def fmt_interval(mean, ci, digits: int = 1) -> str:
+    """``"99.5 [98.9, 99.8]"``: the mean and its 95% interval (intervals may be asymmetric: Wilson, bootstrap);
+    ``"99.5 [no CI]"`` where the summary has none (one record of an unbounded metric, or an older summary)."""
+    if mean is None or pd.isna(mean):
+        return "n/a"
+    if not ci or ci[0] is None or pd.isna(ci[0]) or pd.isna(ci[1]):
+        return f"{mean:.{digits}f} [no CI]"
+    return f"{mean:.{digits}f} [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
+
+
+def interval_note(summaries) -> str:
+    """The caption sentence naming how the intervals of these run summaries were made."""
+    methods = {s.get("ci_method") for s in summaries if isinstance(s, dict) and "unavailable" not in s}
+    methods.discard(None)
+    if methods <= {"auto"}:
+        from .evaluation.stats import CI_METHOD_NOTE
+
+        return CI_METHOD_NOTE + "."
+    names = {"normal": "normal approximation (mean ± 1.96·s/√n; older summary)", "bootstrap": "BCa bootstrap",
+             "auto": "per metric (Wilson / percentile bootstrap)"}
+    return "95% intervals: " + "; ".join(names.get(m, m) for m in sorted(methods)) + "."
+
+
 # ---- the paper's tables and figures from run summaries (see pmet.experiments) --------------------------
-DISPLAY = {"none": "Unedited", "ft": "FT-W", "mend": "MEND", "rome": "ROME", "memit": "MEMIT",
-           "memit-ffn": "MEMIT (δ on m^L)", "pmet": "PMET",
-           "pmet-no-attn-delta": "w/o δ^a", "pmet-with-attn-weights": "w/ W_O^MHSA",
-           "pmet-even-spread": "Even spread"}
+DISPLAY = display_labels()  # {method: table label}, in the paper's row order (pmet.editing.registry)
 CF_COLUMNS = [("Score", "score"), ("Efficacy", "efficacy"), ("Generalization", "generalization"),
               ("Specificity", "specificity"), ("Fluency", "fluency"), ("Consistency", "consistency")]
 ZSRE_COLUMNS = [("Efficacy", "efficacy"), ("Generalization", "generalization"), ("Specificity", "specificity")]
@@ -141,10 +165,13 @@ def _half_width(summary: dict, key: str) -> float | None:
 
 
 def grid_table(grid: dict, dataset: str = "counterfact") -> pd.DataFrame:
-    """Table 1 / Table 2 layout from ``run_grid`` output: one block of rows per model, "mean (CI half-width)"
-    cells, and the number of records each metric rests on. Unavailable editors keep their row with the reason."""
+    """Table 1 / Table 2 layout from ``run_grid`` output: one block of rows per model, "mean [95% interval]"
+    cells (:func:`fmt_interval`; the method in ``df.attrs["interval_note"]``, added to the caption by
+    :func:`save_table`), and the number of records each metric rests on. Unavailable editors keep their row with
+    the reason."""
     columns = CF_COLUMNS if dataset == "counterfact" else ZSRE_COLUMNS
     proxy = any("consistency_proxy" in s for runs in grid.values() for s in runs.values())
+    portability = any("portability" in s for runs in grid.values() for s in runs.values())
     rows = []
     for model, runs in grid.items():
         for method, s in runs.items():
@@ -154,23 +181,25 @@ def grid_table(grid: dict, dataset: str = "counterfact") -> pd.DataFrame:
                 if key == "consistency":
                     key = metric_key(s, key)
                     head = "Consistency (proxy)" if proxy else head
-                if "unavailable" in s:
-                    row[head] = "n/a"
-                elif key == "score":
-                    row[head] = fmt_ci(s.get("score"), _half_width(s, "score"))
-                else:
-                    row[head] = fmt_ci(s.get(key), _half_width(s, key), digits=1)
+                row[head] = "n/a" if "unavailable" in s else fmt_interval(s.get(key), s.get(f"{key}_ci"))
             row["n records"] = ("-" if "unavailable" in s else
                                 "/".join(str(s.get(f"{metric_key(s, k)}_n", 0)) for _, k in columns if k != "score"))
+            if portability:  # EasyEdit's one-hop questions, where records have one (pmet.evaluation.portability)
+                row["Portability"] = "n/a" if "unavailable" in s else fmt_interval(s.get("portability"),
+                                                                                   s.get("portability_ci"))
+                row["n portability"] = s.get("portability_n", 0)
             if "unavailable" in s:
                 row["note"] = s["unavailable"]
             rows.append(row)
-    return pd.DataFrame(rows)
+    df = pd.DataFrame(rows)
+    df.attrs["interval_note"] = interval_note([s for runs in grid.values() for s in runs.values()])
+    return df
 
 
 def ablation_table(summaries: dict, reference: str = "pmet") -> pd.DataFrame:
-    """Table 3 layout: ``summaries[(n_edits, method)]``; each ablation's cells carry the signed difference
-    to PMET at the same edit count (↑ / ↓ / →)."""
+    """Table 3 layout: ``summaries[(n_edits, method)]``; cells "mean [95% interval]", each ablation's cells
+    also the signed difference of means to PMET at the same edit count (↑ / ↓ / →; the paired test of that
+    difference is in ``tables/claims.md``)."""
     rows = []
     order = {m: i for i, m in enumerate([reference, *DISPLAY])}  # the paper's row order
     for (n, method), s in sorted(summaries.items(), key=lambda kv: (kv[0][0], order.get(kv[0][1], 99))):
@@ -182,14 +211,16 @@ def ablation_table(summaries: dict, reference: str = "pmet") -> pd.DataFrame:
             if v is None:
                 row[head] = "n/a"
                 continue
-            cell = f"{v:.1f}"
+            cell = fmt_interval(v, s.get(f"{key}_ci"))
             if ref is not None and method != reference and ref.get(key) is not None:
                 d = v - ref[key]
                 arrow = "→" if abs(d) < 0.05 else ("↑" if d > 0 else "↓")
                 cell += f" ({arrow}{abs(d):.1f})" if arrow != "→" else " (→)"
             row[head] = cell
         rows.append(row)
-    return pd.DataFrame(rows)
+    df = pd.DataFrame(rows)
+    df.attrs["interval_note"] = interval_note(summaries.values())
+    return df
 
 
 def size_note(used: int, default: int, reason: str | None = None) -> str:
@@ -220,29 +251,53 @@ def sweep_frame(summaries: dict) -> pd.DataFrame:
             ci = s.get(f"{key}_ci") or (None, None)
             rows.append({"method": DISPLAY.get(method, method), "n_edits": n, "metric": head, "value": s[key],
                          "low": ci[0], "high": ci[1]})
-    return pd.DataFrame(rows)
+    df = pd.DataFrame(rows, columns=["method", "n_edits", "metric", "value", "low", "high"])
+    df.attrs["interval_note"] = interval_note(summaries.values())
+    return df
+
+
+# one fixed, clearly distinct colour per editor in every figure (PMET red, MEMIT blue)
+METHOD_COLORS = {"PMET": "#d62728", "MEMIT": "#1f77b4", "ROME": "#2ca02c", "MEND": "#9467bd", "FT-W": "#7f7f7f",
+                 "MEMIT (δ on m^L)": "#17becf", "w/o δ^a": "#ff7f0e", "w/ W_O^MHSA": "#8c564b",
+                 "Even spread": "#bcbd22", "Unedited": "#000000"}
+
+
+def method_colors(methods) -> dict:
+    """:data:`METHOD_COLORS`, with a colour from a qualitative palette for any other editor."""
+    import seaborn as sns
+
+    methods = sorted(set(methods))
+    extra = iter(sns.color_palette("tab10", 10)[::-1])
+    return {m: METHOD_COLORS.get(m) or next(extra) for m in methods}
 
 
 def plot_sweep(frame: pd.DataFrame, title: str = ""):
-    """Fig. 3: one panel per metric, metric vs number of edits on a log x-axis, one line per editor."""
+    """Fig. 3: one panel per metric, metric vs number of edits on a log x-axis, one line per editor, its 95%
+    interval as a band over the points that have one (a point without an interval, e.g. fluency of one
+    record, interrupts the band there instead of removing it)."""
     import matplotlib.pyplot as plt
-    import seaborn as sns
+    import numpy as np
 
     metrics = [h for h, _ in CF_COLUMNS if h in set(frame.metric)]
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.2), squeeze=False)
-    palette = dict(zip(sorted(set(frame.method)), sns.color_palette("colorblind", len(set(frame.method)))))
+    palette = method_colors(frame.method)
+    styles = {"PMET": "-", "MEMIT": "--"}
     for ax, metric in zip(axes[0], metrics):
         sub = frame[frame.metric == metric]
         for method, g in sub.groupby("method"):
             g = g.sort_values("n_edits")
-            ax.plot(g.n_edits, g.value, marker="o", ms=3, label=method, color=palette[method])
-            if g.low.notna().all():
-                ax.fill_between(g.n_edits, g.low, g.high, alpha=0.15, color=palette[method])
+            ax.plot(g.n_edits, g.value, marker="o", ms=3, label=method, color=palette[method],
+                    ls=styles.get(method, "-"), lw=1.8 if method in styles else 1.2)
+            low, high = g.low.astype(float).to_numpy(), g.high.astype(float).to_numpy()
+            ok = ~(np.isnan(low) | np.isnan(high))
+            if ok.any():
+                ax.fill_between(g.n_edits.to_numpy(dtype=float), np.where(ok, low, np.nan), np.where(ok, high, np.nan),
+                                alpha=0.15, color=palette[method], lw=0)
         ax.set_xscale("log")
         ax.set_title(metric)
         ax.set_xlabel("number of edits")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    axes[0][0].legend(fontsize=8, title="editor", title_fontsize=8)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -265,16 +320,115 @@ def delta_norm_frame(summaries: dict) -> pd.DataFrame:
 
 
 def plot_delta_norms(frame: pd.DataFrame, title: str = ""):
-    """Fig. 4: ‖Δ‖ per critical layer, one line per (editor, weight)."""
+    """Fig. 4: ‖Δ‖_F per critical layer, one line per (editor, weight): colour = editor, marker/line = weight
+    (FFN solid, MHSA dashed); integer layer ticks."""
     import matplotlib.pyplot as plt
-    import seaborn as sns
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    sns.lineplot(data=frame, x="layer", y="norm", hue="label", marker="o", ax=ax)
+    palette = method_colors(frame.method)
+    for (method, weight), g in frame.groupby(["method", "weight"]):
+        g = g.sort_values("layer")
+        ax.plot(g.layer, g.norm, marker="o" if weight == "FFN" else "s", ms=4, ls="-" if weight == "FFN" else "--",
+                color=palette[method], label=f"{method} ({weight})")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("‖Δ‖_F")
     ax.set_xlabel("edited layer")
     ax.grid(alpha=0.3)
+    ax.legend(title="editor (edited weight)", fontsize=8, title_fontsize=8)
     if title:
         ax.set_title(title)
     fig.tight_layout()
     return fig
+
+
+# ---- re-drawing the committed figures from the committed tables (no model) ------------------------------
+def redraw_fig3(out_dir: str | Path, stem: str) -> list[Path]:
+    """Fig. 3 from ``tables/<stem>.csv`` (``sweep_frame``'s long frame). Where that file holds the older
+    normal-approximation intervals (which leave [0, 100] at small n) and ``tables/<stem>.json`` has the
+    summaries' means and record counts, the efficacy/generalization/specificity bands are recomputed as
+    Wilson intervals (exact rule for efficacy's 0/1 outcomes; the conservative Wilson bound for per-record
+    means over prompts) and the Score gets none; runs with ``ci_method="auto"`` keep their own intervals."""
+    frame = pd.read_csv(Path(out_dir) / "tables" / f"{stem}.csv")
+    summaries = Path(out_dir) / "tables" / f"{stem}.json"
+    if summaries.exists():
+        frame = _wilson_bands(frame, json.loads(summaries.read_text()))
+    model = stem.removeprefix("fig3_sweep_")
+    for precision in ("bfloat16", "float16"):
+        if model.endswith("_" + precision):
+            model = f"{model.removesuffix('_' + precision)} (values {precision})"
+    fig = plot_sweep(frame, title=f"{model}: CounterFact, 1 to {frame.n_edits.max():,} edits")
+    return _save_redrawn(fig, stem, out_dir)
+
+
+def _wilson_bands(frame: pd.DataFrame, summaries: dict) -> pd.DataFrame:
+    from .evaluation.stats import _wilson_fractional
+
+    frame = frame.copy()
+    for i, r in frame.iterrows():
+        s = summaries.get(f"{r.n_edits}|{next((k for k, v in DISPLAY.items() if v == r.method), r.method)}")
+        if not s or s.get("ci_method") == "auto":
+            continue
+        key = dict(CF_COLUMNS).get(r.metric)
+        if key in ("efficacy", "generalization", "specificity") and s.get(f"{key}_n"):
+            lo, hi = _wilson_fractional(s[key] / 100, int(s[f"{key}_n"]), 0.95)
+            frame.loc[i, ["low", "high"]] = 100 * lo, 100 * hi
+        elif key == "score":
+            frame.loc[i, ["low", "high"]] = float("nan"), float("nan")
+    return frame
+
+
+def redraw_fig4(out_dir: str | Path, stem: str) -> list[Path]:
+    """Fig. 4 from ``tables/<stem>.csv`` (``delta_norm_frame``'s frame)."""
+    frame = pd.read_csv(Path(out_dir) / "tables" / f"{stem}.csv")
+    fig = plot_delta_norms(frame, title=f"{stem.removeprefix('fig4_delta_norms_')}: ‖Δ‖ per edited layer")
+    return _save_redrawn(fig, stem, out_dir)
+
+
+def redraw_causal_trace(out_dir: str | Path, model: str) -> list[Path]:
+    """The causal-trace curve from ``tables/causal_trace_<model>_curve.csv``, shading the critical layers R the
+    editors use for ``model`` (its registry entry), not the tracing's own first candidate."""
+    from .analysis.causal_trace import plot_effect_curves
+    from .models import MODEL_SPECS
+
+    wide = pd.read_csv(Path(out_dir) / "tables" / f"causal_trace_{model}_curve.csv")
+    kinds = [c for c in ("block", "mlp", "attn") if c in wide.columns]
+    avg = pd.concat([pd.DataFrame({"layer": wide.layer, "kind": k, "effect": wide[k], "sem": wide[f"{k}_sem"]})
+                     for k in kinds], ignore_index=True)
+    spec = MODEL_SPECS.get(model)
+    critical = list(spec.critical_layers) if spec is not None and spec.critical_layers else None
+    manifest = Path(out_dir) / "tables" / "manifest.json"
+    meta = json.loads(manifest.read_text()).get(f"causal_trace_{model}_curve.csv", {}) if manifest.exists() else {}
+    n = f" (n={meta['n_facts']})" if "n_facts" in meta else ""
+    fig = plot_effect_curves(avg, critical=critical, window=meta.get("window"),
+                             title=f"{model}: causal tracing at the subject's last token{n}",
+                             critical_label="critical layers R used by the editors")
+    return _save_redrawn(fig, f"causal_trace_{model}", out_dir, {"shaded_layers": critical})
+
+
+def _save_redrawn(fig, name: str, out_dir, extra: dict | None = None) -> list[Path]:
+    """Save a re-drawn figure, keeping what the manifest said about the run that made its data."""
+    import matplotlib.pyplot as plt
+
+    manifest = Path(out_dir) / "figures" / "manifest.json"
+    old = json.loads(manifest.read_text()).get(f"{name}.png", {}) if manifest.exists() else {}
+    old = {k: v for k, v in old.items() if k not in ("written", "pmet")}
+    paths = save_figure(fig, name, out_dir, {**old, "redrawn_by": "pmet.report.redraw_figures (python -m pmet report)",
+                                             **(extra or {})})
+    plt.close(fig)
+    return paths
+
+
+def redraw_figures(out_dir: str | Path) -> list[Path]:
+    """Re-draw every figure whose data is committed under ``tables/`` (Fig. 3, Fig. 4, causal-trace curves)."""
+    tables = Path(out_dir) / "tables"
+    paths: list[Path] = []
+    for p in sorted(tables.glob("fig3_sweep_*.csv")):
+        paths += redraw_fig3(out_dir, p.stem)
+    for p in sorted(tables.glob("fig4_delta_norms_*.csv")):
+        paths += redraw_fig4(out_dir, p.stem)
+    for p in sorted(tables.glob("causal_trace_*_curve.csv")):
+        model = p.stem.removeprefix("causal_trace_").removesuffix("_curve")
+        if "_window" not in model and "_mlp" not in model:
+            paths += redraw_causal_trace(out_dir, model)
+    return paths

@@ -9,11 +9,27 @@ reusing every cache (``./run.sh rerender`` or ``python -m pmet rerender``).
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from .paths import REPO_ROOT
 
 RENDERED = REPO_ROOT / "notebooks" / "rendered"
+KERNEL = "pmet"  # the notebooks' metadata.kernelspec; ./run.sh setup registers it for the clone's .venv
+
+
+def notebook_kernel(name: str = KERNEL) -> str:
+    """The Jupyter kernel to execute the notebooks with: ``name`` when it is registered, else ``python3`` (the
+    running environment's default kernel), with a message saying so; papermill would fail on a missing one."""
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    try:
+        KernelSpecManager().get_kernel_spec(name)
+        return name
+    except NoSuchKernel:
+        print(f"Jupyter kernel {name!r} is not registered (./run.sh setup registers it); using 'python3'",
+              file=sys.stderr)
+        return "python3"
 
 
 def recorded_run(rendered: str | Path) -> tuple[Path, dict]:
@@ -60,6 +76,6 @@ def rerender(paths=None, dry_run: bool = False, progress: bool = True) -> list[t
             import papermill
 
             papermill.execute_notebook(str(source), str(rendered), parameters=params, cwd=str(source.parent),
-                                       progress_bar=progress)
+                                       progress_bar=progress, kernel_name=notebook_kernel())
         done.append((source, rendered, params))
     return done

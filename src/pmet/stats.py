@@ -102,8 +102,9 @@ def key_second_moments(
 
     A second call with the same arguments loads the cache (``$PMET_CACHE_DIR/stats/...``).
     """
-    from .data import corpus_id, load_text_corpus
+    from .data import corpus_id, load_text_corpus, resolve_corpus
 
+    corpus = resolve_corpus(corpus)[0]  # "wikipedia" where it can be streamed, else the WikiText fallback
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -127,7 +128,8 @@ def key_second_moments(
 
     todo = sorted(paths)
     sites = [(component, l) for l in todo]
-    windows = corpus_token_windows(tok, load_text_corpus(corpus), seq_len, n_tokens)
+    cap = 16 * (n_tokens + seq_len) if corpus == "wikipedia" else None  # a streamed corpus is read only so far
+    windows = corpus_token_windows(tok, load_text_corpus(corpus, max_chars=cap), seq_len, n_tokens)
     device = next(model.parameters()).device
     acc = {l: None for l in todo}
     count = 0
@@ -153,7 +155,3 @@ def key_second_moments(
         results[l] = mom2
     return results
 
-
-def key_second_moment(model: nn.Module, tok, layer: int, **kwargs) -> torch.Tensor:
-    """``E[k k^T]`` for one layer; see :func:`key_second_moments`."""
-    return key_second_moments(model, tok, [layer], **kwargs)[layer]

@@ -6,8 +6,16 @@
   critical layers (``trace_fact``, ``trace_facts``, ``average_effects``, ``choose_critical_layers``).
 """
 
-from .causal_trace import (average_effects, choose_critical_layers, embedding_noise_std, select_facts,
-                           subject_token_range, subsample, trace_fact, trace_facts)
+from .causal_trace import (
+                           average_effects,
+                           choose_critical_layers,
+                           embedding_noise_std,
+                           select_facts,
+                           subject_token_range,
+                           subsample,
+                           trace_fact,
+                           trace_facts,
+)
 from .similarity import claim_summary, claim_verdict, component_similarity, jaccard, plot_similarity, topk_jaccard
 
 __all__ = [

@@ -112,7 +112,8 @@ def predict_next(model: nn.Module, tok, prompts: Sequence[str], batch_size: int 
     return np.concatenate(ids), np.concatenate(probs)
 
 
-def select_facts(model: nn.Module, tok, facts: Sequence, only_correct: bool = True, batch_size: int = 64) -> pd.DataFrame:
+def select_facts(model: nn.Module, tok, facts: Sequence, only_correct: bool = True, batch_size: int = 64
+                 ) -> pd.DataFrame:
     """One row per fact with the model's greedy next token: ``known_id, prompt, subject, attribute,
     answer_id, answer, p_top1, correct`` (``correct``: the greedy token is the first token of
     ``" " + attribute``). With ``only_correct`` only correct facts are kept (the answer is then the
@@ -368,7 +369,7 @@ def choose_critical_layers(avg: pd.DataFrame, size: int = 5, kind: str = "mlp", 
 
 # ------------------------------------------------------------------------------------------ plots
 def plot_effect_curves(avg: pd.DataFrame, critical: Sequence[int] | None = None, title: str | None = None,
-                       window: int | None = None):
+                       window: int | None = None, critical_label: str = "critical layers"):
     """ROME-style summary: mean indirect effect at the subject's last token per layer, one line per kind
     (shaded: ± 1.96 SEM), the chosen critical layers shaded grey. Returns the figure."""
     import matplotlib.pyplot as plt
@@ -378,7 +379,7 @@ def plot_effect_curves(avg: pd.DataFrame, critical: Sequence[int] | None = None,
     fig, ax = plt.subplots(figsize=(6, 3.2))
     if critical:
         ax.axvspan(min(critical) - 0.5, max(critical) + 0.5, color="0.85", zorder=0,
-                   label=f"critical layers {min(critical)}-{max(critical)}")
+                   label=f"{critical_label} {min(critical)}-{max(critical)}")
     for k in [k for k in KINDS if k in set(avg.kind)]:
         s = avg[avg.kind == k].sort_values("layer")
         lab = KIND_LABELS[k] + ("" if k == "block" or not window else f" (window {window})")
@@ -429,7 +430,8 @@ def subsample(items: Sequence, n: int | None, seed: int = 0) -> list:
 
 
 def critical_layers_report(per_fact: pd.DataFrame, model_name: str, size: int = 5, search_fraction: float = 2 / 3,
-                           window: int = 1, exclude: Sequence[int] = (), n_correct: int | None = None, n_total: int | None = None, **settings) -> str:
+                           window: int = 1, exclude: Sequence[int] = (), n_correct: int | None = None,
+                           n_total: int | None = None, **settings) -> str:
     """Markdown evidence for a critical-layer choice from :func:`trace_facts`' long frame (or its CSV):
     the rule, the settings, the chosen layers and the per-layer table of mean indirect effects."""
     avg = average_effects(per_fact, position="subject_last")

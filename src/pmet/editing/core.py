@@ -85,3 +85,54 @@ def residual(values: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
     if values.shape != current.shape:
         raise ValueError(f"values {tuple(values.shape)} and current outputs {tuple(current.shape)} differ")
     return (values.double() - current.double().to(values.device)).T
+
+
+# ---- null-space projection (AlphaEdit; Fang et al., ICLR 2025) -----------------------------------------
+def null_space_projector(C0: torch.Tensor, threshold: float) -> torch.Tensor:
+    """AlphaEdit's projection ``P = Û Ûᵀ`` onto the (approximate) null space of the preserved keys: ``Û`` are
+    the eigenvectors of ``C0 = E[k kᵀ]`` (the key second moment, *without* λ) whose eigenvalues are below
+    ``threshold``. For every key ``k0`` in the span of the other eigenvectors ``P k0 = 0``, so an update of
+    the form ``Δ = X P`` leaves ``W k0`` unchanged (AlphaEdit, Sec. 3.1).
+
+    As AlphaEdit's code (``get_project``: the SVD of the ``mom2`` statistic, ``nullspace_threshold`` 2e-2 for
+    GPT-J and Llama3-8B) the threshold is absolute, so it depends on the scale of the model's keys; we use
+    ``eigh`` in float64 (equal to the SVD of a symmetric positive semi-definite matrix). Returns ``[d, d]``
+    float64 on ``C0``'s device."""
+    if C0.dim() != 2 or C0.shape[0] != C0.shape[1]:
+        raise ValueError(f"C0 must be a square [d, d] matrix; got {tuple(C0.shape)}")
+    if not threshold > 0:
+        raise ValueError(f"the null-space threshold must be > 0, not {threshold!r}")
+    C = C0.double()
+    evals, evecs = torch.linalg.eigh((C + C.T) / 2)
+    U = evecs[:, evals < threshold]
+    return U @ U.T
+
+
+def solve_update_null_space(R: torch.Tensor, K1: torch.Tensor, P: torch.Tensor, alpha: float,
+                            prior_gram: torch.Tensor | None = None) -> torch.Tensor:
+    """AlphaEdit's closed form in place of Eq. 9: ``Δ = R K1ᵀ P (Kp Kpᵀ P + K1 K1ᵀ P + αI)^{-1}``.
+
+    ``P`` is :func:`null_space_projector` of ``C0``; ``prior_gram = Kp Kpᵀ`` the keys of earlier edits of a
+    sequential run (AlphaEdit's sequential form, its ``cache_c``; None in a single edit); ``α`` the
+    regulariser (AlphaEdit's ``L2``, 10 in its GPT-J/Llama3 files). The preserved-knowledge term ``λ C0`` of
+    Eq. 9 is gone: ``P`` replaces it. Since ``(M P + αI)(I - P) = α (I - P)`` for ``M = Kp Kpᵀ + K1 K1ᵀ`` and
+    ``P² = P``, ``Δ (I - P) = 0``: ``Δ k0 = 0`` for every key ``k0`` with ``P k0 = 0``, whatever ``R``.
+
+    Solved as AlphaEdit's code does, ``Δᵀ = (P M + αI)^{-1} P K1 Rᵀ`` (one ``torch.linalg.solve``), here in
+    float64. Shapes as :func:`solve_update`; returns ``[d_out, d_in]`` float64 on ``R``'s device."""
+    if R.dim() != 2 or K1.dim() != 2 or R.shape[1] != K1.shape[1]:
+        raise ValueError(f"R must be [d_out, n] and K1 [d_in, n]; got {tuple(R.shape)} and {tuple(K1.shape)}")
+    d = K1.shape[0]
+    if P.shape != (d, d):
+        raise ValueError(f"P must be [d_in, d_in] = {(d, d)}; got {tuple(P.shape)}")
+    if prior_gram is not None and prior_gram.shape != (d, d):
+        raise ValueError(f"prior_gram must be [d_in, d_in] = {(d, d)}; got {tuple(prior_gram.shape)}")
+    if not alpha > 0:
+        raise ValueError(f"alpha must be > 0, not {alpha!r}")
+    dev = R.device
+    R, K1, P = R.double(), K1.double().to(dev), P.double().to(dev)
+    M = K1 @ K1.T
+    if prior_gram is not None:
+        M = M + prior_gram.double().to(dev)
+    A = P @ M + alpha * torch.eye(d, dtype=torch.float64, device=dev)
+    return torch.linalg.solve(A, P @ K1 @ R.T).T

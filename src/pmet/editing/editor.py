@@ -1,4 +1,4 @@
-"""The editor shared by PMET, MEMIT and the ablations: :func:`edit` and :class:`EditResult`.
+"""The editor shared by PMET, MEMIT and the ablations: :func:`apply_shared_editor`.
 
 Algorithm (MEMIT's ``execute_memit``, which PMET's ``execute_pmet`` follows):
 
@@ -12,7 +12,9 @@ Algorithm (MEMIT's ``execute_memit``, which PMET's ``execute_pmet`` follows):
    critical layers from ``l`` to ``L`` (Eq. 11), ``Δ^l = R^l K1^T (λ C0 + K1 K1^T)^{-1}`` (Eq. 9) and
    ``W^l += Δ^l``.
 
-The weights are changed in place; :meth:`EditResult.restore` puts the originals back bit for bit.
+The weights are changed in place; :meth:`pmet.editing.result.EditResult.restore` puts the originals back
+bit for bit. Callers normally go through :func:`pmet.editing.edit` (the registry), which loads the
+hyperparameters.
 
 Differences from the released code, on purpose: keys of W_O^MHSA are recomputed right before W_O^MHSA is
 updated and keys of W_O^FFN right before W_O^FFN (the authors compute both once per layer for GPT-J, whose
@@ -25,65 +27,24 @@ articles).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..hooks import Trace
+from ..stats import key_second_moments
 from . import core
 from .context import flatten, get_context_templates
-from .hparams import EditHparams, load_hparams
-from .values import compute_values, encode_with_subject, pad_id_of, pad_right, positions, target_ids
-
-try:  # the data module validates CounterFact-style requests
-    from ..data import InvalidRecordError, validate_request
-except ImportError:  # pragma: no cover - only while pmet.data is being written
-    class InvalidRecordError(ValueError):
-        pass
-
-    def validate_request(request: dict) -> None:
-        if not isinstance(request, dict):
-            raise InvalidRecordError(f"request must be a dict, got {type(request).__name__}")
-        for key in ("prompt", "subject", "target_new"):
-            if key not in request:
-                raise InvalidRecordError(f"request: missing key {key!r}")
-        if not isinstance(request["prompt"], str) or request["prompt"].count("{}") != 1:
-            raise InvalidRecordError(f"request: prompt must contain exactly one '{{}}': {request['prompt']!r}")
-
+from .hparams import EditHparams
+from .partial_forward import positions
+from .requests import normalize_requests
+from .result import EditResult
+from .tokens import encode_with_subject, pad_id_of, pad_right
+from .values import compute_values
 
 KEY_SITE = {"mlp_out": "mlp_key", "attn_out": "attn_key"}
-
-
-def normalize_requests(requests: Any, tok=None) -> list[dict]:
-    """Validate and normalise requests: dicts (or records with ``as_request()``) with ``prompt`` (template
-    with one ``{}``), ``subject``, ``target_new`` (string or ``{"str": ...}``), optional ``target_true``.
-
-    As MEMIT, a leading space is prepended to ``target_new`` when it lacks one (so that ``" English"`` is
-    tokenised as the word following the prompt). Raises :class:`pmet.data.InvalidRecordError`.
-    """
-    if isinstance(requests, dict) or hasattr(requests, "as_request"):
-        requests = [requests]
-    out = []
-    for i, r in enumerate(requests):
-        if hasattr(r, "as_request"):
-            r = r.as_request()
-        validate_request(r)
-        r = dict(r)
-        for k in ("target_new", "target_true"):
-            if isinstance(r.get(k), dict):
-                r[k] = r[k].get("str")
-        r["target_new"] = target_text(r["target_new"])
-        if tok is not None and not target_ids(tok, r["target_new"]):
-            raise InvalidRecordError(f"request {i}: target_new {r['target_new']!r} has no tokens")
-        r.setdefault("case_id", i)
-        out.append(r)
-    if not out:
-        raise InvalidRecordError("no requests to edit")
-    return out
 
 
 @torch.no_grad()
@@ -101,9 +62,9 @@ def _at_subject(model: nn.Module, tok, templates: list[str], subjects: list[str]
         look = torch.tensor([c[1] for c in chunk], device=device)
         with Trace(model, record=sites, stop_after=stop) as tr:
             model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False)
-        rows = torch.arange(len(chunk), device=device)
-        for s in sites:
-            out[s].append(tr[s][rows, look].float())
+        for s in sites:  # each site on its layer's device (device_map="auto" spreads layers over GPUs)
+            t = tr[s]
+            out[s].append(t[torch.arange(len(chunk), device=t.device), look.to(t.device)].float())
     return {s: torch.cat(v) for s, v in out.items()}
 
 
@@ -124,99 +85,24 @@ def current_outputs(model: nn.Module, tok, requests: list[dict], site: tuple[str
     return _at_subject(model, tok, [r["prompt"] for r in requests], [r["subject"] for r in requests], [site])[site]
 
 
-@dataclass
-class EditResult:
-    """What :func:`edit` did. Tensors are on the CPU; ``deltas`` are ``[d_out, d_in]`` (``v = W k``)."""
+def apply_shared_editor(model: nn.Module, tok, requests, hparams: EditHparams, cache_dir: str | Path | None = None,
+                        progress: bool = True, use_value_cache: bool = True,
+                        prior_keys: dict[str, torch.Tensor] | None = None) -> EditResult:
+    """Edit ``model`` in place with PMET, MEMIT or an ablation (``hparams.method`` and its switches) so that
+    each request's prompt continues with its ``target_new`` (module docstring). ``cache_dir``: context
+    templates, key statistics and value vectors (default ``$PMET_CACHE_DIR``); ``use_value_cache=False``
+    recomputes the values. Works on the model's device and dtype.
 
-    method: str
-    hparams: EditHparams
-    layers: tuple[int, ...]
-    requests: list[dict]
-    deltas: dict[str, torch.Tensor]  # weight name -> Δ
-    values: dict[str, torch.Tensor]  # value site ("mlp", "attn" or "block") -> V1 [n, d]
-    keys: dict[str, torch.Tensor]  # weight name -> K1 [n, d_in] (rows)
-    stats: dict[str, torch.Tensor]  # weight name -> E[kk^T] (C0 = λ · this)
-    residuals: dict[str, torch.Tensor]  # weight name -> spread residual R^l [d_out, n] (float64)
-    residual_norms: dict[str, float]  # weight name -> mean ||R|| (before spreading) when it was updated
-    value_info: list[dict]  # per request: steps, final loss terms, norms, cached
-    context_templates: list[list[str]]
-    timings: dict[str, float]
-    _model: nn.Module = field(repr=False, default=None)
-    _originals: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)
-    restored: bool = False
-
-    def restore(self) -> None:
-        """Put the original weights of every edited module back, bit for bit."""
-        with torch.no_grad():
-            for name, w0 in self._originals.items():
-                self._model.get_parameter(name).copy_(w0)
-        self.restored = True
-
-
-def _resolve_hparams(method: str, model: nn.Module, hparams) -> EditHparams:
-    if isinstance(hparams, EditHparams):
-        return hparams
-    if hparams is None:
-        return load_hparams(method, model)
-    if isinstance(hparams, dict):
-        return load_hparams(method, model, **hparams)
-    raise TypeError(f"hparams must be EditHparams, a dict of overrides or None, not {type(hparams).__name__}")
-
-
-def target_text(t: str) -> str:
-    """Targets are stored raw (``"English"``); as MEMIT, they are tokenised with a leading space."""
-    return t if t.startswith(" ") else " " + t
-
-
-BASELINES = ("rome", "ft", "mend")
-
-
-def hparams_for(method: str, model: nn.Module, dataset: str = "counterfact", **overrides):
-    """The hyperparameters ``edit(method=...)`` would use on ``model`` for ``dataset``: an
-    :class:`EditHparams` for PMET/MEMIT/ablations, the baseline's own dataclass for ROME/FT-W/MEND."""
-    if method in BASELINES:
-        from importlib import import_module
-
-        from .ft import resolve_hparams
-
-        cls = {"ft": "FTHparams", "rome": "RomeHparams", "mend": "MendHparams"}[method]
-        return resolve_hparams(getattr(import_module(f".{method}", __package__), cls), method, model,
-                               overrides or None, dataset)
-    return load_hparams(method, model, dataset, **overrides)
-
-
-class MethodUnavailable(FileNotFoundError):
-    """An editor cannot run here because something it needs was never produced (e.g. MEND's trained
-    hypernetwork for this model); the message says how to produce it."""
-
-
-def edit(model: nn.Module, tok, requests, method: str = "pmet", hparams: EditHparams | dict | None = None,
-         cache_dir: str | Path | None = None, progress: bool = True, use_value_cache: bool = True,
-         on_step=None, checkpoint: str | Path | None = None, **checkpoint_kw) -> EditResult:
-    """Edit ``model`` in place so that each request's prompt continues with its ``target_new``.
-
-    ``method``: ``"pmet"``, ``"memit"``, ``"memit-ffn"`` (MEMIT's value on m^L: the post-norm adaptation),
-    ``"pmet-no-attn-delta"``, ``"pmet-with-attn-weights"``, ``"pmet-even-spread"``, or a baseline
-    ``"rome"``, ``"ft"`` (FT-W), ``"mend"`` (used to load hyperparameters when ``hparams`` is None or a dict
-    of overrides; an :class:`EditHparams` is used as given). ``cache_dir``: context templates, key
-    statistics and value vectors (default ``$PMET_CACHE_DIR``). Works on the model's device and dtype.
-    ``on_step(k, partial)`` (sequential editors only) is called after the k-th request is applied, with
-    ``partial.deltas``. ``checkpoint`` (+ ``checkpoint_every``; sequential editors only): the trajectory
-    file a long run resumes from and shorter runs replay (:func:`pmet.editing.rome.apply_rome`).
-    """
-    sequential = {"on_step": on_step, "checkpoint": checkpoint, **checkpoint_kw}
-    sequential = {k: v for k, v in sequential.items() if v is not None}
-    if method == "rome" or (method in BASELINES and not sequential):  # baselines: their own algorithms
-        from importlib import import_module
-
-        apply = getattr(import_module(f".{method}", __package__), f"apply_{method}")
-        return apply(model, tok, requests, hparams=hparams, cache_dir=cache_dir, progress=progress, **sequential)
-    if sequential:
-        raise ValueError(f"{', '.join(sequential)}: only for sequential editors (ROME); {method!r} edits all "
-                         "requests at once")
+    ``hparams.null_space`` (``pmet-ns``, ``memit-ns``): each ``Δ^l`` is AlphaEdit's projected solve
+    (:func:`pmet.editing.core.solve_update_null_space`) with ``P`` from the same ``C0``, instead of Eq. 9;
+    ``prior_keys`` (weight name -> ``Kp Kpᵀ``, the keys of earlier edits of a sequential run,
+    :func:`pmet.sequential.run_sequential`) enter it as AlphaEdit's sequential term. Without
+    ``null_space`` ``prior_keys`` must be None."""
+    if prior_keys is not None and not hparams.null_space:
+        raise ValueError("prior_keys are used by the null-space solve only (null_space=True: pmet-ns, memit-ns)")
     t0 = time.perf_counter()
     reqs = normalize_requests(requests, tok)
-    hp = _resolve_hparams(method, model, hparams)
+    hp = hparams
     layout = model.layout
     layers = tuple(sorted(hp.layers if hp.layers is not None else layout.critical_layers))
     if not layers or min(layers) < 0 or max(layers) >= layout.n_layers:
@@ -233,8 +119,6 @@ def edit(model: nn.Module, tok, requests, method: str = "pmet", hparams: EditHpa
     flat, _ = flatten(templates)
     t1 = time.perf_counter()
     timings["context_templates"] = t1 - t0
-
-    from ..stats import key_second_moments
 
     mom2 = {comp: key_second_moments(model, tok, list(layers), component=KEY_SITE[comp], n_tokens=hp.mom2_n_tokens,
                                      dtype=hp.mom2_dtype, corpus=hp.mom2_corpus, cache_dir=cache_dir,
@@ -255,12 +139,18 @@ def edit(model: nn.Module, tok, requests, method: str = "pmet", hparams: EditHpa
         for i, l in enumerate(tqdm(layers, desc=f"{hp.method}: updating layers", disable=not progress)):
             for comp in components:
                 name = names[comp, l]
-                K = collect_keys(model, tok, reqs, l, templates, KEY_SITE[comp], hp.key_averaging)
+                wdev = model.get_parameter(name).device  # K, R and Δ live on the edited weight's device
+                K = collect_keys(model, tok, reqs, l, templates, KEY_SITE[comp], hp.key_averaging).to(wdev)
                 cur = current_outputs(model, tok, reqs, (value_name[comp], L))
-                R = core.residual(V[value_name[comp]], cur)
+                R = core.residual(V[value_name[comp]].to(wdev), cur)
                 Rl = core.spread_residual(R, len(layers) - 1, i, hp.spread)
                 C0 = mom2[comp][l]
-                delta = core.solve_update(Rl, K.T, C0, hp.mom2_update_weight)
+                if hp.null_space:
+                    P = core.null_space_projector(C0, hp.null_space_threshold)
+                    prior = (prior_keys or {}).get(name)
+                    delta = core.solve_update_null_space(Rl, K.T, P, hp.null_space_alpha, prior)
+                else:
+                    delta = core.solve_update(Rl, K.T, C0, hp.mom2_update_weight)
                 layout.add_to_weight(model, comp, l, delta)
                 deltas[name] = delta.float().cpu()
                 keys[name] = K.cpu()

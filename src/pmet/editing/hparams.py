@@ -13,6 +13,11 @@ method                     value_site     optimize_attn_delta update_attn_weight
 ``memit-ffn``              components     False               False               even     memit
 ========================== ============== =================== =================== ======== =========
 
+``pmet-ns`` and ``memit-ns`` (= AlphaEdit) are ``pmet`` and ``memit`` with ``null_space=True``: Eq. 9 is
+replaced by AlphaEdit's projected solve (:func:`pmet.editing.core.solve_update_null_space`). The null-space
+fields are left out of :meth:`EditHparams.to_dict` while they hold their defaults, so the cache keys of every
+configuration made before they existed stay the same.
+
 ``memit-ffn`` is MEMIT with its value vector moved from the hidden state h^L to the FFN output m^L (δ
 added where W_O^FFN writes, no δ^a). On pre-norm blocks (GPT-J, NeoX, Llama) adding δ to m^L adds it to
 h^L unchanged, so it differs from MEMIT only in the clamp's reference norm (|m^L| instead of |h^L|) and in
@@ -20,18 +25,21 @@ which vector the residual is measured on. On blocks that normalise the FFN outpu
 (Gemma-3's post-norms) it is the adaptation that keeps Eq. 9's linear key -> value relation for the edited
 weight: MEMIT's hidden-state residual is not something a change of W_O^FFN can write there (TUNING.md).
 
-Files live in ``pmet/editing/hparams/`` and are looked up by :func:`load_hparams` in this order (the
-first that exists wins; ablations read the ``pmet`` files and then apply their switches):
+Every editor's hyperparameters are a frozen dataclass (:class:`EditHparams` here; ``FTHparams``,
+``RomeHparams``, ``MendHparams`` beside their editors), read from versioned JSON files in
+``pmet/editing/hparams/`` by the one loader, :func:`pmet.editing.registry.load_hparams`. A file is looked
+up by :func:`find_hparams_file` in this order (the first that exists wins):
 
 1. ``{method}_{model}_{dataset}.json``  2. ``{base}_{model}_{dataset}.json``  3. ``{base}_{model}.json``
 4. ``{base}_{model}_counterfact.json`` (a model tuned on CounterFact only edits zsRE with those values)
 5. ``{base}_{family}_{dataset}.json`` / ``{base}_{family}.json`` for ``tiny-*`` models (family ``tiny``)
 6. ``{base}_default.json``
 
-where ``base`` is ``memit`` for MEMIT and ``memit-ffn`` and ``pmet`` otherwise. ``layers: null`` means
-"the model's ``layout.critical_layers``" (e.g. smollm2's causal-tracing choice, set in :mod:`pmet.models`).
-Keys starting with ``_`` are comments; ``version`` is the file format version; any other unknown key
-raises :class:`ValueError`.
+where ``base`` is the editor's file family (registered with it): ``memit`` for MEMIT and ``memit-ffn``,
+``pmet`` for PMET and its ablations (which read the ``pmet`` files and then apply their switches), the
+method itself for a baseline. ``layers: null`` means "the model's ``layout.critical_layers``" (e.g.
+smollm2's causal-tracing choice, set in :mod:`pmet.models`). Keys starting with ``_`` are comments;
+``version`` is the file format version; any other key the dataclass lacks raises :class:`ValueError`.
 """
 
 from __future__ import annotations
@@ -98,6 +106,10 @@ class EditHparams:
     mom2_n_tokens: int = 100_000
     mom2_dtype: str = "float32"
     mom2_corpus: str = "wikitext"
+    # --- null-space projection (AlphaEdit; methods pmet-ns, memit-ns) --------------------------------------
+    null_space: bool = False  # Δ projected onto the null space of C0 (pmet.editing.core.solve_update_null_space)
+    null_space_threshold: float = 2e-2  # eigenvalues of E[kk^T] below it span the null space (AlphaEdit's)
+    null_space_alpha: float = 10.0  # α of AlphaEdit's (… + αI)^{-1} (its "L2")
 
     def __post_init__(self):
         checks = {
@@ -119,10 +131,12 @@ class EditHparams:
             raise ValueError("kl_prompt must contain '{}' for the subject")
         if self.v_autocast not in (None, "bfloat16", "float16"):
             raise ValueError(f"EditHparams.v_autocast must be None, 'bfloat16' or 'float16', not {self.v_autocast!r}")
+        if not (self.null_space_threshold > 0 and self.null_space_alpha > 0):
+            raise ValueError("EditHparams.null_space_threshold and null_space_alpha must be > 0")
         if self.v_num_grad_steps < 1 or self.v_batch_size < 1:
             raise ValueError("v_num_grad_steps and v_batch_size must be >= 1")
 
-    def with_method(self, method: str) -> "EditHparams":
+    def with_method(self, method: str) -> EditHparams:
         """A copy with ``method``'s switches (see :data:`METHOD_SWITCHES`)."""
         return replace(self, method=method, **_switches(method))
 
@@ -138,7 +152,7 @@ class EditHparams:
 
 
 # fields added after the first release -> their neutral default (left out of to_dict and cache keys)
-LATER_FIELDS = {"v_autocast": None}
+LATER_FIELDS = {"v_autocast": None, "null_space": False, "null_space_threshold": 2e-2, "null_space_alpha": 10.0}
 
 
 def _switches(method: str) -> dict:
@@ -147,18 +161,18 @@ def _switches(method: str) -> dict:
     return METHOD_SWITCHES[method]
 
 
-def hparams_from_dict(d: dict, method: str | None = None) -> EditHparams:
-    """Build :class:`EditHparams` from a dict (e.g. a JSON file); unknown keys raise ValueError."""
-    known = {f.name for f in fields(EditHparams)}
-    clean = {k: v for k, v in d.items() if not k.startswith("_") and k != "version"}
-    unknown = sorted(set(clean) - known)
-    if unknown:
-        raise ValueError(f"unknown hyperparameter(s) {unknown}; known: {sorted(known)}")
+def read_hparams_file(path: Path) -> dict:
+    """The fields of a hyperparameter file: ``_comment`` keys and ``version`` dropped (an unsupported
+    version raises :class:`ValueError`)."""
+    d = json.loads(Path(path).read_text())
     if d.get("version", FILE_VERSION) != FILE_VERSION:
-        raise ValueError(f"hparams file version {d.get('version')} not supported (expected {FILE_VERSION})")
-    if method is not None:
-        clean.update(method=method, **_switches(method))
-    return EditHparams(**clean)
+        raise ValueError(f"{path}: hparams file version {d.get('version')} not supported (expected {FILE_VERSION})")
+    return {k: v for k, v in d.items() if not k.startswith("_") and k != "version"}
+
+
+def field_names(cls) -> set[str]:
+    """The field names of a hyperparameter dataclass."""
+    return {f.name for f in fields(cls)}
 
 
 def _candidates(method: str, model_name: str, dataset: str, base: str) -> list[str]:
@@ -186,24 +200,3 @@ def find_hparams_file(method: str, model: Any, dataset: str = "counterfact", bas
         if p.exists():
             return p, name
     return None, name
-
-
-def hparams_path(method: str, model: Any, dataset: str = "counterfact") -> Path:
-    """The JSON file :func:`load_hparams` would read."""
-    _switches(method)
-    path, name = find_hparams_file(method, model, dataset)
-    if path is None:
-        raise FileNotFoundError(f"no hyperparameter file for {method}/{name}/{dataset} in {HPARAMS_DIR}")
-    return path
-
-
-def load_hparams(method: str = "pmet", model: Any = "default", dataset: str = "counterfact",
-                 **overrides) -> EditHparams:
-    """Hyperparameters for ``method`` on ``model`` (a registry name or a loaded model) and ``dataset``
-    (``"counterfact"`` or ``"zsre"``). The method's switches win over the file (so ablations share the
-    PMET file); ``overrides`` (single fields) win over both."""
-    path = hparams_path(method, model, dataset)
-    d = json.loads(path.read_text())
-    d.update(method=method, **_switches(method))
-    d.update(overrides)
-    return hparams_from_dict(d)

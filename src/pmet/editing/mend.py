@@ -13,7 +13,9 @@ residual MLP with a low-rank hidden layer whose output layer starts at zero (ide
 Before training (identity init, empty statistics) ``ΔW = −α_W ∇_W`` exactly, one step of gradient descent.
 
 Training (MEND's outer loop; the edit and locality examples never appear in the tables: CounterFact split
-``"train"`` and zsRE ``"train"``): for a batch of requests, ``ΔW`` is computed from the NLL of the targets,
+``"train"`` minus every record a table can edit -- 1,298 of its case ids are full-field records that the
+CounterFact tables draw from -- and zsRE ``"train"`` minus any question of the eval subset; see
+:func:`training_examples`): for a batch of requests, ``ΔW`` is computed from the NLL of the targets,
 the edited model is evaluated functionally (``W + ΔW``, differentiable in the hypernetwork) and
 
     loss = c_edit · NLL(target | prompt and rephrase; W + ΔW) + c_loc · KL(p_W || p_{W+ΔW})[locality prompt]
@@ -47,8 +49,9 @@ from torch import nn
 
 from ..models import model_fingerprint
 from ..paths import cache_dir as default_cache_dir
-from .editor import EditResult, normalize_requests
-from .ft import make_result, resolve_hparams, restore_weights, snapshot, target_batch, target_nll
+from .baseline import make_result, restore_weights, snapshot, target_batch, target_nll
+from .requests import normalize_requests
+from .result import EditResult, MethodUnavailable
 
 
 @dataclass(frozen=True)
@@ -157,7 +160,7 @@ class MendEditor(nn.Module):
         self.edit_lrs = nn.Parameter(torch.full((len(shapes),), float(hp.edit_lr_init)))
 
     @classmethod
-    def for_model(cls, model: nn.Module, hp: MendHparams) -> "MendEditor":
+    def for_model(cls, model: nn.Module, hp: MendHparams) -> MendEditor:
         layout = model.layout
         shapes = {layout.weight_name(c, l): tuple(layout.get_weight(model, c, l).shape)
                   for l in edit_layers(model, hp) for c in hp.components}
@@ -228,9 +231,15 @@ def gradient_factors(model: nn.Module, tok, requests: list[dict], names: list[st
 
 
 # ---------------------------------------------------------------------------------- storage
+# Version of the training examples: 2 = table records excluded. An editor trained on other examples lives in
+# another folder, so it is never loaded for the tables (retrain: python -m pmet.editing.mend train).
+TRAINING_DATA_VERSION = 2
+
+
 def editor_dir(model: nn.Module, hp: MendHparams, cache_dir=None) -> Path:
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    tag = hashlib.sha256(json.dumps(hp.arch(), sort_keys=True).encode()).hexdigest()[:10]
+    key = {**hp.arch(), "training_data": TRAINING_DATA_VERSION}
+    tag = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
     return root / "mend" / model_fingerprint(model) / tag
 
 
@@ -266,8 +275,6 @@ def load_editor(model: nn.Module, hp: MendHparams, cache_dir=None) -> MendEditor
     path = editor_dir(model, hp, cache_dir) / "editor.safetensors"
     if not path.exists():
         name = getattr(model, "pmet_name", "<model>")
-        from .editor import MethodUnavailable
-
         raise MethodUnavailable(
             f"no trained MEND editor for {name} at {path}; train it with: {train_command(name)} "
             "(set PMET_CACHE_DIR to the same cache directory)")
@@ -289,12 +296,20 @@ def mend_deltas(model: nn.Module, tok, requests: list[dict], editor: MendEditor,
     return total
 
 
-def apply_mend(model: nn.Module, tok, requests, hparams=None, dataset: str = "counterfact", cache_dir=None,
-               editor: MendEditor | None = None, **_) -> EditResult:
-    """MEND edit of ``model`` in place with the trained editor (or ``editor``); ``restore()`` undoes it."""
+def artifact_id(model: nn.Module, hp: MendHparams, cache_dir=None) -> str:
+    """Identity of the trained editor ``apply_mend`` would load (``"_ed"`` + a hash of its file, ``""`` when
+    there is none), so a retrained editor never reuses the cached run of an earlier one."""
+    path = editor_dir(model, hp, cache_dir) / "editor.safetensors"
+    return "_ed" + hashlib.sha256(path.read_bytes()).hexdigest()[:8] if path.exists() else ""
+
+
+def apply_mend(model: nn.Module, tok, requests, hparams: MendHparams, cache_dir=None, progress: bool = False,
+               editor: MendEditor | None = None) -> EditResult:
+    """MEND edit of ``model`` in place with the trained editor (or ``editor``); ``restore()`` undoes it.
+    ``progress`` is accepted for the common editor interface."""
     t0 = time.perf_counter()
     reqs = normalize_requests(requests, tok)
-    hp = resolve_hparams(MendHparams, "mend", model, hparams, dataset)
+    hp = hparams
     editor = editor if editor is not None else load_editor(model, hp, cache_dir)
     layout = model.layout
     was_training = model.training
@@ -322,21 +337,30 @@ class TrainExample:
     request: dict  # normalised (target with its leading space)
     rephrase: str | None  # filled prompt
     loc_text: str  # locality prompt + its answer (KL on every token)
+    source_id: object = None  # CounterFact case id / zsRE question: which record it came from
 
 
 def training_examples(dataset: str, limit: int | None = None) -> list[TrainExample]:
-    """Edit/locality examples from the splits that never appear in tables (CounterFact "train", zsRE
-    "train"; the zsRE edit target is the counterfactual ``alt`` answer, as MEND trains)."""
+    """Edit/locality examples from the training splits (CounterFact "train", zsRE "train"; the zsRE edit
+    target is the counterfactual ``alt`` answer, as MEND trains) minus every record any table can edit
+    (:func:`pmet.experiments.table_pool_ids`), so MEND never trains on a record it is evaluated on.
+    ``limit``: the first ``limit`` of the remaining examples."""
     from ..data import load_counterfact, load_zsre
+    from ..experiments import table_pool_ids
 
     out = []
     if dataset == "counterfact":
-        for r in load_counterfact("train", limit=limit):
+        held_out = table_pool_ids("counterfact")
+        kept = [r for r in load_counterfact("train") if r.case_id not in held_out]
+        for r in kept[:limit]:
             loc = r.neighborhood_prompts[0] + " " + (r.neighborhood_target or r.target_true)
-            out.append(TrainExample(r.as_request(), r.paraphrase_prompts[0] if r.paraphrase_prompts else None, loc))
+            out.append(TrainExample(r.as_request(), r.paraphrase_prompts[0] if r.paraphrase_prompts else None, loc,
+                                    r.case_id))
     elif dataset == "zsre":
-        for r in load_zsre("train", limit=limit):
-            out.append(TrainExample(r.as_request(target="alt"), r.rephrase, r.neighborhood_prompt + " " + r.loc_ans))
+        held_out = table_pool_ids("zsre")
+        for r in [r for r in load_zsre("train") if r.src not in held_out][:limit]:
+            out.append(TrainExample(r.as_request(target="alt"), r.rephrase, r.neighborhood_prompt + " " + r.loc_ans,
+                                    r.src))
     else:
         raise ValueError(f"unknown MEND training dataset {dataset!r}")
     for ex in out:
@@ -391,11 +415,13 @@ def training_step(model: nn.Module, tok, editor: MendEditor, batch: list[TrainEx
     loc = _loc_batch(tok, [ex.loc_text for ex in batch], device)
     with torch.no_grad():
         base = torch.log_softmax(model(**loc, use_cache=False).logits.float(), -1)
-    post = torch.log_softmax(functional_call(model, new, args=(), kwargs=dict(**loc, use_cache=False)).logits.float(), -1)
+    post_logits = functional_call(model, new, args=(), kwargs=dict(**loc, use_cache=False)).logits
+    post = torch.log_softmax(post_logits.float(), -1)
     mask = loc["attention_mask"].float()
     kl = ((base.exp() * (base - post)).sum(-1) * mask).sum() / mask.sum()
     loss = hp.c_edit * edit_nll.mean() + hp.c_loc * kl
-    info = {"loss": float(loss.detach()), "edit_nll_pre": float(nll_pre.mean()), "edit_nll_post": float(edit_nll[: len(reqs)].mean()),
+    info = {"loss": float(loss.detach()), "edit_nll_pre": float(nll_pre.mean()),
+            "edit_nll_post": float(edit_nll[: len(reqs)].mean()),
             "rephrase_nll_post": float(edit_nll[len(reqs):].mean()) if len(edit_nll) > len(reqs) else float("nan"),
             "loc_kl": float(kl), "delta_norm": float(sum(d.detach().norm() ** 2 for d in deltas.values()) ** 0.5)}
     return loss, info
@@ -546,19 +572,20 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads if args.cmd == "train" else 1)
     from ..models import load_model
+    from .registry import load_hparams  # the registry imports this module
 
     if args.cmd == "curve":
         from ..report import markdown_table
 
         model, _ = load_model(args.model)
-        hp = resolve_hparams(MendHparams, "mend", model, None, args.dataset)
+        hp = load_hparams("mend", model, args.dataset)
         blocks = curve_blocks(editor_dir(model, hp, args.cache_dir) / "curve.csv", args.every).round(3)
         print(markdown_table(blocks.astype({"steps up to": str})))
         return 0
 
     model, tok = load_model(args.model)
     over = {k: v for k, v in {"steps": args.steps, "batch_size": args.batch_size}.items() if v is not None}
-    hp = resolve_hparams(MendHparams, "mend", model, over or None, args.dataset)
+    hp = load_hparams("mend", model, args.dataset, over)
     t0 = time.perf_counter()
     path = train(model, tok, hp, cache_dir=args.cache_dir, resume=not args.no_resume)
     print(f"MEND editor: {path} ({path.stat().st_size / 2**20:.1f} MiB) in {time.perf_counter() - t0:.0f} s "

@@ -47,12 +47,15 @@ from tqdm.auto import tqdm
 from ..hooks import Trace
 from ..stats import key_second_moments
 from ..tensor_cache import load_entry, save_entry
+from .baseline import make_result, restore_weights, snapshot
 from .context import flatten, get_context_templates
 from .core import compute_keys
-from .editor import EditResult, normalize_requests
-from .ft import make_result, resolve_hparams, restore_weights, snapshot
 from .hparams import EditHparams
-from .values import attention_implementation, encode_with_subject, optimize_batch, pad_id_of, pad_right
+from .partial_forward import attention_implementation
+from .requests import normalize_requests
+from .result import EditResult
+from .tokens import encode_with_subject, pad_id_of, pad_right
+from .values import optimize_batch
 
 
 @dataclass(frozen=True)
@@ -113,8 +116,8 @@ def prompt_keys(model: nn.Module, tok, request: dict, templates: list[str], laye
     ids, mask = pad_right(seqs, pad_id_of(tok), device)
     with Trace(model, record=[("mlp_key", layer)], stop_after=("mlp_key", layer)) as tr:
         model(input_ids=ids, attention_mask=mask, use_cache=False)
-    k = tr["mlp_key", layer]
-    return k[torch.arange(len(seqs), device=device), torch.tensor(look, device=device)].float()
+    k = tr["mlp_key", layer]  # on the layer's device (models spread over GPUs with device_map="auto")
+    return k[torch.arange(len(seqs), device=k.device), torch.tensor(look, device=k.device)].float()
 
 
 def rank_one_factors(W: torch.Tensor, bias: torch.Tensor | None, C: torch.Tensor, k_star: torch.Tensor,
@@ -129,12 +132,6 @@ def rank_one_factors(W: torch.Tensor, bias: torch.Tensor | None, C: torch.Tensor
 def rank_one_delta(a: torch.Tensor, u: torch.Tensor, denom: torch.Tensor) -> torch.Tensor:
     """``Δ = a u^T / (u^T k_r)`` (the same operations whether computed or replayed, so the same bits)."""
     return torch.outer(a, u) / denom
-
-
-def rank_one_update(W: torch.Tensor, bias: torch.Tensor | None, C: torch.Tensor, k_star: torch.Tensor,
-                    k_res: torch.Tensor, v_star: torch.Tensor) -> torch.Tensor:
-    """ROME Eq. 2 in float64: ``(v* − W k_r − b) u^T / (u^T k_r)`` with ``u = C^{-1} k*``."""
-    return rank_one_delta(*rank_one_factors(W, bias, C, k_star, k_res, v_star))
 
 
 def _request_hashes(requests: list[dict]) -> list[str]:
@@ -181,9 +178,9 @@ def _save_checkpoint(path: Path, key: str, requests, factors, values, keys, info
     save_entry(path, tensors, key, {"requests": _request_hashes(requests[:k]), "value_info": infos, "seconds": seconds})
 
 
-def apply_rome(model: nn.Module, tok, requests: list[dict], hparams=None, dataset: str = "counterfact",
-               cache_dir=None, progress: bool = False, on_step=None, checkpoint: str | Path | None = None,
-               checkpoint_every: int = 25, **_) -> EditResult:
+def apply_rome(model: nn.Module, tok, requests: list[dict], hparams: RomeHparams, cache_dir=None,
+               progress: bool = False, on_step=None, checkpoint: str | Path | None = None,
+               checkpoint_every: int = 25) -> EditResult:
     """ROME edits of ``model`` in place, one request after another; ``restore()`` undoes all of them.
 
     ``on_step(k, partial)``, if given, is called after the k-th edit (``partial.deltas`` = Δ so far), so a
@@ -192,7 +189,7 @@ def apply_rome(model: nn.Module, tok, requests: list[dict], hparams=None, datase
     edits and at the end (module docstring). ``timings["replayed"]``: edits taken from the file."""
     t0 = time.perf_counter()
     reqs = normalize_requests(requests, tok)
-    hp = resolve_hparams(RomeHparams, "rome", model, hparams, dataset)
+    hp = hparams
     layout = model.layout
     layer = hp.layer if hp.layer is not None else layout.critical_layers[0]
     name = layout.weight_name("mlp_out", layer)

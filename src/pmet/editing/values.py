@@ -35,9 +35,11 @@ authors tokenise ``prompt + decode(target[:-1])`` as one string and assume the t
 last ones); this is identical for the usual space-prefixed targets and never misaligns the labels.
 
 Fast path: requests are optimised in batches (each with its own δ's; Adam is element-wise, so each
-request follows exactly its own trajectory), all prompts of all requests in one right-padded batch. The
-model runs once up to layer L without gradients; every step then runs only blocks L..end on the cached
-``h^{L-1}`` (:func:`forward_from_layer`) and the unembedding only at the target positions.
+request follows exactly its own trajectory), all prompts of all requests in one right-padded batch
+(:func:`pmet.editing.tokens.build_value_batch`). The model runs once up to layer L without gradients;
+every step then runs only blocks L..end on the cached ``h^{L-1}``
+(:func:`pmet.editing.partial_forward.forward_from_layer`) and the unembedding only at the target
+positions. The loss itself is :func:`value_loss`.
 
 Under ``v_autocast`` (bf16) :func:`compute_values` runs the blocks' attention as ``"eager"`` (matrix
 products + softmax) instead of PyTorch's fused SDPA while it optimises: on a CPU the fused kernel's bf16
@@ -45,16 +47,16 @@ backward is several times slower than its float32 one and ate most of autocast's
 (``benchmarks/results/profile_values_bf16.txt``); eager attention turns it into bf16 matrix products.
 Float32 runs keep the model's own implementation (their cached values stay bit-identical).
 
-Values are cached per request (safetensors, atomic write) under ``cache_dir/values/<fingerprint>/``,
-keyed by a hash of everything that changes them.
+Values are cached per request (safetensors, atomic write, checksummed: :mod:`pmet.tensor_cache`) under
+``cache_dir/values/<fingerprint>/``, keyed by a hash of everything that changes them
+(:mod:`pmet.editing.value_cache`). Each entry also records the keys of the batch it was optimised in, so a
+value missing from a partly saved or partly corrupt batch is recomputed in that same batch and comes out bit
+for bit as before (:func:`pmet.editing.value_cache.resume_batches`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,207 +68,68 @@ from ..hooks import Trace
 from ..models import model_fingerprint
 from ..paths import cache_dir as default_cache_dir
 from ..tensor_cache import load_entry, save_entry
-from .hparams import LATER_FIELDS, EditHparams
-
-CACHE_VERSION = 1
-VALUE_FIELDS = ("value_site", "optimize_attn_delta", "stop_rule", "v_lr", "v_num_grad_steps",
-                "clamp_norm_factor", "v_weight_decay", "kl_factor", "nll_loss_factor", "phi_after_fit",
-                "kl_stop", "loss_stop", "kl_prompt")
-LATER_VALUE_FIELDS = ("v_autocast",)  # enter the key only when set (keys of older caches stay valid)
+from .hparams import EditHparams
+from .partial_forward import attention_implementation, block_input, forward_from_layer
+from .tokens import build_value_batch
+from .value_cache import resume_batches, value_cache_key, weights_checksum
 
 
-# ----------------------------------------------------------------------------------------------------------
-# tokenisation
-def fill_subject(template: str, subject: str) -> tuple[str, int]:
-    """``template`` with its (first) ``{}`` replaced by ``subject``, and the character index where the
-    subject ends."""
-    i = template.find("{}")
-    if i < 0:
-        raise ValueError(f"template {template!r} has no '{{}}' for the subject")
-    return template[:i] + subject + template[i + 2:], i + len(subject)
-
-
-def encode_with_subject(tok, template: str, subject: str) -> tuple[list[int], int]:
-    """Token ids of the filled template and the index of the subject's last token (MEMIT's
-    ``fact_token="subject_last"``), found from the tokenizer's character offsets."""
-    text, end = fill_subject(template, subject)
-    try:
-        enc = tok(text, return_offsets_mapping=True)
-        offsets = enc["offset_mapping"]
-        idx = max(i for i, (s, e) in enumerate(offsets) if s < end and e > s)
-        return list(enc["input_ids"]), idx
-    except (NotImplementedError, TypeError, KeyError):  # slow tokenizer: MEMIT's prefix-length rule
-        ids = tok(text)["input_ids"]
-        return list(ids), len(tok(text[:end])["input_ids"]) - 1
-
-
-def target_ids(tok, target: str) -> list[int]:
-    ids = tok(target, add_special_tokens=False)["input_ids"]
-    if not ids:
-        raise ValueError(f"target {target!r} tokenises to nothing")
-    return list(ids)
-
-
-def pad_right(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right padding: real tokens keep positions 0..n-1 and never attend to padding (causal), so a row
-    gives the same result alone or in any batch."""
-    n = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), n), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s)
-        mask[i, :len(s)] = 1
-    return ids.to(device), mask.to(device)
-
-
-def pad_id_of(tok) -> int:
-    pid = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    return 0 if pid is None else int(pid)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# running only the top of the model
-def _base_model(model: nn.Module) -> tuple[nn.Module, str]:
-    parent_path, attr = model.layout.layers.rsplit(".", 1)
-    return model.get_submodule(parent_path), attr
-
-
-@contextmanager
-def layers_from(model: nn.Module, start: int):
-    """Temporarily make the base model's block list ``layers[start:]`` (and zero GPT-2's learned position
-    embedding, which the base model would add to ``inputs_embeds``; embedding scales such as Gemma's live
-    in the embedding module, which ``inputs_embeds`` bypasses). Yields the base model, which then
-    maps ``inputs_embeds = h^{start-1}`` to the final-normed last hidden state."""
-    base, attr = _base_model(model)
-    orig = getattr(base, attr)
-    handles = []
-    wpe = getattr(base, "wpe", None) if model.layout.family == "gpt2" else None
-    if wpe is not None:
-        handles.append(wpe.register_forward_hook(lambda m, i, o: torch.zeros_like(o)))
-    # Models that look up per-layer settings by position in the list (Gemma-3's config.layer_types:
-    # sliding vs full attention, local vs global rotary) see the same slice.
-    cfg = base.config
-    layer_types = getattr(cfg, "layer_types", None)
-    slice_types = isinstance(layer_types, (list, tuple)) and len(layer_types) == len(orig)
-    try:
-        setattr(base, attr, nn.ModuleList(list(orig)[start:]))
-        if slice_types:
-            cfg.layer_types = list(layer_types)[start:]
-        yield base
-    finally:
-        setattr(base, attr, orig)
-        if slice_types:
-            cfg.layer_types = layer_types
-        for h in handles:
-            h.remove()
-
-
-def positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    n, t = attention_mask.shape
-    return torch.arange(t, device=attention_mask.device).unsqueeze(0).expand(n, t)
-
-
-def forward_from_layer(model: nn.Module, h_prev: torch.Tensor, start: int, attention_mask: torch.Tensor
-                       ) -> torch.Tensor:
-    """Blocks ``start..end`` and the final norm on ``h_prev`` (the input of block ``start``):
-    returns the last hidden state ``[batch, seq, d]`` (before the unembedding)."""
-    with layers_from(model, start) as base:
-        out = base(inputs_embeds=h_prev, attention_mask=attention_mask, position_ids=positions(attention_mask),
-                   use_cache=False)
-    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-
-
-@torch.no_grad()
-def block_input(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int,
-                record=()) -> tuple[torch.Tensor, dict]:
-    """Run the model up to block ``layer``'s output, returning its input ``h^{layer-1}`` and the tensors at
-    the ``record`` sites (all at ``layer`` or before)."""
-    block = model.layout.block(model, layer)
-    captured = {}
-
-    def pre_hook(module, args, kwargs):
-        captured["h"] = (args[0] if args else kwargs["hidden_states"]).detach()
-
-    handle = block.register_forward_pre_hook(pre_hook, with_kwargs=True)
-    try:
-        with Trace(model, record=list(record), stop_after=("block", layer)) as tr:
-            model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask),
-                  use_cache=False)
-    finally:
-        handle.remove()
-    return captured["h"], dict(tr.outputs)
-
-
-# ----------------------------------------------------------------------------------------------------------
-@dataclass
-class _Batch:
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    row_req: torch.Tensor  # [N] request of each row
-    lookup: torch.Tensor  # [N] subject's last token
-    init_rows: torch.Tensor  # [B] row of each request's unprefixed prompt
-    kl_rows: torch.Tensor  # [B]
-    t_rows: torch.Tensor  # [M] target positions: row, position, token, rewriting-prompt index, request
-    t_pos: torch.Tensor
-    t_tok: torch.Tensor
-    t_prompt: torch.Tensor
-    t_req: torch.Tensor
-    t_len: torch.Tensor  # [B * P] target length of each rewriting prompt
-    n_prompts: int  # P
-
-
-def build_batch(tok, requests: list[dict], templates: list[str], kl_prompt: str, device) -> _Batch:
-    """Rows of request b: its P rewriting prompts (``templates`` in order, the first being ``"{}"``) then
-    its KL prompt."""
-    seqs, row_req, lookup, init_rows, kl_rows = [], [], [], [], []
-    t_rows, t_pos, t_tok, t_prompt, t_req, t_len = [], [], [], [], [], []
-    P = len(templates)
-    for b, req in enumerate(requests):
-        tgt = target_ids(tok, req["target_new"])
-        for j, tmpl in enumerate(templates):
-            ids, look = encode_with_subject(tok, tmpl.format(req["prompt"]), req["subject"])
-            row = len(seqs)
-            if j == 0:
-                init_rows.append(row)
-            n = len(ids)
-            seqs.append(ids + tgt[:-1])
-            row_req.append(b)
-            lookup.append(look)
-            for k, t in enumerate(tgt):
-                t_rows.append(row), t_pos.append(n - 1 + k), t_tok.append(t)
-                t_prompt.append(b * P + j), t_req.append(b)
-            t_len.append(len(tgt))
-        ids, look = encode_with_subject(tok, kl_prompt, req["subject"])
-        kl_rows.append(len(seqs))
-        seqs.append(ids)
-        row_req.append(b)
-        lookup.append(look)
-    input_ids, mask = pad_right(seqs, pad_id_of(tok), device)
-    t = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
-    return _Batch(input_ids, mask, t(row_req), t(lookup), t(init_rows), t(kl_rows), t(t_rows), t(t_pos),
-                  t(t_tok), t(t_prompt), t(t_req), t(t_len).float(), P)
-
-
-@contextmanager
-def attention_implementation(model: nn.Module, name: str):
-    """Run ``model``'s attention as ``name`` (a transformers attention implementation) inside the block,
-    restoring the previous one on exit. Models without ``set_attn_implementation`` are left as they are."""
-    config = getattr(model, "config", None)
-    before = getattr(config, "_attn_implementation", None)
-    if before is None or before == name or not hasattr(model, "set_attn_implementation"):
-        yield
-        return
-    model.set_attn_implementation(name)
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(before)
-
-
-def _sites(hp: EditHparams, L: int) -> dict[str, tuple[str, int]]:
+def value_sites(hp: EditHparams, L: int) -> dict[str, tuple[str, int]]:
+    """Where the values live: ``{"block": h^L}`` (MEMIT) or ``{"mlp": m^L, "attn": a^L}`` (PMET)."""
     if hp.value_site == "block":
         return {"block": ("block", L)}
     return {"mlp": ("mlp", L), "attn": ("attn", L)}
+
+
+def _at(t: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``t[rows, cols]`` as float32, indexed on ``t``'s own device (a layer's GPU under device_map="auto")."""
+    return t[rows.to(t.device), cols.to(t.device)].float()
+
+
+@dataclass
+class ValueLoss:
+    """Eq. 10 per request (``[B]`` each): ``total = phi·nll + kl + weight_decay``, and diagnostics."""
+
+    total: torch.Tensor
+    nll: torch.Tensor  # (1/P) Σ_j of each prompt's mean target-token NLL
+    kl: torch.Tensor  # μ · KL(P_edited || P_orig) at the KL prompt
+    weight_decay: torch.Tensor  # wd · Σ_δ ||δ|| / ||init||²
+    prob: torch.Tensor  # (1/P) Σ_j exp(-NLL_j), no gradient
+    fit: torch.Tensor  # bool: the target is the argmax at every target position of every prompt
+
+
+def value_loss(target_logp: torch.Tensor, target_tokens: torch.Tensor, target_prompt: torch.Tensor,
+               target_request: torch.Tensor, prompt_len: torch.Tensor, kl_logp: torch.Tensor,
+               kl_ref: torch.Tensor, deltas, inits, phi, mu: float, weight_decay: float) -> ValueLoss:
+    """Eq. 10, the loss of the value vectors, for ``B`` requests with ``P`` prompts each::
+
+        L(δ_i) = μ · D_KL(P_edited[y | p'] || P_orig[y | p'])
+                 + φ · (1/P) Σ_j −log P_edited[y_i | pref_j ⊕ p(x_i)]  +  wd · Σ_δ ||δ_i|| / ||init_i||²
+
+    ``target_logp`` ``[M, V]``: the edited model's log-probabilities at the ``M`` target positions of all
+    prompts (teacher forcing), with their ``target_tokens``, ``target_prompt`` (index ``b·P + j`` of the
+    prompt) and ``target_request`` (``b``) ``[M]``; ``prompt_len`` ``[B·P]``: the number of target tokens
+    of each prompt. ``kl_logp`` ``[B, V]``: the edited model's log-distribution at the KL prompt ``p'``
+    (``"{subject} is a"``), ``kl_ref`` the unedited one. ``deltas``/``inits``: the optimised δ's and the
+    vectors they are added to (``[B, d]`` each). ``phi`` (float or ``[B]``), ``mu``, ``weight_decay``:
+    φ, μ and wd.
+
+    Where the paper is silent this is the authors' ``compute_zs`` (MEMIT's ``compute_z``): a multi-token
+    target's NLL is the mean over its tokens; the weight decay (not in Eq. 10) is the norm, not its square,
+    of each δ relative to the squared norm of its unprefixed-prompt vector, summed over δ^a and δ^m.
+    """
+    B = kl_logp.shape[0]
+    P = prompt_len.numel() // B
+    device = target_logp.device
+    tok_lp = target_logp.gather(1, target_tokens[:, None])[:, 0]
+    missed = (tok_lp < target_logp.max(-1).values).float()
+    nll_prompt = -torch.zeros(B * P, device=device).index_add(0, target_prompt, tok_lp) / prompt_len
+    nll = nll_prompt.view(B, P).mean(1)
+    prob = torch.exp(-nll_prompt.detach()).view(B, P).mean(1)
+    fit = torch.zeros(B, device=device).index_add(0, target_request, missed) == 0
+    kl = mu * (kl_logp.exp() * (kl_logp - kl_ref)).sum(-1)
+    wd = sum(d.norm(dim=1) / i.norm(dim=1) ** 2 for d, i in zip(deltas, inits)) * weight_decay
+    return ValueLoss(total=phi * nll + kl + wd, nll=nll, kl=kl, weight_decay=wd, prob=prob, fit=fit)
 
 
 def optimize_batch(model: nn.Module, tok, requests: list[dict], hp: EditHparams, templates: list[str],
@@ -275,20 +138,21 @@ def optimize_batch(model: nn.Module, tok, requests: list[dict], hp: EditHparams,
     ``"attn"`` for PMET, ``"block"`` for MEMIT) and per-request diagnostics."""
     device = next(model.parameters()).device
     L = layer
-    bt = build_batch(tok, requests, templates, hp.kl_prompt, device)
+    bt = build_value_batch(tok, requests, templates, hp.kl_prompt, device)
     B = len(requests)
-    sites = _sites(hp, L)
+    sites = value_sites(hp, L)
     h_prev, rec = block_input(model, bt.input_ids, bt.attention_mask, L, record=sites.values())
-    init = {name: rec[site][bt.init_rows, bt.lookup[bt.init_rows]].float() for name, site in sites.items()}
+    init = {name: _at(rec[site], bt.init_rows, bt.lookup[bt.init_rows]).to(device) for name, site in sites.items()}
     opt_names = ["block"] if hp.value_site == "block" else (["mlp", "attn"] if hp.optimize_attn_delta else ["mlp"])
     deltas = {n: torch.zeros_like(init[n], requires_grad=True) for n in opt_names}
     opt = torch.optim.Adam(list(deltas.values()), lr=hp.v_lr)
     unembed = model.get_output_embeddings()  # (Layout.unembed is stale for NeoX in transformers 5)
     all_rows = torch.arange(len(bt.row_req), device=device)
 
-    def adder(name):
+    def adder(name):  # (.to(x.device): a no-op unless device_map="auto" put layer L on another GPU)
         vec = deltas[name][bt.row_req]
-        return lambda x: x.index_put((all_rows, bt.lookup), vec.to(x.dtype), accumulate=True)
+        return lambda x: x.index_put((all_rows.to(x.device), bt.lookup.to(x.device)),
+                                     vec.to(device=x.device, dtype=x.dtype), accumulate=True)
 
     phi = torch.full((B,), float(hp.nll_loss_factor), device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
@@ -299,20 +163,15 @@ def optimize_batch(model: nn.Module, tok, requests: list[dict], hp: EditHparams,
     for it in range(hp.v_num_grad_steps):
         with amp, Trace(model, add={sites[n]: adder(n) for n in opt_names}):
             hidden = forward_from_layer(model, h_prev, L, bt.attention_mask)
-        hidden = hidden.float()  # the loss (unembedding at the targets, softmax, KL) in float32
-        logp = torch.log_softmax(unembed(hidden[bt.t_rows, bt.t_pos]).float(), -1)
-        tok_lp = logp.gather(1, bt.t_tok[:, None])[:, 0]
-        missed = (tok_lp < logp.max(-1).values).float()
-        nll_prompt = -torch.zeros(B * bt.n_prompts, device=device).index_add(0, bt.t_prompt, tok_lp) / bt.t_len
-        nll = nll_prompt.view(B, bt.n_prompts).mean(1)
-        prob = torch.exp(-nll_prompt.detach()).view(B, bt.n_prompts).mean(1)
-        fit = torch.zeros(B, device=device).index_add(0, bt.t_req, missed) == 0
-        kl_lp = torch.log_softmax(unembed(hidden[bt.kl_rows, bt.lookup[bt.kl_rows]]).float(), -1)
+        hidden = hidden.float().to(device)  # the loss (unembedding at the targets, softmax, KL) in float32
+        logp = torch.log_softmax(unembed(hidden[bt.t_rows, bt.t_pos]).float(), -1).to(device)
+        kl_lp = torch.log_softmax(unembed(hidden[bt.kl_rows, bt.lookup[bt.kl_rows]]).float(), -1).to(device)
         if kl_init is None:
-            kl_init = kl_lp.detach()
-        kl = hp.kl_factor * (kl_lp.exp() * (kl_lp - kl_init)).sum(-1)
-        wd = sum(deltas[n].norm(dim=1) / init[n].norm(dim=1) ** 2 for n in opt_names) * hp.v_weight_decay
-        loss = phi * nll + kl + wd
+            kl_init = kl_lp.detach()  # the reference distribution: δ = 0 at the first step
+        terms = value_loss(logp, bt.t_tok, bt.t_prompt, bt.t_req, bt.t_len, kl_lp, kl_init,
+                           [deltas[n] for n in opt_names], [init[n] for n in opt_names], phi, hp.kl_factor,
+                           hp.v_weight_decay)
+        loss, nll, kl, prob, fit = terms.total, terms.nll, terms.kl, terms.prob, terms.fit
 
         active = ~done
         for b in active.nonzero()[:, 0].tolist():
@@ -347,40 +206,17 @@ def optimize_batch(model: nn.Module, tok, requests: list[dict], hp: EditHparams,
     return values, info
 
 
-# ----------------------------------------------------------------------------------------------------------
-def weights_checksum(model: nn.Module) -> str:
-    """A cheap checksum of every block's W_O^FFN and W_O^MHSA (where edits are written), so values computed
-    on an edited model are never confused with those of the original."""
-    h = hashlib.sha256()
-    layout = model.layout
-    for l in range(layout.n_layers):
-        for comp in ("mlp_out", "attn_out"):
-            w = layout.module(model, comp, l).weight.detach().flatten()
-            step = max(1, w.numel() // 4096)
-            h.update(w[::step].float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def value_cache_key(model_id: dict, hp: EditHparams, layer: int, templates: list[str], request: dict) -> str:
-    later = {f: getattr(hp, f) for f in LATER_VALUE_FIELDS if getattr(hp, f) != LATER_FIELDS[f]}
-    if hp.v_autocast:
-        later["attn"] = "eager"  # low-precision values are computed with eager attention (module docstring)
-    payload = {"v": CACHE_VERSION, **model_id, "layer": layer, "templates": templates,
-               "hp": {**{f: getattr(hp, f) for f in VALUE_FIELDS}, **later},
-               "request": {k: request[k] for k in ("prompt", "subject", "target_new")}}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
-
-
 def compute_values(model: nn.Module, tok, requests: list[dict], hp: EditHparams, templates: list[str],
                    layer: int, cache_dir: str | Path | None = None, use_cache: bool = True,
                    progress: bool = True) -> tuple[dict[str, torch.Tensor], list[dict]]:
     """``V1`` for all ``requests`` (normalised dicts, target with its leading space) at layer ``layer``:
     ``{site name: [n, d]}`` on the model's device, plus per-request diagnostics (``info["cached"]``)."""
     device = next(model.parameters()).device
-    names = list(_sites(hp, layer))
+    names = list(value_sites(hp, layer))
     results: list[dict | None] = [None] * len(requests)
     infos: list[dict] = [{} for _ in requests]
     keys, paths = [None] * len(requests), [None] * len(requests)
+    mates: list[list[str] | None] = [None] * len(requests)  # cached entries: the keys of the batch they came from
     if use_cache:
         root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         model_id = {"fingerprint": model_fingerprint(model), "weights": weights_checksum(model)}
@@ -389,17 +225,25 @@ def compute_values(model: nn.Module, tok, requests: list[dict], hp: EditHparams,
             paths[i] = root / "values" / model_id["fingerprint"] / f"{keys[i]}.safetensors"
             hit = load_entry(paths[i], keys[i], names)
             if hit is not None:
+                info = dict(hit[1])
+                mates[i] = info.pop("batch_keys", None)
                 results[i] = {n: hit[0][n].to(device) for n in names}
-                infos[i] = {**hit[1], "cached": True}
+                infos[i] = {**info, "cached": True}
     todo = [i for i, r in enumerate(results) if r is None]
-    batches = [todo[s:s + hp.v_batch_size] for s in range(0, len(todo), hp.v_batch_size)]
+    batches = resume_batches(keys, mates, todo)
+    rebuilt = {i for b in batches for i in b}
+    rest = [i for i in todo if i not in rebuilt]
+    batches += [rest[s:s + hp.v_batch_size] for s in range(0, len(rest), hp.v_batch_size)]
     attn = attention_implementation(model, "eager") if hp.v_autocast else contextlib.nullcontext()
     with attn:
         for batch in tqdm(batches, desc=f"values ({hp.method}, layer {layer})", disable=not progress or not batches):
             vals, info = optimize_batch(model, tok, [requests[i] for i in batch], hp, templates, layer)
             for j, i in enumerate(batch):
+                if results[i] is not None:  # a cached batch-mate, recomputed only to rebuild the batch
+                    continue
                 results[i] = {n: vals[n][j] for n in names}
                 infos[i] = {**info[j], "cached": False}
                 if use_cache:
-                    save_entry(paths[i], {n: t.float() for n, t in results[i].items()}, keys[i], info[j])
+                    save_entry(paths[i], {n: t.float() for n, t in results[i].items()}, keys[i],
+                               {**info[j], "batch_keys": [keys[b] for b in batch]})
     return {n: torch.stack([r[n] for r in results]) for n in names}, infos

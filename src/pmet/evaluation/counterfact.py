@@ -27,7 +27,7 @@ each mean rests on. ``score`` is the harmonic mean of the efficacy, generalizati
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from torch import nn
@@ -37,7 +37,7 @@ from .results import ResultsFile, evaluate_resumable
 from .scoring import (
     DEFAULT_MAX_BATCH_TOKENS, DEFAULT_MIN_BATCH_TOKENS, _pad_id, prompt_ids, score_id_pairs, target_ids,
 )
-from .stats import CI, harmonic_mean, mean_ci
+from .stats import ci_by_rule, format_ci, harmonic_mean, score_ci
 
 __all__ = ["evaluate_counterfact", "summarize_counterfact", "counterfact_table", "CF_METRICS", "EVAL_IMPLS"]
 
@@ -187,57 +187,41 @@ def _metric_values(rows, name):
     return [r.get(name) for r in rows if r.get(name) is not None]
 
 
-def summarize_counterfact(rows: Sequence[dict], ci: str = "normal", confidence: float = 0.95, seed: int = 0,
+def summarize_counterfact(rows: Sequence[dict], ci: str = "auto", confidence: float = 0.95, seed: int = 0,
                           n_resamples: int = 9999) -> dict:
-    """Means over records (percent; fluency x100 like MEMIT), ``<m>_ci`` = (low, high), ``<m>_n`` = #records.
+    """Means over records (percent; fluency x100 like MEMIT), ``<m>_ci`` = (low, high), ``<m>_n`` = #records,
+    ``<m>_ci_method`` = how the interval was made.
 
-    ``score`` = harmonic mean of the efficacy, generalization and specificity means; with
-    ``ci="bootstrap"`` it also gets a bootstrap CI over records (records having all three metrics).
+    ``ci="auto"`` (default): the interval suited to each metric's per-record values
+    (:func:`pmet.evaluation.stats.metric_ci`): Wilson for 0/1 outcomes (efficacy: one rewrite prompt per
+    record), a seeded percentile bootstrap over records for per-record means over several prompts
+    (generalization, specificity), fluency and consistency. ``"normal"``/``"bootstrap"``: the older
+    normal-approximation / BCa intervals for every metric. ``score`` = harmonic mean of the efficacy,
+    generalization and specificity means with a bootstrap interval over the records that have all three
+    (:func:`pmet.evaluation.stats.score_ci`; with ``ci="normal"`` none).
     """
     rows = [r for r in rows if r is not None]
     out: dict = {"dataset": "counterfact", "n_records": len(rows), "ci_method": ci, "confidence": confidence}
-    kw = {"seed": seed, "n_resamples": n_resamples} if ci == "bootstrap" else {}
     for m in CF_METRICS:
         vals = _metric_values(rows, m)
         if not vals:
             continue
-        c: CI = mean_ci(vals, method=ci, confidence=confidence, **kw).scaled(100.0)
-        out[m], out[f"{m}_ci"], out[f"{m}_n"] = c.mean, (c.low, c.high), c.n
+        c = ci_by_rule(vals, ci, confidence, seed, n_resamples).scaled(100.0)
+        out[m], out[f"{m}_ci"], out[f"{m}_n"], out[f"{m}_ci_method"] = c.mean, (c.low, c.high), c.n, c.method
     parts = ["efficacy", "generalization", "specificity"]
     if all(p in out for p in parts):
         out["score"] = harmonic_mean([out[p] for p in parts])
         both = [r for r in rows if all(r.get(p) is not None for p in parts)]
         out["score_n"] = len(both)
         out["score_ci"] = None
-        if ci == "bootstrap" and len(both) > 1:
-            import scipy.stats as st
-
-            arr = np.array([[r[p] for p in parts] for r in both], dtype=np.float64)
-
-            def stat(idx, axis=-1):
-                idx = np.asarray(idx, dtype=int)
-                means = arr[idx].mean(axis=-2)  # [..., 3]
-                with np.errstate(divide="ignore"):
-                    return np.where((means > 0).all(-1), 3 / (1 / means).sum(-1), 0.0) * 100
-
-            res = st.bootstrap((np.arange(len(both)),), stat, n_resamples=n_resamples, confidence_level=confidence,
-                               method="percentile", rng=np.random.default_rng(seed), vectorized=True)
-            out["score_ci"] = (float(res.confidence_interval.low), float(res.confidence_interval.high))
+        if ci != "normal" and both:
+            c = score_ci([[r[p] for p in parts] for r in both], confidence, seed, n_resamples).scaled(100.0)
+            out["score_ci"], out["score_ci_method"] = (c.low, c.high), c.method
     sources = [r.get("consistency_source") for r in rows if r.get("consistency_source")]
     if sources:
         out["consistency_sources"] = {s: sources.count(s) for s in sorted(set(sources))}
         out["word_tokenizer"] = word_tokenizer_name()
     return out
-
-
-def _fmt(summary: dict, m: str, digits: int = 1) -> str:
-    if m not in summary:
-        return ""
-    v = summary[m]
-    c = summary.get(f"{m}_ci")
-    if c is None or c[0] is None or not np.isfinite(c[0]):
-        return f"{v:.{digits}f}"
-    return f"{v:.{digits}f} (±{(c[1] - c[0]) / 2:.{digits}f})"
 
 
 def counterfact_table(summaries: dict, with_n: bool = True):
@@ -255,7 +239,7 @@ def counterfact_table(summaries: dict, with_n: bool = True):
     for name, s in summaries.items():
         row = {"Editor": name}
         for head, key in cols:
-            row[head] = _fmt(s, key)
+            row[head] = format_ci(s, key)
         if with_n:
             row["n (eff/gen/spec/flu/cons)"] = "/".join(
                 str(s.get(f"{k}_n", 0)) for k in ("efficacy", "generalization", "specificity", "fluency",

@@ -34,12 +34,11 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import re
 import unicodedata
 from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -375,13 +374,15 @@ class ConsistencyScorer:
     def _load_exact(self, snip_path: Path, idf_path: Path, vocab_path: Path) -> None:
         from sklearn.feature_extraction.text import TfidfVectorizer
 
+        from ..data import read_json
+
         idf = np.load(idf_path)
-        vocab = json.loads(vocab_path.read_text())
+        vocab = read_json(vocab_path)
         vec = TfidfVectorizer(vocabulary=vocab)
         vec.idf_ = idf  # sklearn's setter: a fitted vectorizer with ROME's idf and vocabulary
         self.vec = vec
         snips: dict = {}
-        for el in json.loads(snip_path.read_text()):
+        for el in read_json(snip_path):
             snips.setdefault(el["relation_id"], {}).setdefault(el["target_id"], []).extend(el["samples"])
         self.snips = snips
         self.description = "ROME attribute_snippets.json + idf.npy/tfidf_vocab.json (exact)"

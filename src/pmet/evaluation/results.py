@@ -12,12 +12,12 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 
-__all__ = ["ResultsFile", "load_results", "summarize_file"]
+__all__ = ["ResultsFile", "load_results"]
 
 
 def _jsonable(x):
@@ -112,22 +112,7 @@ def _parse_lines(text: str) -> tuple[dict, list[dict]]:
     return meta, rows
 
 
-def summarize_file(path: str | os.PathLike, ci: str = "normal", **kwargs) -> dict:
-    """Summary of a results file (CounterFact or zsRE, from its meta ``dataset``)."""
-    meta, rows = load_results(path)
-    dataset = meta.get("dataset")
-    if dataset == "zsre":
-        from .zsre import summarize_zsre
-
-        return summarize_zsre(rows, ci=ci, **kwargs)
-    if dataset == "counterfact":
-        from .counterfact import summarize_counterfact
-
-        return summarize_counterfact(rows, ci=ci, **kwargs)
-    raise ValueError(f"{path}: unknown dataset {dataset!r} in its meta line")
-
-
-def evaluate_resumable(records, score_batch, batch_size: int, store: "ResultsFile | None", desc: str,
+def evaluate_resumable(records, score_batch, batch_size: int, store: ResultsFile | None, desc: str,
                        progress: bool = True) -> list[dict]:
     """The loop both evaluations share: skip records already in ``store``, score the rest ``batch_size``
     at a time with ``score_batch(chunk) -> rows`` (one row per record, with ``case_id``), time them,

@@ -32,10 +32,9 @@ fire on the fast path (hooks on submodules do); pass ``fast=False`` for such mod
 
 from __future__ import annotations
 
-import math
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -75,7 +74,7 @@ class PairScore:
 
 
 # ----------------------------------------------------------------------------------------- tokenization
-_TOK_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_TOK_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _cache_for(tok) -> dict:
@@ -116,7 +115,7 @@ def body_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     return body, head
 
 
-_FAST_OK: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_FAST_OK: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @torch.no_grad()
@@ -311,7 +310,3 @@ def score_pairs(
     id_pairs = [(prompt_ids(tok, p), target_ids(tok, t, leading_space)) for p, t in pairs]
     return score_id_pairs(model, id_pairs, pad_id=_pad_id(tok), **kwargs)
 
-
-def prob_from_nll(nll: float) -> float:
-    """``exp(-nll)``: MEMIT's probability for its "diff" metrics."""
-    return math.exp(-nll)

@@ -21,16 +21,15 @@ counterfactual ``alt`` (EasyEdit convention). It must match the target the edito
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from torch import nn
 
-from .counterfact import _fmt
 from .results import ResultsFile, evaluate_resumable
 from .scoring import (
     DEFAULT_MAX_BATCH_TOKENS, DEFAULT_MIN_BATCH_TOKENS, _pad_id, prompt_ids, score_id_pairs, target_ids,
 )
-from .stats import mean_ci
+from .stats import ci_by_rule, format_ci
 
 __all__ = ["evaluate_zsre", "summarize_zsre", "zsre_table", "ZSRE_METRICS", "zsre_target"]
 
@@ -99,18 +98,19 @@ def evaluate_zsre(
                               batch_size, store, "zsRE eval", progress)
 
 
-def summarize_zsre(rows: Sequence[dict], ci: str = "normal", confidence: float = 0.95, seed: int = 0,
+def summarize_zsre(rows: Sequence[dict], ci: str = "auto", confidence: float = 0.95, seed: int = 0,
                    n_resamples: int = 9999) -> dict:
-    """Means over records in percent with ``<m>_ci`` and ``<m>_n``, as :func:`summarize_counterfact`."""
+    """Means over records in percent with ``<m>_ci``, ``<m>_n`` and ``<m>_ci_method``, as
+    :func:`pmet.evaluation.counterfact.summarize_counterfact`. Per-record values are token fractions, so
+    ``ci="auto"`` gives a percentile bootstrap over records (Wilson where every value is 0 or 1)."""
     rows = [r for r in rows if r is not None]
     out: dict = {"dataset": "zsre", "n_records": len(rows), "ci_method": ci, "confidence": confidence}
-    kw = {"seed": seed, "n_resamples": n_resamples} if ci == "bootstrap" else {}
     for m in ZSRE_METRICS:
         vals = [r[m] for r in rows if r.get(m) is not None]
         if not vals:
             continue
-        c = mean_ci(vals, method=ci, confidence=confidence, **kw).scaled(100.0)
-        out[m], out[f"{m}_ci"], out[f"{m}_n"] = c.mean, (c.low, c.high), c.n
+        c = ci_by_rule(vals, ci, confidence, seed, n_resamples).scaled(100.0)
+        out[m], out[f"{m}_ci"], out[f"{m}_n"], out[f"{m}_ci_method"] = c.mean, (c.low, c.high), c.n, c.method
     return out
 
 
@@ -123,7 +123,7 @@ def zsre_table(summaries: dict, with_n: bool = True):
         row = {"Editor": name}
         for head, key in (("Efficacy", "efficacy"), ("Generalization", "generalization"),
                           ("Specificity", "specificity")):
-            row[head] = _fmt(s, key)
+            row[head] = format_ci(s, key)
         if with_n:
             row["n"] = s.get("n_records", 0)
         recs.append(row)

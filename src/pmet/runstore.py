@@ -1,0 +1,82 @@
+"""Committed per-record results: one gzip JSON Lines file per run, so tables, figures and claims can be
+regenerated (and re-analysed, e.g. with paired tests) from the repository alone, without a model.
+
+File format (``<folder>/<run_id>.jsonl.gz``, written deterministically: gzip mtime 0, sorted keys):
+
+* line 1: ``{"spec": {...}, "summary": {...}}`` -- the run specification (model, dataset, method, n_edits,
+  seed, hyperparameter id and values, precision, generation, ...) and the run's summary (metrics with CIs);
+* every further line: one record's evaluation row exactly as :mod:`pmet.evaluation` writes it
+  (``case_id`` plus the per-record metric values), in case-id order of the run.
+
+The same run always gives the same bytes, so re-committing an unchanged run is a no-op in git.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SUFFIX = ".jsonl.gz"
+
+
+@dataclass
+class StoredRun:
+    """One committed run: its specification, summary and per-record rows."""
+
+    spec: dict
+    summary: dict
+    rows: list[dict] = field(default_factory=list)
+    path: Path | None = None
+
+    def by_case(self) -> dict:
+        """``{case_id: row}``: the rows keyed for pairing with another run on the same records."""
+        return {r["case_id"]: r for r in self.rows}
+
+
+def _dumps(obj) -> str:
+    return json.dumps(obj, sort_keys=True, ensure_ascii=False, default=str, allow_nan=False)
+
+
+def write_run(path: str | os.PathLike, spec: dict, summary: dict, rows: Iterable[dict]) -> Path:
+    """Write one run to ``path`` (``.jsonl.gz``), atomically and byte-reproducibly; return the path."""
+    path = Path(path)
+    if not path.name.endswith(SUFFIX):
+        raise ValueError(f"{path}: committed run files end with {SUFFIX}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0, filename="") as gz:
+        gz.write((_dumps({"spec": spec, "summary": summary}) + "\n").encode("utf-8"))
+        for row in rows:
+            gz.write((_dumps(row) + "\n").encode("utf-8"))
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_bytes(buf.getvalue())
+    os.replace(tmp, path)
+    return path
+
+
+def read_run(path: str | os.PathLike) -> StoredRun:
+    """Read a file written by :func:`write_run`; a damaged file raises ``ValueError`` naming it."""
+    path = Path(path)
+    try:
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            lines = [line for line in f if line.strip()]
+        head = json.loads(lines[0])
+        rows = [json.loads(line) for line in lines[1:]]
+        return StoredRun(spec=head["spec"], summary=head["summary"], rows=rows, path=path)
+    except (OSError, EOFError, IndexError, KeyError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not a readable committed run file ({type(exc).__name__}: {exc}); "
+                         "restore it with `git checkout -- <file>` or regenerate the run") from exc
+
+
+def iter_runs(folder: str | os.PathLike, **match) -> Iterator[StoredRun]:
+    """Every run under ``folder`` (recursively, sorted by path) whose spec has ``spec[k] == v`` for each
+    ``k=v`` in ``match``."""
+    for p in sorted(Path(folder).rglob(f"*{SUFFIX}")):
+        run = read_run(p)
+        if all(run.spec.get(k) == v for k, v in match.items()):
+            yield run

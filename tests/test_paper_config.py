@@ -1,0 +1,169 @@
+"""The paper's configuration, offline: the complete data files make the table pools, a missing one is one clear
+error with its URL, checksums by git blob id, and the dry-run plan (pmet.plan) on a tiny GPT-J."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import urllib.error
+from pathlib import Path
+
+import pytest
+
+from pmet import data as D
+from pmet import experiments as ex
+
+CF_URL = "https://rome.baulab.info/data/dsets/counterfact.json"
+VAL = "counterfact/easyedit_mend_format/counterfact-val.json"
+SUBSET = "counterfact/counterfact_subset_merged.json"
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    """No test here touches the network: a download attempt fails at once."""
+    def fail(url, *args, **kwargs):
+        raise urllib.error.URLError(f"network disabled in tests ({url})")
+    monkeypatch.setattr(D, "_download", fail)
+
+
+def _original(i: int) -> dict:
+    """A synthetic record in ROME's full CounterFact schema."""
+    subject = f"Person {i}"
+    return {"case_id": i, "pararel_idx": i,
+            "requested_rewrite": {"prompt": "The mother tongue of {} is", "relation_id": "P103",
+                                  "target_new": {"str": "English", "id": "Q1860"},
+                                  "target_true": {"str": "French", "id": "Q150"}, "subject": subject},
+            "paraphrase_prompts": [f"{subject} speaks", f"{subject} was raised speaking"],
+            "neighborhood_prompts": [f"The mother tongue of Other {i} is"] * 10,
+            "attribute_prompts": [f"The mother tongue of Third {i} is"] * 10,
+            "generation_prompts": [f"{subject} often says"] * 10}
+
+
+def _reduced(i: int) -> dict:
+    subject = f"Person {i}"
+    return {"case_id": i, "prompt": f"The mother tongue of {subject} is", "target_new": "English",
+            "subject": subject, "ground_truth": "French", "rephrase_prompt": f"{subject} speaks",
+            "locality_prompt": "The mother tongue of Other is", "locality_ground_truth": "French"}
+
+
+def _write(root: Path, rel: str, obj) -> None:
+    path = root / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj), encoding="utf-8")
+
+
+VAL_IDS = [5, 17, 10_003]
+
+
+@pytest.fixture
+def small_data(tmp_path, monkeypatch):
+    """A data folder with only the local subsets (20 CounterFact records, 3 of them val ids)."""
+    root = tmp_path / "data"
+    _write(root, SUBSET, [_original(i) for i in range(20)])
+    _write(root, VAL, [_reduced(i) for i in VAL_IDS])
+    monkeypatch.setenv("PMET_DATA_DIR", str(root))
+    monkeypatch.setenv("PMET_OFFLINE", "1")
+    return root
+
+
+@pytest.fixture
+def full_data(small_data):
+    """... plus a synthetic complete ``counterfact.json`` of 10,050 full-schema records."""
+    _write(small_data, "counterfact.json", [_original(i) for i in range(10_050)])
+    return small_data
+
+
+def test_complete_counterfact_makes_the_pool_and_10000_edits(full_data):
+    assert ex.resolve_n_edits("gptj", None, 1000) == 10_000  # the notebooks' n_edits=None on the paper's model
+    assert ex.resolve_n_edits("neox", None, 1000) == 10_000
+    records, pool = ex.table_selection("counterfact", ex.resolve_n_edits("gptj", None, 1000), seed=0)
+    assert pool == "full" and len(records) == 10_000
+    ids = {r.case_id for r in records}
+    assert len(ids) == 10_000 and not ids & set(VAL_IDS) and all(r.full_fields for r in records)
+    # present: also a small run uses it (and is kept apart in the cache: "_full" in the run folder)
+    small, pool = ex.table_selection("counterfact", 10, seed=0)
+    assert pool == "full" and [r.case_id for r in small] == [r.case_id for r in records[:10]]
+    assert ex.table_selection("counterfact", 10, seed=0, full=False)[1] == "subset"
+    assert ex.run_dir(Path("r"), "gptj", "counterfact", "pmet", 10, 0, "h", False, "full").name.endswith("_full")
+    assert ex.run_dir(Path("r"), "m", "counterfact", "pmet", 10, 0, "h", False).name == "n10_seed0_hph"
+
+
+def test_subset_pool_without_the_complete_file(small_data):
+    records, pool = ex.table_selection("counterfact", 10, seed=0)
+    assert pool == "subset" and len(records) == 10 and not {r.case_id for r in records} & set(VAL_IDS)
+
+
+def test_missing_complete_file_is_one_clear_error(small_data):
+    with pytest.raises(D.DataNotFoundError) as err:
+        ex.table_records("counterfact", 10_000)  # more than the subset holds: needs counterfact.json
+    msg = str(err.value)
+    assert CF_URL in msg and "\n" not in msg
+    with pytest.raises(D.DataNotFoundError, match="zsre_mem_eval.json"):
+        ex.table_records("zsre", 5, full=True)  # the paper's models ask for the complete files
+
+
+def test_missing_file_cli_error_has_no_traceback(small_data, capsys):
+    from pmet.cli import main
+
+    rc = main(["run", "--model", "tiny-gptj", "--artifact", "table1", "--methods", "none", "--n-edits", "10000",
+               "--no-generation"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("pmet: error: ") and CF_URL in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_git_blob_checksum(tmp_path, monkeypatch):
+    f = tmp_path / "x.json"
+    f.write_bytes(b'[{"a": 1}]\n')
+    if shutil.which("git"):
+        expect = subprocess.run(["git", "hash-object", str(f)], capture_output=True, text=True, check=True).stdout
+        assert D.git_blob_sha1(f) == expect.strip()
+    # a download whose git blob id differs is refused (and not left behind)
+    monkeypatch.setenv("PMET_DATA_DIR", str(tmp_path / "d"))
+    monkeypatch.setattr(D, "_download", lambda url, dest, *a, **k: (dest.parent.mkdir(parents=True, exist_ok=True),
+                                                                    dest.write_text("[]")))
+    with pytest.raises(D.DataNotFoundError, match="wrong git blob id"):
+        D.ensure_file("counterfact.json")
+    assert not (tmp_path / "d" / "counterfact.json").exists()
+
+
+def test_wikipedia_falls_back_to_wikitext_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    D._wikipedia_status.cache_clear()
+    try:
+        used, note = D.resolve_corpus("wikipedia")
+        assert used == "wikitext" and "fallback" in note
+        assert D.resolve_corpus("wikitext") == ("wikitext", "")
+        from pmet.editing import hparams_for
+
+        hp = hparams_for("pmet", "gptj", "counterfact")
+        assert hp.mom2_corpus == "wikipedia" and ex._c0_fallback_id(hp) == "_c0wikitext"
+    finally:
+        D._wikipedia_status.cache_clear()
+
+
+def test_plan_tiny_gptj(small_data):
+    from pmet.plan import artifact_sizes, make_plan
+
+    text = str(make_plan("tiny-gptj", "table1"))
+    assert "tiny-gptj" in text and "hparams" in text and "pmet_tiny.json" in text and "ESTIMATE" in text
+    assert "the local subset" in text and SUBSET in text
+    assert artifact_sizes("table3", "gptj") == [1000, 5623, 10_000]
+    assert artifact_sizes("fig3", "gptj")[-1] == 10_000 and artifact_sizes("table1", "tiny-gptj") == [1000]
+
+
+def test_plan_paper_model_lists_missing_data(small_data, capsys):
+    from pmet.cli import main
+
+    assert main(["plan", "--model", "gptj", "--artifact", "table2"]) == 0
+    out = capsys.readouterr().out
+    assert "zsre_mem_eval.json: MISSING" in out and "8546c90abc10b77ebc9fd69de178cf7837ff86dc" in out
+    assert "pmet_gptj_zsre.json" in out and "6,053,381,344 parameters" in out and "ESTIMATE" in out
+
+
+def test_plan_sees_present_complete_file(full_data):
+    from pmet.plan import make_plan
+
+    text = str(make_plan("gptj", "table1"))
+    assert "counterfact.json: present" in text and "minus counterfact-val ids" in text
