@@ -35,7 +35,12 @@ from torch import nn
 from .generation import ConsistencyScorer, generate_fast, n_gram_entropy, word_tokenizer_name
 from .results import ResultsFile, evaluate_resumable
 from .scoring import (
-    DEFAULT_MAX_BATCH_TOKENS, DEFAULT_MIN_BATCH_TOKENS, _pad_id, prompt_ids, score_id_pairs, target_ids,
+    DEFAULT_MAX_BATCH_TOKENS,
+    DEFAULT_MIN_BATCH_TOKENS,
+    _pad_id,
+    prompt_ids,
+    score_id_pairs,
+    target_ids,
 )
 from .stats import ci_by_rule, format_ci, harmonic_mean, score_ci
 

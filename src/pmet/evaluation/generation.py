@@ -6,7 +6,8 @@ Follows ROME/MEMIT (``experiments/py/eval_utils_counterfact.py: test_generation`
 * **Generation**: top-k sampling with ``top_k=5``, temperature 1, ``max_out_len=100`` *total* tokens
   (prompt included), no stop at EOS, one sample per generation prompt. The text is the decoded prompt +
   continuation, NFKD-normalised, ``"\\n\\n"`` replaced by ``" "`` and special tokens dropped (ROME drops
-  ``<|endoftext|>``). Ours is batched with left padding and explicit position ids; the random draws are
+  ``<|endoftext|>``). Ours is batched (128 prompts, from many records, per decode step) with left padding,
+  explicit position ids and a preallocated KV cache (:func:`_decode_static`); the random draws are
   seeded per prompt (``seed`` and a caller-given key such as ``(case_id, j)``) from a private
   ``torch.Generator``, so results are deterministic, do not touch the global RNG and do not depend on
   which other prompts share the batch (up to float rounding of padded batches).

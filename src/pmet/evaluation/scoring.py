@@ -18,7 +18,7 @@ Tokenization conventions (documented choices, all following MEMIT):
   keeps positions correct when it does not.
 
 Speed: all pairs of a call are de-duplicated, length-sorted and packed into right-padded batches under a
-token budget. Rows are shared exactly (causal model): target token ``j`` needs only the row
+token budget, a batch closing at a change of row length once it holds 512 tokens (so padding stays small). Rows are shared exactly (causal model): target token ``j`` needs only the row
 ``prompt + target[:j]``, so both candidate targets of a prompt are read from one row when their leading
 tokens allow (e.g. two single-token targets share the row that is just the prompt), otherwise from two rows
 of the same batch. The vocabulary projection is

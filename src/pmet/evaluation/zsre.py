@@ -27,7 +27,12 @@ from torch import nn
 
 from .results import ResultsFile, evaluate_resumable
 from .scoring import (
-    DEFAULT_MAX_BATCH_TOKENS, DEFAULT_MIN_BATCH_TOKENS, _pad_id, prompt_ids, score_id_pairs, target_ids,
+    DEFAULT_MAX_BATCH_TOKENS,
+    DEFAULT_MIN_BATCH_TOKENS,
+    _pad_id,
+    prompt_ids,
+    score_id_pairs,
+    target_ids,
 )
 from .stats import ci_by_rule, format_ci
 
@@ -94,8 +99,9 @@ def evaluate_zsre(
         raise ValueError(f"target must be 'memit' or 'alt', got {target!r}")
     file_meta = {"dataset": "zsre", "target": target, "metric_version": METRIC_VERSION, **(meta or {})}
     store = ResultsFile(out_path, file_meta) if out_path is not None else None
-    return evaluate_resumable(records, lambda chunk: _score(model, tok, chunk, target, fast, max_batch_tokens, min_tokens),
-                              batch_size, store, "zsRE eval", progress)
+    return evaluate_resumable(
+        records, lambda chunk: _score(model, tok, chunk, target, fast, max_batch_tokens, min_tokens),
+        batch_size, store, "zsRE eval", progress)
 
 
 def summarize_zsre(rows: Sequence[dict], ci: str = "auto", confidence: float = 0.95, seed: int = 0,
