@@ -86,7 +86,9 @@ def main(argv=None) -> int:
                               if line.startswith("model name")) + f", {a.threads} threads"
     except (OSError, StopIteration):
         pass
-    out: dict = {}
+    from pmet.evaluation.scoring import DEFAULT_MIN_BATCH_TOKENS
+
+    out: dict = {"min_batch_tokens": DEFAULT_MIN_BATCH_TOKENS}
 
     # ---- CounterFact without generation ------------------------------------------------------------
     cf = load_counterfact("full", limit=max(a.n_cf, a.n_gen))
