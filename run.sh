@@ -2,9 +2,10 @@
 # pmet's one entry point for people and CI. Needs only Python 3.11 on the PATH.
 #   ./run.sh setup        create/reuse .venv and install pmet with everything the tests and notebooks need
 #   ./run.sh test         setup + lint (ruff check) + the whole test suite (unit/integration tests + every notebook via nbval)
-#   ./run.sh main         setup + the main job: regenerate Table 1 on the embedded model with papermill
-#   ./run.sh reproduce    setup + every notebook at its default (the issue's) sizes, reusing caches
+#   ./run.sh main         setup + the main job: Table 1 (six editors) on the embedded model, into out/main-<time>/
+#   ./run.sh reproduce    setup + every notebook at its default (the issue's) sizes, into out/reproduce-<time>/
 #   ./run.sh rerender     setup + every committed notebooks/rendered/ copy again, with the parameters recorded in it
+#                         (the only command that replaces committed tables/, figures/, results/ and renderings)
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3.11}
@@ -58,33 +59,58 @@ run_tests() {
   export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
   # PMET_NOTEBOOK_SMALL=1: notebooks run in their small CI configuration (tiny model, a handful of
   # records) and write into a temporary out_dir, so committed results are never overwritten.
+  # Both halves read the committed fixture data (tests/fixtures/data): tests/conftest.py sets PMET_DATA_DIR for
+  # pytest, and it is given to the notebooks here (their CI configuration also defaults to it), so nothing is
+  # needed beside the checkout. Lint, tests and notebooks all run; the exit status is non-zero if any failed.
   export PMET_NOTEBOOK_SMALL=1
-  "$VENV/bin/ruff" check src tests benchmarks
-  "$VENV/bin/python" -m pytest -q tests "$@"
+  local rc_lint=0 rc_tests=0 rc_nbs=0
+  "$VENV/bin/ruff" check src tests benchmarks || rc_lint=$?
+  "$VENV/bin/python" -m pytest -q tests "$@" || rc_tests=$?
   shopt -s nullglob
   local nbs=(notebooks/*.ipynb)
   if [ ${#nbs[@]} -gt 0 ]; then
-    "$VENV/bin/python" -m pytest -q --nbval-lax -p no:cacheprovider "${nbs[@]}"
+    PMET_DATA_DIR="$PWD/tests/fixtures/data" \
+      "$VENV/bin/python" -m pytest -q --nbval-lax -p no:cacheprovider "${nbs[@]}" || rc_nbs=$?
+  fi
+  if [ "$rc_lint" -ne 0 ] || [ "$rc_tests" -ne 0 ] || [ "$rc_nbs" -ne 0 ]; then
+    echo "run.sh test: exit status lint $rc_lint, tests $rc_tests, notebooks $rc_nbs" >&2
+    return 1
   fi
 }
 
+# The main job: Table 1 with all six editors on the embedded model at a size that finishes in about half an
+# hour on a 2-core CPU from a fresh cache (MEND is trained on first use). Stage lines, progress bars with
+# records done/total and ETAs reach the terminal through papermill's --log-output. Outputs go to a fresh,
+# git-ignored folder; nothing committed is touched. Extra arguments go to papermill (e.g. -p n_edits 100).
+MAIN_PARAMS=(-p model smollm2 -p n_edits 50 -p generation False -p value_autocast bfloat16 -p train_mend True -p mend_steps 300
+  -p size_reason "the main job (./run.sh main): 50 edits and a 300-step MEND fit about 20 min on a 2-core CPU from a fresh cache")
 main_job() {
   export TOKENIZERS_PARALLELISM=false
-  mkdir -p notebooks/rendered
-  if [ -f notebooks/table1.ipynb ]; then
-    "$VENV/bin/papermill" notebooks/table1.ipynb notebooks/rendered/table1.ipynb -p model smollm2 "$@"
-  else
-    "$VENV/bin/python" -m pmet edit --model smollm2 --prompt "The mother tongue of {} is" \
-      --subject "Danielle Darrieux" --target " English" --method pmet
-  fi
+  local out
+  out="out/main-$(date +%Y%m%d-%H%M%S)"
+  mkdir -p "$out"
+  echo "main job: Table 1 (unedited, FT-W, MEND, ROME, MEMIT, PMET) on smollm2 -> $out/" >&2
+  local t0=$SECONDS
+  "$VENV/bin/papermill" notebooks/table1.ipynb "$out/table1.ipynb" --cwd notebooks --log-output --progress-bar \
+    "${MAIN_PARAMS[@]}" -p out_dir "$PWD/$out" "$@"
+  echo "main job done in $(( (SECONDS - t0) / 60 )) min. Outputs:"
+  echo "  table:              $out/tables/table1_smollm2_bfloat16.md (.csv, .tex; run summaries .json; claims.md)"
+  echo "  figure:             $out/figures/table1_smollm2_bfloat16.png (.pdf)"
+  echo "  per-record results: $out/results/smollm2/counterfact/"
+  echo "  rendered notebook:  $out/table1.ipynb"
+  echo "The full size (1,000 edits with generation; about 11 h on this CPU by benchmarks/results/*.json):"
+  echo "  $VENV/bin/papermill notebooks/table1.ipynb out/table1-full.ipynb --cwd notebooks --log-output -p value_autocast bfloat16"
 }
 
 reproduce() {
   export TOKENIZERS_PARALLELISM=false
-  mkdir -p notebooks/rendered
+  local out
+  out="out/reproduce-$(date +%Y%m%d-%H%M%S)"
+  mkdir -p "$out"
   for nb in notebooks/*.ipynb; do
-    "$VENV/bin/papermill" "$nb" "notebooks/rendered/$(basename "$nb")" --cwd notebooks
+    "$VENV/bin/papermill" "$nb" "$out/$(basename "$nb")" --cwd notebooks --log-output -p out_dir "$PWD/$out"
   done
+  echo "outputs in $out/"
 }
 
 cmd=${1:-}

@@ -50,6 +50,8 @@ def main(argv=None) -> int:
     p.add_argument("--autocast", default="bfloat16", choices=["bfloat16", "none"],
                    help="also time the batched values under this autocast dtype (and use it end to end)")
     p.add_argument("--out", default=None)
+    p.add_argument("--values-speed", action="store_true",
+                   help="also run benchmarks.values_speed (issue 20's value benchmark, ~5-10 min quiet) at the end")
     a = p.parse_args(argv)
 
     work = tempfile.mkdtemp(prefix="pmet-bench-")
@@ -170,11 +172,13 @@ def main(argv=None) -> int:
 
     # ---- end to end ------------------------------------------------------------------------------------
     from pmet.experiments import run_edit_eval
+    from pmet.runspec import RunSpec
 
     t = time.perf_counter()
     e2e_hp = replace(hp, v_autocast=None if a.autocast == "none" else a.autocast)
     res["end_to_end_autocast"] = e2e_hp.v_autocast
-    summary = run_edit_eval(model, tok, "pmet", "counterfact", a.n, seed=11, hparams=e2e_hp,
+    summary = run_edit_eval(model, tok, RunSpec(a.model, "pmet", n_edits=a.n, seed=11,
+                                                value_autocast=e2e_hp.v_autocast), hparams=e2e_hp,
                             runs_dir=Path(work) / "runs", progress=False)
     res["end_to_end_seconds"] = time.perf_counter() - t
     res["end_to_end_efficacy"] = summary.get("efficacy")
@@ -194,6 +198,10 @@ def main(argv=None) -> int:
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(res, indent=1))
+    if a.values_speed:  # its own table, merged into benchmarks/results/summary.json
+        from benchmarks import values_speed
+
+        values_speed.main(["--model", a.model, "--threads", str(a.threads or 2)])
     return 0
 
 

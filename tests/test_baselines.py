@@ -249,26 +249,28 @@ def test_rome_sweep_prefix_equals_separate_runs(tiny_models, tmp_cache):
     """Fig. 3's ROME points come from one sequential run evaluated after n edits; they must equal runs
     made separately with n edits (same records, same metrics, same Δ)."""
     from pmet.experiments import run_edit_eval, run_sweep
+    from pmet.runspec import RunSpec
 
     model, tok = tiny_models["tiny-gptj"]
+    rome = RunSpec("tiny-gptj", "rome")
     before = _state(model)
     sizes = [1, 3]
-    swept = run_sweep(model, tok, "rome", sizes, runs_dir=tmp_cache / "sweep", progress=False)
+    swept = run_sweep(model, tok, rome, sizes, runs_dir=tmp_cache / "sweep", progress=False)
     _assert_same(model, before)
     assert sorted(swept) == sizes
     for n in sizes:
-        alone = run_edit_eval(model, tok, "rome", "counterfact", n, runs_dir=tmp_cache / "alone", progress=False)
+        alone = run_edit_eval(model, tok, rome.replace(n_edits=n), runs_dir=tmp_cache / "alone", progress=False)
         for m in ("efficacy", "generalization", "specificity", "efficacy_diff", "specificity_diff"):
             assert swept[n][m] == pytest.approx(alone[m], abs=1e-9), (n, m)
         (name, norm), = alone["delta_norms"].items()
         assert swept[n]["delta_norms"][name] == pytest.approx(norm, rel=1e-6)
         assert swept[n]["n_edits"] == n and swept[n]["hparams"] == alone["hparams"]
     # a second call reads the summaries back without editing
-    again = run_sweep(model, tok, "rome", sizes, runs_dir=tmp_cache / "sweep", progress=False)
+    again = run_sweep(model, tok, rome, sizes, runs_dir=tmp_cache / "sweep", progress=False)
     assert {n: json.loads(json.dumps(s, default=str)) for n, s in swept.items()} == again
     # a longer sweep continues from the checkpoint at 3 edits and lands where a fresh run lands
-    longer = run_sweep(model, tok, "rome", sizes + [4], runs_dir=tmp_cache / "sweep", progress=False)
-    alone = run_edit_eval(model, tok, "rome", "counterfact", 4, runs_dir=tmp_cache / "fresh", progress=False)
+    longer = run_sweep(model, tok, rome, sizes + [4], runs_dir=tmp_cache / "sweep", progress=False)
+    alone = run_edit_eval(model, tok, rome.replace(n_edits=4), runs_dir=tmp_cache / "fresh", progress=False)
     assert longer[3] == again[3]
     for m in ("efficacy", "generalization", "specificity", "efficacy_diff", "specificity_diff"):
         assert longer[4][m] == alone[m], m

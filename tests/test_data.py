@@ -10,13 +10,19 @@ from pathlib import Path
 import pytest
 
 from pmet import data as D
-from pmet.paths import cache_dir, data_dir
+from pmet.paths import cache_dir, data_dir, fixtures_data_dir
 
-SHARED = data_dir()  # $PMET_DATA_DIR, else ../shared/data beside the checkout
-needs_shared = pytest.mark.skipif(
-    not (SHARED / "counterfact" / "counterfact_subset_merged.json").is_file(),
-    reason=f"data folder with the shared files not found at {SHARED} (set PMET_DATA_DIR)")
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "data"
 REAL_DOWNLOAD = D._download
+
+# What each data folder holds: "full" is the complete shared data (SOURCES.md), "fixtures" the committed cut of
+# it (tests/fixtures/data, PROVENANCE.md). The loader tests run on both; "full" skips when it is absent.
+EXPECT = {
+    "full": dict(full=1653, splits={"edit": 10000, "train": 10000, "val": 1919}, all=21919, edit_full=1298,
+                 val_full=63, zsre_eval=1037, zsre_train=998, zsre_invalid=[534, 723], known=1209, min_paras=5000),
+    "fixtures": dict(full=40, splits={"edit": 32, "train": 16, "val": 16}, all=64, edit_full=24, val_full=8,
+                     zsre_eval=24, zsre_train=24, zsre_invalid=[24], known=48, min_paras=200),
+}
 
 
 @pytest.fixture(autouse=True)
@@ -27,10 +33,16 @@ def no_network(monkeypatch):
     monkeypatch.setattr(D, "_download", fail)
 
 
-@pytest.fixture
-def shared(monkeypatch):
-    monkeypatch.setenv("PMET_DATA_DIR", str(SHARED))
-    return SHARED
+@pytest.fixture(params=["fixtures", "full"])
+def shared(request, monkeypatch):
+    """A data folder as PMET_DATA_DIR and what it holds: the committed fixtures, or the complete shared data
+    (skipped when absent, see conftest.full_data)."""
+    if request.param == "full":
+        root = request.getfixturevalue("full_data")
+    else:
+        root = FIXTURES
+        monkeypatch.setenv("PMET_DATA_DIR", str(root))
+    return root, EXPECT[request.param]
 
 
 def _write(root: Path, rel: str, obj) -> Path:
@@ -64,7 +76,6 @@ def test_paths_env(monkeypatch, tmp_path):
     assert cache_dir() == tmp_path / "c" and (tmp_path / "c").is_dir()
 
 
-@needs_shared
 def test_default_data_dir_is_shared(monkeypatch):
     from pmet.paths import REPO_ROOT
 
@@ -75,28 +86,63 @@ def test_default_data_dir_is_shared(monkeypatch):
     assert data_dir() == beside
 
 
+def test_tests_and_ci_read_the_fixtures(monkeypatch):
+    """conftest points PMET_DATA_DIR at the committed fixtures; the notebooks' CI configuration does too."""
+    from pmet.notebook import configure
+
+    assert data_dir() == FIXTURES == fixtures_data_dir() and D.is_fixture_folder(FIXTURES)
+    monkeypatch.setenv("PMET_NOTEBOOK_SMALL", "1")
+    assert configure({"data_dir": None}, small={}).data_dir == str(FIXTURES)
+    assert configure({"data_dir": "/elsewhere"}, small={}).data_dir == "/elsewhere"  # given: kept
+    monkeypatch.delenv("PMET_NOTEBOOK_SMALL")
+    assert configure({"data_dir": None, "out_dir": "."}).data_dir is None
+
+
 # ------------------------------------------------------------- real data
-@needs_shared
 def test_counterfact_counts(shared):
-    assert len(D.load_counterfact("full")) == 1653
+    root, n = shared
+    assert len(D.load_counterfact("full")) == n["full"]
     sizes = {s: len(D.load_counterfact(s)) for s in ("edit", "train", "val")}
-    assert sizes == {"edit": 10000, "train": 10000, "val": 1919}
+    assert sizes == n["splits"]
     everything = D.load_counterfact("all")
-    assert len(everything) == 21919
-    assert [r.case_id for r in everything] == list(range(21919))
-    assert sum(r.full_fields for r in everything) == 1653
+    ids = [r.case_id for r in everything]
+    assert len(everything) == n["all"] and ids == sorted(set(ids))
+    if n["all"] == 21919:
+        assert ids == list(range(21919))
+    assert sum(r.full_fields for r in everything) == n["full"]
+    split_ids = [{r.case_id for r in D.load_counterfact(s)} for s in ("edit", "train", "val")]
+    assert set().union(*split_ids) == set(ids) and sum(map(len, split_ids)) == len(ids)  # disjoint splits
 
 
-@needs_shared
 def test_counterfact_full_fields_only(shared):
-    assert len(D.load_counterfact("all", full_fields_only=True)) == 1653
+    root, n = shared
+    assert len(D.load_counterfact("all", full_fields_only=True)) == n["full"]
     edit_full = D.load_counterfact("edit", full_fields_only=True)
-    assert len(edit_full) == 1298 and all(r.full_fields for r in edit_full)
+    assert len(edit_full) == n["edit_full"] and all(r.full_fields for r in edit_full)
+    assert len(D.load_counterfact("val", full_fields_only=True)) == n["val_full"]
     assert all(not r.full_fields for r in D.load_counterfact("val", limit=5))
     assert len(D.load_counterfact("full", limit=3)) == 3
 
 
-@needs_shared
+def test_table_pool_leaves_out_val(shared):
+    """Tables edit full-schema records whose case_id is not in the val split (tuning data)."""
+    from pmet.experiments import table_records
+
+    root, n = shared
+    val_ids = {r.case_id for r in D.load_counterfact("val")}
+    pool = table_records("counterfact")
+    assert len(pool) == n["full"] - n["val_full"] and not val_ids & {r.case_id for r in pool}
+    assert all(r.full_fields for r in pool)
+    assert table_records("counterfact", 4) == table_records("counterfact", 4)  # seeded
+    if n["all"] < 100:  # the reduced edit records extend the pool only when asked (cheap on the fixtures only)
+        wide = table_records("counterfact", full_fields_only=False)
+        full_ids = {r.case_id for r in D.load_counterfact("full")}
+        assert len(wide) == len(pool) + sum(r.case_id not in full_ids for r in D.load_counterfact("edit"))
+        assert not val_ids & {r.case_id for r in wide}
+        with pytest.raises(ValueError, match="only"):
+            table_records("counterfact", len(wide) + 1, full_fields_only=False)
+
+
 def test_danielle_darrieux(shared):
     full = D.load_counterfact("full")[0]
     assert (full.case_id, full.subject, full.prompt) == (0, "Danielle Darrieux", "The mother tongue of {} is")
@@ -117,19 +163,19 @@ def test_danielle_darrieux(shared):
     D.validate_request(full.as_request())
 
 
-@needs_shared
 def test_records_are_immutable_and_fresh(shared):
+    root, n = shared
     a = D.load_counterfact("full")
     a.clear()
-    assert len(D.load_counterfact("full")) == 1653
+    assert len(D.load_counterfact("full")) == n["full"]
     with pytest.raises(AttributeError):
         D.load_counterfact("full")[0].subject = "x"  # type: ignore[misc]
 
 
-@needs_shared
 def test_zsre(shared, caplog):
+    root, n = shared
     ev = D.load_zsre("eval")
-    assert len(ev) == 1037 and [r.case_id for r in ev] == list(range(1037))
+    assert len(ev) == n["zsre_eval"] and [r.case_id for r in ev] == list(range(n["zsre_eval"]))
     r = ev[0]
     assert r.subject == "IAAF Combined Events Challenge" and r.answer == "2006"
     assert r.true_answers == ("1998",) and r.loc.startswith("nq question: ")
@@ -140,25 +186,27 @@ def test_zsre(shared, caplog):
         D.validate_request(rec.as_request())
         assert rec.prompt.format(rec.subject) == rec.src and rec.answer == rec.answer.strip()
     train = D.load_zsre("train")
-    assert len(train) == 998 and "skipped 2 invalid" in caplog.text
-    with pytest.raises(D.InvalidRecordError, match="case_id=534"):
+    bad = n["zsre_invalid"]
+    assert len(train) == n["zsre_train"] and f"skipped {len(bad)} invalid" in caplog.text
+    assert not set(bad) & {r.case_id for r in train}
+    with pytest.raises(D.InvalidRecordError, match=f"case_id={bad[0]}"):
         D.load_zsre("train", strict=True)
     assert len(D.load_zsre("eval", limit=10)) == 10
 
 
-@needs_shared
 def test_known_facts(shared):
+    root, n = shared
     facts = D.load_known_facts()
-    assert len(facts) == 1209 and [f.known_id for f in facts] == list(range(1209))
+    assert len(facts) == n["known"] and [f.known_id for f in facts] == list(range(n["known"]))
     f = facts[0]
     assert (f.subject, f.attribute, f.relation_id) == ("Vinson Massif", "Antarctica", "P30")
     assert all(x.prompt.startswith(x.template.format(x.subject)) for x in facts)
 
 
-@needs_shared
 def test_text_corpus(shared):
+    root, n = shared
     paras = D.load_text_corpus("wikitext")
-    assert len(paras) > 5000 and all(p and p == p.strip() for p in paras)
+    assert len(paras) > n["min_paras"] and all(p and p == p.strip() for p in paras)
     assert not any(p.startswith("= ") and p.endswith(" =") for p in paras)
     assert paras[0].startswith("Senjō no Valkyria 3")
     assert any("<unk>" in p for p in paras)
@@ -168,16 +216,52 @@ def test_text_corpus(shared):
     cid = D.corpus_id("wikitext")
     assert cid == D.corpus_id("wikitext") and len(cid) == 12
     assert cid != D.corpus_id("wikitext-2-raw")
+    head = (root / D.CORPORA["wikitext-103-train-head"][0]).read_text(encoding="utf-8")
+    assert not head.endswith("\n") and head.rsplit("\n", 1)[1].strip() not in paras  # cut line dropped
 
 
-@needs_shared
-def test_sha256_of_shared_files(shared):
+def test_sha256_of_shared_files(full_data):
     for rel, known in D.KNOWN_FILES.items():
-        if (shared / rel).is_file() and known.sha256:
+        if (full_data / rel).is_file() and known.sha256:
             D.ensure_file(rel, verify=True)
 
 
-@needs_shared
+def test_fixtures_skip_the_full_checksums(tmp_path):
+    """The fixture files are cuts, so the full files' recorded sha256 are not checked in a FIXTURES folder; the
+    same file in an ordinary folder fails the check."""
+    rel = "known_1000.json"
+    assert D.ensure_file(rel, FIXTURES, verify=True) == FIXTURES / rel
+    plain = tmp_path / rel
+    plain.write_bytes((FIXTURES / rel).read_bytes())
+    with pytest.raises(D.DataIntegrityError, match="known_1000.json.*is corrupt"):
+        D.ensure_file(rel, tmp_path, verify=True)
+
+
+def test_fixture_provenance_matches_files():
+    """PROVENANCE.md lists every fixture data file with its current size and sha256."""
+    text = (FIXTURES / "PROVENANCE.md").read_text(encoding="utf-8")
+    files = sorted(p for p in FIXTURES.rglob("*") if p.is_file() and p.name not in ("PROVENANCE.md", "FIXTURES"))
+    assert files
+    for p in files:
+        data = p.read_bytes()
+        rel = p.relative_to(FIXTURES).as_posix()
+        assert rel in D.KNOWN_FILES, rel  # the layout mirrors the shared folder
+        assert f"| {len(data):,} | `{hashlib.sha256(data).hexdigest()}` |" in text, rel
+
+
+def test_fixtures_regenerate_identically(full_data, tmp_path):
+    """make_fixtures.py cuts the committed fixtures from the full data, byte for byte."""
+    import runpy
+
+    mod = runpy.run_path(str(FIXTURES.parent / "make_fixtures.py"))
+    mod["main"](["--source", str(full_data), "--out", str(tmp_path)])
+    made = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
+    have = sorted(p.relative_to(FIXTURES) for p in FIXTURES.rglob("*") if p.is_file())
+    assert made == have
+    for rel in made:
+        assert (tmp_path / rel).read_bytes() == (FIXTURES / rel).read_bytes(), rel
+
+
 def test_as_dataset(shared):
     ds = D.as_dataset(D.load_counterfact("full", limit=4))
     assert ds.num_rows == 4 and ds[0]["subject"] == "Danielle Darrieux"

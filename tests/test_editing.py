@@ -10,6 +10,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from helpers import params_of
 
 from pmet.data import InvalidRecordError
 from pmet.editing import (
@@ -37,17 +38,7 @@ REQS = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tiny models are far faster on one thread (and the machine is shared)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _params(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _changed(model, before):
@@ -195,15 +186,18 @@ def test_run_edit_eval_overrides_enter_the_run(tiny_models, tmp_cache):
     """Notebooks pass hyperparameter overrides (Table 3's ``value_autocast``): they reach the editor, land in a
     run folder of their own, and None means "the file's value" (the same run as no override)."""
     from pmet.experiments import run_edit_eval
+    from pmet.runspec import RunSpec
 
     model, tok = tiny_models["tiny-llama"]
     kw = dict(runs_dir=tmp_cache / "runs", progress=False)
-    plain = run_edit_eval(model, tok, "pmet", "counterfact", 2, **kw)
-    same = run_edit_eval(model, tok, "pmet", "counterfact", 2, overrides={"v_autocast": None}, **kw)
-    low = run_edit_eval(model, tok, "pmet", "counterfact", 2, overrides={"v_autocast": "bfloat16"}, **kw)
+    spec = RunSpec("tiny-llama", "pmet", n_edits=2)
+    plain = run_edit_eval(model, tok, spec, **kw)
+    same = run_edit_eval(model, tok, spec.replace(value_autocast=None), **kw)
+    low = run_edit_eval(model, tok, spec.replace(value_autocast="bfloat16"), **kw)
     assert same["hparams"] == plain["hparams"] and same["edit_seconds"] == plain["edit_seconds"]  # read back
     assert low["hparams"] != plain["hparams"]
     assert low["hparams_values"]["v_autocast"] == "bfloat16" and "v_autocast" not in plain["hparams_values"]
+    assert low["spec"]["value_autocast"] == "bfloat16" and plain["spec"]["value_autocast"] is None
 
 
 def test_run_edit_eval_resumes_an_interrupted_evaluation_without_editing(tiny_models, tmp_cache, monkeypatch):
@@ -211,10 +205,12 @@ def test_run_edit_eval_resumes_an_interrupted_evaluation_without_editing(tiny_mo
     interruption evaluates the same edited model without calling the editor, then removes them."""
     import pmet.editing
     import pmet.experiments as ex
+    from pmet.runspec import RunSpec
 
     model, tok = tiny_models["tiny-llama"]
+    spec = RunSpec("tiny-llama", "pmet", n_edits=2)
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    fresh = ex.run_edit_eval(model, tok, "pmet", "counterfact", 2, runs_dir=tmp_cache / "a", progress=False)
+    fresh = ex.run_edit_eval(model, tok, spec, runs_dir=tmp_cache / "a", progress=False)
     real = ex._evaluate_and_save
 
     def interrupted(*a, **k):
@@ -222,12 +218,12 @@ def test_run_edit_eval_resumes_an_interrupted_evaluation_without_editing(tiny_mo
 
     monkeypatch.setattr(ex, "_evaluate_and_save", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        ex.run_edit_eval(model, tok, "pmet", "counterfact", 2, runs_dir=tmp_cache / "b", progress=False)
+        ex.run_edit_eval(model, tok, spec, runs_dir=tmp_cache / "b", progress=False)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # restored
     assert len(list((tmp_cache / "b").rglob("edited_weights.safetensors"))) == 1
     monkeypatch.setattr(ex, "_evaluate_and_save", real)
     monkeypatch.setattr(pmet.editing, "edit", lambda *a, **k: pytest.fail("edited again"))
-    again = ex.run_edit_eval(model, tok, "pmet", "counterfact", 2, runs_dir=tmp_cache / "b", progress=False)
+    again = ex.run_edit_eval(model, tok, spec, runs_dir=tmp_cache / "b", progress=False)
     for m in ("efficacy", "generalization", "specificity", "efficacy_diff", "specificity_diff"):
         assert again[m] == fresh[m], m
     assert again["delta_norms"] == pytest.approx(fresh["delta_norms"], rel=1e-6)
@@ -257,7 +253,7 @@ def test_edit_makes_target_top_and_restores(tiny_models, tmp_cache, name, method
             "the target top (step 2), and δ^m alone does not; MEMIT passes on the same model and PMET edits the "
             "real gemma3-270m")))
     model, tok = tiny_models[name]
-    before = _params(model)
+    before = params_of(model)
     prompt = REQ["prompt"].format(REQ["subject"])
     target = tok(" " + REQ["target_new"], add_special_tokens=False)["input_ids"][0]
     assert _top(model, tok, prompt) != target
@@ -285,7 +281,7 @@ def test_ablation_switches_change_exactly_their_weights(tiny_models, tmp_cache):
     crit = lay.critical_layers
     mlp_out = {lay.weight_name("mlp_out", l) for l in crit}
     attn_out = {lay.weight_name("attn_out", l) for l in crit}
-    before = _params(model)
+    before = params_of(model)
     for method in METHODS:
         result = edit(model, tok, [REQ], method=method, hparams={"v_num_grad_steps": 5}, progress=False)
         changed = _changed(model, before)
@@ -341,7 +337,7 @@ def test_value_cache_is_hit_on_second_call(tiny_models, tmp_cache):
 ])
 def test_bad_request_raises_before_any_change(tiny_models, tmp_cache, bad):
     model, tok = tiny_models["tiny-gptj"]
-    before = _params(model)
+    before = params_of(model)
     with pytest.raises(InvalidRecordError):
         edit(model, tok, [REQ, bad], method="pmet", progress=False)
     assert not _changed(model, before)
@@ -361,17 +357,20 @@ def test_a_run_waits_for_another_process_on_the_same_run(tiny_models, tmp_cache)
     import threading
 
     import pmet.experiments as ex
+    from pmet.runcache import run_lock
+    from pmet.runspec import RunSpec
 
     model, tok = tiny_models["tiny-llama"]
     runs = tmp_cache / "runs"
-    out, _ = ex._run_location(model, "none", "counterfact", 2, 0, None, False, runs, None)
+    spec = RunSpec("tiny-llama", "none", n_edits=2)
+    out = ex.locate(model, spec, None, runs).folder
     got, started = {}, threading.Event()
 
     def second():
         started.set()
-        got["summary"] = ex.run_edit_eval(model, tok, "none", "counterfact", 2, runs_dir=runs, progress=False)
+        got["summary"] = ex.run_edit_eval(model, tok, spec, runs_dir=runs, progress=False)
 
-    with ex.run_lock(out):
+    with run_lock(out):
         worker = threading.Thread(target=second)
         worker.start()
         started.wait(10)

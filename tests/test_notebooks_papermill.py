@@ -97,3 +97,56 @@ def test_rerender_repeats_the_recorded_parameters(tmp_path, monkeypatch):
     source.with_name("plain.ipynb").write_text(json.dumps({"cells": [], "metadata": {}}))
     with pytest.raises(ValueError, match="not written by papermill"):
         recorded_run(source.with_name("plain.ipynb"))
+
+
+def _copy_of_repository(tmp_path: Path) -> Path:
+    """The checkout's tracked and untracked-but-not-ignored files, committed in a fresh git repository."""
+    import shutil
+    import subprocess
+
+    root = NOTEBOOKS.parent
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=root,
+                           check=True, capture_output=True).stdout.decode().split("\0")
+    copy = tmp_path / "repo"
+    for f in filter(None, files):
+        if (root / f).is_file():
+            (copy / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(root / f, copy / f)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    subprocess.run(["git", "init", "-q"], cwd=copy, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=copy, check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "copy"], cwd=copy, check=True)
+    return copy
+
+
+def test_a_default_run_leaves_every_committed_file_unchanged(tmp_path, monkeypatch):
+    """Issue 21: a notebook run without out_dir/overwrite writes into a fresh, git-ignored out/ folder (with
+    its tables, summaries, claims and per-record results) and changes no committed file; writing into the
+    repository itself is refused without overwrite."""
+    import subprocess
+
+    from pmet.runstore import read_run
+
+    copy = _copy_of_repository(tmp_path)
+    monkeypatch.delenv("PMET_NOTEBOOK_SMALL", raising=False)
+    monkeypatch.setenv("PYTHONPATH", str(copy / "src"))  # the kernel imports the copy: REPO_ROOT is the copy
+    params = {"models": ["tiny-llama"], "n_edits": 2, "methods": ["none", "pmet"], "generation": False,
+              "cache_dir": str(tmp_path / "cache")}
+    nbs = copy / "notebooks"
+    papermill.execute_notebook(str(nbs / "table1.ipynb"), str(tmp_path / "t1.ipynb"), parameters=params,
+                               cwd=str(nbs), progress_bar=False, kernel_name=notebook_kernel())
+    status = subprocess.run(["git", "status", "--porcelain", "--ignored"], cwd=copy, check=True,
+                            capture_output=True, text=True).stdout.split("\n")
+    assert [s for s in status if s and not s.startswith("!! ")] == []  # nothing committed changed
+    (run_out,) = (copy / "out").iterdir()
+    assert run_out.name.startswith("table1-")
+    assert (run_out / "tables" / "table1_tiny-llama.md").exists() and (run_out / "tables" / "claims.md").exists()
+    (stored,) = (run_out / "results" / "tiny-llama" / "counterfact").glob("pmet_n2_seed0_hp*.jsonl.gz")
+    run = read_run(stored)
+    assert run.spec["method"] == "pmet" and run.spec["n_edits"] == 2 and len(run.rows) == 2
+    assert run.summary["efficacy"] == json.loads((run_out / "tables" / "table1_tiny-llama.json").read_text()
+                                                 )["tiny-llama"]["pmet"]["efficacy"]
+    with pytest.raises(papermill.PapermillExecutionError, match="overwrite True"):
+        papermill.execute_notebook(str(nbs / "table1.ipynb"), str(tmp_path / "t2.ipynb"),
+                                   parameters={**params, "out_dir": str(copy)}, cwd=str(nbs), progress_bar=False,
+                                   kernel_name=notebook_kernel())

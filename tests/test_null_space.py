@@ -12,12 +12,7 @@ REQ = {"prompt": "The mother tongue of {}", "subject": "Danielle Darrieux", "tar
 TINY_NS = {"null_space_threshold": 1e-4, "null_space_alpha": 1e-2}  # the tiny models' keys are ~100x small
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _second_moment(d: int, n: int, seed: int = 0) -> torch.Tensor:

@@ -85,8 +85,11 @@ def test_complete_counterfact_makes_the_pool_and_10000_edits(full_data):
     small, pool = ex.table_selection("counterfact", 10, seed=0)
     assert pool == "full" and [r.case_id for r in small] == [r.case_id for r in records[:10]]
     assert ex.table_selection("counterfact", 10, seed=0, full=False)[1] == "subset"
-    assert ex.run_dir(Path("r"), "gptj", "counterfact", "pmet", 10, 0, "h", False, "full").name.endswith("_full")
-    assert ex.run_dir(Path("r"), "m", "counterfact", "pmet", 10, 0, "h", False).name == "n10_seed0_hph"
+    from pmet.runcache import run_folder
+    from pmet.runspec import RunSpec
+
+    assert run_folder(RunSpec("gptj", "pmet", n_edits=10, pool="full"), "h", Path("r")).name.endswith("_full")
+    assert run_folder(RunSpec("m", "pmet", n_edits=10), "h", Path("r")).name == "n10_seed0_hph"
 
 
 def test_subset_pool_without_the_complete_file(small_data):

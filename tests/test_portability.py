@@ -14,12 +14,22 @@ from pmet.evaluation.scoring import prompt_ids, target_ids
 from pmet.report import grid_table
 
 
-def test_portability_questions_join_counterfact_by_case_id():
+def test_portability_fixture_questions_join_counterfact_by_case_id():
+    """The test fixtures keep the one-hop questions of their full records (tests/fixtures/data/PROVENANCE.md)."""
     from pmet.data import load_counterfact
 
-    q = load_portability()
-    assert len(q) == 1031  # SOURCES.md: every record of the one-hop file has a question
+    q = load_portability()  # the fixtures (conftest)
     full = {r.case_id: r for r in load_counterfact("full")}
+    assert sorted(q) == [34, 46, 76, 82, 87, 93, 99, 102] and set(q) <= set(full)
+    assert all(len(pairs) == 1 and all(pairs[0]) for pairs in q.values())
+
+
+def test_portability_questions_join_counterfact_by_case_id(full_data):
+    from pmet.data import load_counterfact
+
+    q = load_portability(full_data)
+    assert len(q) == 1031  # SOURCES.md: every record of the one-hop file has a question
+    full = {r.case_id: r for r in load_counterfact("full", data_dir=full_data)}
     assert set(q) <= set(full)
     spike = next(r for r in full.values() if r.subject == "Spike Hughes")
     (question, answer), = q[spike.case_id]
@@ -60,9 +70,10 @@ def test_table_1_shows_portability_only_where_summaries_have_it():
 
 def test_run_summaries_carry_portability(tiny_models, tmp_cache, tmp_path):
     from pmet.experiments import run_edit_eval, table_records
+    from pmet.runspec import RunSpec
 
     model, tok = tiny_models["tiny-llama"]
-    s = run_edit_eval(model, tok, "none", "counterfact", n_edits=6, runs_dir=tmp_path, progress=False)
+    s = run_edit_eval(model, tok, RunSpec("tiny-llama", "none", n_edits=6), runs_dir=tmp_path, progress=False)
     have = sum(r.case_id in load_portability() for r in table_records("counterfact", 6))
     assert have > 0 and s["portability_n"] == have and 0 <= s["portability"] <= 100
     assert (next(tmp_path.rglob("summary.json")).parent / "portability.json").exists()

@@ -218,6 +218,7 @@ import pmet.editing.values as V
 import pmet.evaluation.results as R
 from pmet import load_model
 from pmet.experiments import run_edit_eval
+from pmet.runspec import RunSpec
 
 def pause_after_first(fn):  # hold the process at the point to kill it at, so the kill never races the run
     def wrapped(*args, **kwargs):
@@ -231,17 +232,19 @@ if sys.argv[1] == "values":  # after the first value entry of the first batch is
 else:  # after the first evaluated record is appended to records.jsonl
     R.ResultsFile.append = pause_after_first(R.ResultsFile.append)
 model, tok = load_model("tiny-llama")
-run_edit_eval(model, tok, "pmet", "counterfact", {N_EDITS}, eval_batch_size={EVAL_BATCH}, progress=False,
-              overrides={OVERRIDES!r})
+run_edit_eval(model, tok, RunSpec("tiny-llama", "pmet", n_edits={N_EDITS}, overrides={OVERRIDES!r}),
+              eval_batch_size={EVAL_BATCH}, progress=False)
 """
 
 
 def _run(model, tok, cache: Path) -> dict:
     from pmet.experiments import run_edit_eval
+    from pmet.runspec import RunSpec
 
     os.environ["PMET_CACHE_DIR"] = str(cache)
-    return run_edit_eval(model, tok, "pmet", "counterfact", N_EDITS, eval_batch_size=EVAL_BATCH, progress=False,
-                         overrides=OVERRIDES)  # caches and runs under $PMET_CACHE_DIR, as in the subprocess
+    spec = RunSpec("tiny-llama", "pmet", n_edits=N_EDITS, overrides=OVERRIDES)
+    return run_edit_eval(model, tok, spec, eval_batch_size=EVAL_BATCH, progress=False)  # caches and runs under
+    # $PMET_CACHE_DIR, as in the subprocess
 
 
 def _run_folder(cache: Path) -> Path:

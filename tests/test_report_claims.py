@@ -26,8 +26,8 @@ def test_run_grid_per_model_methods_and_sizes(tmp_path, monkeypatch):
 
     calls = []
     monkeypatch.setattr(experiments, "run_edit_eval",
-                        lambda model, tok, method, dataset, n, *a, **k:
-                        calls.append((model, method, n)) or {"n_edits": n})
+                        lambda model, tok, spec, **k:
+                        calls.append((model, spec.method, spec.n_edits)) or {"n_edits": spec.n_edits})
     monkeypatch.setattr("pmet.models.load_model", lambda name, device="cpu": (name, None))
     grid = experiments.run_grid(["a", "b"], {"a": ["none", "pmet"], "b": ["pmet"]}, n_edits={"a": 3, "b": 2})
     assert calls == [("a", "none", 3), ("a", "pmet", 3), ("b", "pmet", 2)]
@@ -54,7 +54,7 @@ def test_size_note_only_below_the_default():
 
 def test_configure_reads_json_lists_and_dicts_given_as_text(monkeypatch):
     """``papermill -p models '["a", "b"]'`` hands the notebook a string; configure makes it the list."""
-    from pmet.report import configure
+    from pmet.notebook import configure
 
     monkeypatch.delenv("PMET_NOTEBOOK_SMALL", raising=False)
     cfg = configure({"models": '["a", "b"]', "n_edits": '{"a": 3}', "model": "smollm2", "methods": ["x"],

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from helpers import params_of
 from safetensors.torch import load_file, save_file
 
 from pmet import SavedEditError, edit, load_edit, load_model, save_edited_model
@@ -15,16 +16,7 @@ REQ = {"prompt": "The mother tongue of {}", "subject": "Danielle Darrieux", "tar
 REQ2 = {"prompt": "{} plays the", "subject": "Toko Yasuda", "target_new": "basketball"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _params(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _same(model, params) -> bool:
@@ -36,9 +28,9 @@ def _edited(tmp_path, name="tiny-llama", method="pmet", dtype=None, **kw):
     model, tok = load_model(name)
     if dtype is not None:
         model.to(dtype)
-    before = _params(model)
+    before = params_of(model)
     result = edit(model, tok, [REQ], method=method, progress=False, **kw)
-    after = _params(model)
+    after = params_of(model)
     folder = result.save(tmp_path / "edit")
     return model, tok, result, before, after, folder
 
@@ -93,9 +85,9 @@ def test_a_baseline_round_trip(tmp_cache, tmp_path, method):
     hp = (FTHparams(layers=(2,), num_steps=3, lr=1e-2, norm_constraint=2e-3) if method == "ft"
           else RomeHparams(layer=1, v_num_grad_steps=5, mom2_n_tokens=1000))
     model, tok = load_model("tiny-gptj")
-    before = _params(model)
+    before = params_of(model)
     result = edit(model, tok, [REQ, REQ2], method=method, hparams=hp, progress=False)  # ROME: one after another
-    after = _params(model)
+    after = params_of(model)
     folder = result.save(tmp_path / "edit")
     result.restore()
     saved = load_edit(folder)
@@ -192,7 +184,7 @@ def test_cli_edit_save(tmp_cache, tmp_path, capsys):
                "--save", str(tmp_path / "e")])
     assert rc == 0 and "saved the edit" in capsys.readouterr().out
     model, _ = load_model("tiny-llama")
-    before = _params(model)
+    before = params_of(model)
     applied = load_edit(tmp_path / "e").apply(model)
     assert not _same(model, before)
     applied.restore()

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from helpers import params_of
 
 import pmet.editing
 from pmet.sequential import perplexity, run_sequential, sequential_frame, weight_stats
@@ -12,16 +13,7 @@ SMALL = {"n_retention": 3, "n_known": 4, "ppl_tokens": 512, "eval_batch_size": 1
 TINY_NS = {"null_space_threshold": 1e-4, "null_space_alpha": 1e-2}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _params(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _count_edits(monkeypatch):
@@ -51,7 +43,7 @@ def test_weight_stats_and_perplexity_definitions(tiny_models):
 
 def test_sequential_rounds_measure_cache_and_resume(tiny_models, tmp_cache, tmp_path, monkeypatch):
     model, tok = tiny_models["tiny-llama"]
-    before = _params(model)
+    before = params_of(model)
     runs = tmp_path / "runs"
     calls = _count_edits(monkeypatch)
     res = run_sequential(model, tok, "pmet", rounds=2, batch=2, runs_dir=runs, **SMALL)
@@ -81,7 +73,7 @@ def test_sequential_rounds_measure_cache_and_resume(tiny_models, tmp_cache, tmp_
 
 def test_a_failing_round_leaves_the_model_unedited(tiny_models, tmp_cache, tmp_path, monkeypatch):
     model, tok = tiny_models["tiny-llama"]
-    before = _params(model)
+    before = params_of(model)
     real = pmet.editing.edit
     seen = []
 

@@ -38,6 +38,7 @@ import numpy as np
 import pandas as pd
 
 from .report import DISPLAY, metric_key
+from .runspec import model_label, precision_of_runs
 
 ALPHA = 0.05
 METRICS = ["score", "efficacy", "generalization", "specificity", "fluency", "consistency"]
@@ -139,11 +140,6 @@ def paper_claims() -> list[Claim]:
 
 
 # ---- committed runs -------------------------------------------------------------------------------------
-def model_label(model: str, precision: str | None) -> str:
-    """``smollm2 (values bfloat16)`` for runs whose value vectors were optimised in a reduced precision."""
-    return model if precision in (None, "", "float32") else f"{model} (values {precision})"
-
-
 def _index_runs(runs) -> dict:
     """``{(model label, dataset, n_edits): {seed: {method: run}}}`` from run specs (``model``, ``dataset``,
     ``method``, ``n_edits``, ``seed``, ``value_autocast`` or ``precision``, ``overrides``, ``generation``); of
@@ -362,32 +358,28 @@ def _fig2_rows(tables: Path) -> list[dict]:
 
 
 # ---- older marginal summaries (tables/*.json), for claims not yet run with per-record results -----------
-def _split_precision(stem: str) -> tuple[str, str | None]:
-    for precision in ("bfloat16", "float16"):
-        if stem.endswith("_" + precision):
-            return stem.removesuffix("_" + precision), precision
-    return stem, None
-
-
 def marginal_summaries(tables: Path) -> dict:
     """``{(artifact, model label): {(n_edits, method): (summary, file name)}}`` from the notebooks' summary
-    files ``tables/{table1,table2,table3,fig3_sweep}_*.json``."""
+    files ``tables/{table1,table2,table3,fig3_sweep}_*.json``; the precision is read from the runs' metadata
+    (:func:`pmet.runspec.precision_of_runs`), not from the file name."""
     out: dict = defaultdict(dict)
     for prefix, artifact in (("table1_", "Table 1"), ("table2_", "Table 2"), ("table3_", "Table 3"),
                              ("fig3_sweep_", "Fig. 3")):
         for path in sorted(tables.glob(f"{prefix}*.json")):
             data = json.loads(path.read_text())
-            base, precision = _split_precision(path.stem)
             if artifact in ("Table 1", "Table 2"):
                 for model, runs in data.items():
+                    label = model_label(model, precision_of_runs(runs.values()))
                     for method, s in runs.items():
                         if isinstance(s, dict) and "unavailable" not in s:
-                            out[(artifact, model_label(model, precision))][(s.get("n_edits"), method)] = (s, path.name)
+                            out[(artifact, label)][(s.get("n_edits"), method)] = (s, path.name)
             else:
-                model = base.removeprefix(prefix)
+                models = sorted({s.get("model") for s in data.values() if isinstance(s, dict) and s.get("model")})
+                label = model_label("/".join(models) or path.stem.removeprefix(prefix),
+                                    precision_of_runs(data.values()))
                 for key, s in data.items():
                     n, method = key.split("|", 1)
-                    out[(artifact, model_label(model, precision))][(int(n), method)] = (s, path.name)
+                    out[(artifact, label)][(int(n), method)] = (s, path.name)
     return out
 
 

@@ -154,31 +154,30 @@ def cmd_run(args) -> int:
     from .experiments import MethodUnavailable, run_edit_eval, run_sweep
     from .models import load_model
     from .plan import ARTIFACTS, artifact_sizes
+    from .runspec import RunSpec
 
     distributed.init()
     spec = ARTIFACTS[args.artifact]
     sizes = artifact_sizes(args.artifact, args.model, _n_edits(args.n_edits))
     generation = spec["generation"] if args.generation is None else args.generation
     overrides = _overrides(args.set)
-    if args.value_autocast:
-        overrides["v_autocast"] = args.value_autocast
+    value_autocast = args.value_autocast or overrides.pop("v_autocast", None)
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tok = load_model(args.model, device=device)
     rank0 = distributed.rank() == 0
+    opts = dict(cache=args.cache_dir, eval_batch_size=args.eval_batch_size, progress=rank0)
     for method in args.methods or spec["methods"]:
+        run = RunSpec(args.model, method, spec["dataset"], seed=args.seed, generation=generation,
+                      value_autocast=value_autocast, overrides=overrides)
         try:
             if args.artifact == "fig3":
                 if method == "none":
                     continue
-                result = run_sweep(model, tok, method, sizes, spec["dataset"], args.seed, generation,
-                                   cache=args.cache_dir, eval_batch_size=args.eval_batch_size, progress=rank0,
-                                   overrides=overrides)
+                result = run_sweep(model, tok, run, sizes, **opts)
             else:
-                result = {n: run_edit_eval(model, tok, method, spec["dataset"], n, args.seed, generation,
-                                           cache=args.cache_dir, eval_batch_size=args.eval_batch_size, progress=rank0,
-                                           overrides=overrides) for n in sizes}
+                result = {n: run_edit_eval(model, tok, run.replace(n_edits=n), **opts) for n in sizes}
         except MethodUnavailable as exc:
             if rank0:
                 print(f"{method}: unavailable ({exc})")

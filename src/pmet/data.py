@@ -36,7 +36,7 @@ from .paths import data_dir as default_data_dir
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "KNOWN_FILES", "DataNotFoundError", "DataIntegrityError", "InvalidRecordError",
+    "KNOWN_FILES", "DataNotFoundError", "DataIntegrityError", "InvalidRecordError", "is_fixture_folder",
     "ensure_file", "verify_known_file", "parse_error", "read_json", "request_label", "validate_request",
     "CounterFactRecord", "load_counterfact",
     "ZsreRecord", "load_zsre", "KnownFact", "load_known_facts", "CORPORA",
@@ -190,6 +190,15 @@ def _download(url: str, dest: Path, max_bytes: int | None = None,
             os.unlink(tmp)
 
 
+FIXTURE_MARKER = "FIXTURES"
+
+
+def is_fixture_folder(base: os.PathLike) -> bool:
+    """True for a data folder of test fixtures (it holds a ``FIXTURES`` file, e.g. ``tests/fixtures/data``):
+    its files are small cuts of the real ones, so the checksums recorded in :data:`KNOWN_FILES` are not checked."""
+    return (Path(base) / FIXTURE_MARKER).is_file()
+
+
 def _fix_hint(rel: str, path: Path) -> str:
     """How to get a good copy of data file ``rel`` back."""
     known = KNOWN_FILES.get(rel)
@@ -277,7 +286,8 @@ def ensure_file(rel: str, data_dir: os.PathLike | None = None, *, verify: bool |
     ``verify=None`` (default) checks a known file's sha256 on first use when it has the recorded size
     (:func:`verify_known_file`; remembered, so it costs once per file); ``verify=True`` always checks it;
     ``verify=False`` never does. Downloads are always checked when a hash is known. ``download=None``
-    means "download unless the environment variable ``PMET_OFFLINE`` is set". Raises
+    means "download unless the environment variable ``PMET_OFFLINE`` is set". Files in a folder of test
+    fixtures (:func:`is_fixture_folder`) are never checked against the recorded checksums. Raises
     :class:`DataNotFoundError` when the file cannot be found or fetched, :class:`DataIntegrityError` when
     it is corrupt.
     """
@@ -285,7 +295,7 @@ def ensure_file(rel: str, data_dir: os.PathLike | None = None, *, verify: bool |
     path = base / rel
     known = KNOWN_FILES.get(rel)
     if path.is_file():
-        if verify is not False:
+        if verify is not False and not is_fixture_folder(base):
             verify_known_file(rel, path, force=bool(verify))
         return path
     if download is None:

@@ -186,31 +186,35 @@ def _evaluate_shard(model, tok, records, dataset, out: Path, meta, generation, e
         evaluate_zsre(model, tok, mine, batch_size=eval_batch_size, out_path=path, progress=progress, meta=meta)
 
 
-def run_edit_eval_sharded(model, tok, method: str, dataset: str = "counterfact", n_edits: int = 100, seed: int = 0,
-                          generation: bool = False, hparams=None, runs_dir=None, cache=None, eval_batch_size: int = 32,
-                          progress: bool = True, overrides: dict | None = None) -> dict:
-    """:func:`pmet.experiments.run_edit_eval` over the ranks of the group (module docstring); every rank
-    returns the summary, which is the one a single process writes (plus ``world_size`` and the timings)."""
+def run_edit_eval_sharded(model, tok, spec, hparams=None, runs_dir=None, cache=None, eval_batch_size: int = 32,
+                          progress: bool = True) -> dict:
+    """:func:`pmet.experiments.run_edit_eval` of the run ``spec`` over the ranks of the group (module docstring);
+    every rank returns the summary, which is the one a single process writes (plus ``world_size`` and the
+    timings)."""
     from . import experiments as ex
     from .editing import edit
     from .editing.hparams import METHODS
+    from .runcache import EditedWeights, run_lock, trajectory_path
 
     r, k = rank(), world_size()
-    records, pool = ex.table_selection(dataset, n_edits, seed, full=ex.paper_pool(model))
-    hp = None if method == ex.UNEDITED else (hparams or ex.method_hparams(method, model, dataset, overrides))
-    out, meta = ex._run_location(model, method, dataset, len(records), seed, hp, generation, runs_dir, cache, pool)
+    method = spec.method
+    records, pool = ex.spec_records(spec, model)
+    hp = ex.run_hparams(model, spec, hparams)
+    run = ex.locate(model, spec, hp, runs_dir, cache, pool)
+    out = run.folder
+    trajectory = trajectory_path(run.spec, ex._hparams_id(hp), runs_dir) if method in ex.SEQUENTIAL else None
     summary_path = out / "summary.json"
     with contextlib.ExitStack() as locks:
         if r == 0:
-            if method in ex.SEQUENTIAL:
-                locks.enter_context(ex.run_lock(ex.rome_trajectory(model, dataset, seed, hp, runs_dir, cache, pool)))
-            locks.enter_context(ex.run_lock(out))
+            if trajectory is not None:
+                locks.enter_context(run_lock(trajectory))
+            locks.enter_context(run_lock(out))
         if broadcast(summary_path.exists() if r == 0 else None):
             return json.loads(summary_path.read_text())
         t0 = time.perf_counter()
         edited = None
         if method != ex.UNEDITED:
-            saved = ex.EditedWeights(out / "edited_weights.safetensors", model, meta["hparams"])
+            saved = EditedWeights(out / "edited_weights.safetensors", model, run.hp_id)
             edited = saved.load() if r == 0 else None
             if broadcast(edited is None if r == 0 else None):  # not edited yet
                 if method in METHODS:
@@ -220,8 +224,7 @@ def run_edit_eval_sharded(model, tok, method: str, dataset: str = "counterfact",
 
                 def _edit():
                     t1 = time.perf_counter()
-                    extra = ({"checkpoint": ex.rome_trajectory(model, dataset, seed, hp, runs_dir, cache, pool)}
-                             if method in ex.SEQUENTIAL else {})
+                    extra = {"checkpoint": trajectory} if trajectory is not None else {}
                     result = edit(model, tok, [x.as_request() for x in records], method=method, hparams=hp,
                                   cache_dir=cache, progress=progress, **extra)
                     result.timings["values_sharded"] = values_s  # the ranks' value optimisation before the edit
@@ -239,7 +242,8 @@ def run_edit_eval_sharded(model, tok, method: str, dataset: str = "counterfact",
         try:
             error = None
             try:
-                _evaluate_shard(model, tok, records, dataset, out, meta, generation, eval_batch_size, progress)
+                _evaluate_shard(model, tok, records, spec.dataset, out, run.meta, spec.generation, eval_batch_size,
+                                progress)
             except Exception as exc:  # tell the others, then fail everywhere
                 error = f"rank {r}: {type(exc).__name__}: {exc}"
             errors = [None] * k
@@ -250,8 +254,7 @@ def run_edit_eval_sharded(model, tok, method: str, dataset: str = "counterfact",
             if r == 0:
                 _merge_rank_files(out, records)
                 with local():
-                    summary = ex._evaluate_and_save(model, tok, records, dataset, out, meta, generation,
-                                                    eval_batch_size, progress, edited, hp)
+                    summary = ex._evaluate_and_save(model, tok, records, run, eval_batch_size, progress, edited)
                 summary.update(world_size=k, eval_seconds=time.perf_counter() - t1)
                 tmp = summary_path.with_suffix(f".tmp{os.getpid()}")
                 tmp.write_text(json.dumps(summary, indent=1, sort_keys=True, default=str))

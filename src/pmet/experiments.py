@@ -1,14 +1,13 @@
 """Mass-editing experiments: choose records, edit, evaluate, summarise -- with every step cached.
 
-This is the glue the table and figure notebooks call; it holds no algorithm of its own. One run is
-``(model, dataset, method, n_edits, seed)``: the first ``n_edits`` records of a seeded permutation of the
-dataset's table records are edited at once (one call of the editor, as the paper's mass edits), the
-edited model is evaluated on the same records, the weights are restored. Per-record results go to JSON
-Lines under ``runs_dir`` (default ``$PMET_CACHE_DIR/runs``) and the summary to a JSON beside them, so a
-second call returns at once and an interrupted evaluation resumes. Value vectors and key statistics are
-cached by the editor itself, so the points of a sweep share them. A run holds an exclusive lock on its
-folder (ROME's sweep: on its trajectory) while it edits and evaluates, so two processes asking for the same
-run (two notebooks, or parallel workers, on one cache) do it once: the second waits, then reads the summary.
+This is the glue the table and figure notebooks call; it holds no algorithm of its own. One run is a
+:class:`pmet.runspec.RunSpec` ``(model, dataset, method, n_edits, seed, precision, generation, overrides)``:
+the first ``n_edits`` records of a seeded permutation of the dataset's table records are edited at once (one
+call of the editor, as the paper's mass edits), the edited model is evaluated on the same records, the
+weights are restored. Where the per-record results and the summary are kept, the lock that makes one process
+do a run, and the resumable edited weights are :mod:`pmet.runcache`'s: a second call returns at once and an
+interrupted evaluation resumes. Value vectors and key statistics are cached by the editor itself, so the
+points of a sweep share them. Every summary carries its spec (``summary["spec"]``; :func:`pmet.runspec.spec_of`).
 
 Record choice: CounterFact tables use the 1,653 full-field records *minus* those whose case id is in
 the ``counterfact-val`` split (hyperparameters are tuned on that split only). zsRE tables use the
@@ -24,8 +23,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import random
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -33,28 +32,8 @@ from types import SimpleNamespace
 import torch
 
 from .editing import UNEDITED, MethodUnavailable, get_editor, load_hparams, sequential_methods
-from .paths import cache_dir
-
-
-@contextlib.contextmanager
-def run_lock(path: Path):
-    """Hold an exclusive advisory lock on ``<path>.lock`` (``fcntl.flock``; waits while another process
-    holds it). Without it, two processes running the same run appended each record twice to one
-    ``records.jsonl`` and both edited. Where ``fcntl`` is missing (Windows) it is a no-op."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover
-        yield
-        return
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
+from .runcache import EditedWeights, read_summary, run_folder, run_lock, trajectory_path, write_summary
+from .runspec import RunSpec
 
 POOL_SUBSET, POOL_FULL = "subset", "full"
 COMPLETE_FILES = {"counterfact": "counterfact.json", "zsre": "zsre_mem_eval.json"}  # the paper's complete sets
@@ -155,10 +134,16 @@ def _artifact_id(method: str, model, hp, cache=None) -> str:
     return hook(model, hp, cache) if hook is not None else ""
 
 
-def run_dir(runs_dir: Path, model_name: str, dataset: str, method: str, n: int, seed: int, hp_id: str,
-            generation: bool, pool: str = POOL_SUBSET) -> Path:
-    tag = f"n{n}_seed{seed}_hp{hp_id}" + ("_gen" if generation else "") + ("_full" if pool == POOL_FULL else "")
-    return runs_dir / model_name / dataset / method / tag
+def _c0_fallback_id(hp) -> str:
+    """``"_c0<corpus>"`` when C0's corpus had to fall back (Wikipedia unreachable), so such a run never
+    stands in for one with the requested corpus; ``""`` otherwise."""
+    asked = getattr(hp, "mom2_corpus", None)
+    if not asked:
+        return ""
+    from .data import resolve_corpus
+
+    used = resolve_corpus(asked)[0]
+    return "" if used == asked else f"_c0{used}"
 
 
 def method_hparams(method: str, model, dataset: str, overrides: dict | None = None):
@@ -172,163 +157,144 @@ def method_hparams(method: str, model, dataset: str, overrides: dict | None = No
     return load_hparams(method, model, dataset, given, only_where_present=True)
 
 
-def run_edit_eval(
-    model,
-    tok,
-    method: str,
-    dataset: str = "counterfact",
-    n_edits: int = 100,
-    seed: int = 0,
-    generation: bool = False,
-    hparams=None,
-    runs_dir: str | Path | None = None,
-    cache: str | Path | None = None,
-    eval_batch_size: int = 32,
-    progress: bool = True,
-    overrides: dict | None = None,
-) -> dict:
-    """Edit ``n_edits`` records with ``method`` (``"none"`` = unedited), evaluate, restore; return the summary.
+def run_hparams(model, spec: RunSpec, hparams=None):
+    """The hyperparameters of the run ``spec``: ``hparams`` as given, else :func:`method_hparams` with the
+    spec's overrides and precision; None for the unedited model."""
+    if spec.method == UNEDITED:
+        return None
+    return hparams if hparams is not None else method_hparams(spec.method, model, spec.dataset,
+                                                              spec.hparam_overrides())
 
-    ``hparams``: used as given; otherwise :func:`method_hparams` (the model's hyperparameter file for
-    ``method`` and ``dataset`` with the applicable ``overrides``, e.g. ``{"v_autocast": "bfloat16"}``).
-    Either way the hyperparameters enter the run's cache folder, so differently configured runs never mix.
+
+def spec_records(spec: RunSpec, model=None) -> tuple[list, str]:
+    """``(records, pool)`` of the run ``spec`` (:func:`table_selection`); ``spec.pool`` None means
+    :func:`paper_pool` of ``model`` (the complete files for the paper's models, else automatic)."""
+    full = {"full": True, "subset": False}.get(spec.pool, paper_pool(model) if model is not None else None)
+    return table_selection(spec.dataset, spec.n_edits, spec.seed, full=full)
+
+
+def _has_field(hp, name: str) -> bool:
+    import dataclasses
+
+    return hp is not None and dataclasses.is_dataclass(hp) and name in {f.name for f in dataclasses.fields(hp)}
+
+
+def locate(model, spec: RunSpec, hp, runs_dir=None, cache=None, pool: str | None = None) -> SimpleNamespace:
+    """Where the run ``spec`` with hyperparameters ``hp`` lives and what it records about itself:
+    ``folder``, ``hp_id`` (hyperparameters + trained-editor identity + C0 corpus fallback), ``meta`` (stored in
+    and checked against its per-record file) and ``spec`` -- the spec as run: its ``pool`` the record pool
+    used (``pool``, else the spec's, else ``"subset"``) and its ``value_autocast`` the precision the editor
+    really used (None for editors without value vectors, whatever was asked), its ``overrides`` those the
+    method has."""
+    name = getattr(model, "pmet_name", None)
+    if name is not None and name != spec.model:
+        raise ValueError(f"the run is for model {spec.model!r} but the loaded model is {name!r}")
+    ran = spec.replace(value_autocast=getattr(hp, "v_autocast", None) if hp is not None else None,
+                       pool=pool or spec.pool or POOL_SUBSET,
+                       overrides={k: v for k, v in spec.overrides if _has_field(hp, k)})
+    hp_id = _hparams_id(hp) + _artifact_id(spec.method, model, hp, cache) + _c0_fallback_id(hp)
+    meta = {"model": spec.model, "method": spec.method, "n_edits": spec.n_edits, "seed": spec.seed, "hparams": hp_id}
+    if ran.pool != POOL_SUBSET:
+        meta["pool"] = ran.pool
+    return SimpleNamespace(spec=ran, hp=hp, hp_id=hp_id, folder=run_folder(ran, hp_id, runs_dir), meta=meta)
+
+
+def _stage(progress: bool, spec: RunSpec, what: str) -> None:
+    """One line on stderr per stage of a run, so a long job shows where it is (also through papermill)."""
+    if progress:
+        extra = ("" if spec.value_autocast is None else f" values {spec.value_autocast}") + (
+            " +generation" if spec.generation and spec.dataset == "counterfact" else "")
+        print(f"[pmet {time.strftime('%H:%M:%S')}] {spec.model} {spec.dataset} {spec.method} n={spec.n_edits} "
+              f"seed={spec.seed}{extra}: {what}", file=sys.stderr, flush=True)
+
+
+def _completed(summary: dict, run: SimpleNamespace) -> dict:
+    """A summary read back from the cache; one written before specs were recorded gets its spec."""
+    if "hparams" in summary and "spec" not in summary:
+        summary = {**summary, "spec": run.spec.to_dict(), "dataset": run.spec.dataset,
+                   "generation": run.spec.generation}
+    return summary
+
+
+def run_edit_eval(model, tok, spec: RunSpec, *, hparams=None, runs_dir: str | Path | None = None,
+                  cache: str | Path | None = None, eval_batch_size: int = 32, progress: bool = True) -> dict:
+    """Run ``spec`` (edit its ``n_edits`` records with its method, ``"none"`` = unedited; evaluate; restore) on
+    the loaded ``model``/``tok``; return the summary.
+
+    ``hparams``: used as given instead of the spec's (:func:`run_hparams`); either way the hyperparameters
+    enter the run's cache folder, so differently configured runs never mix. ``runs_dir``/``cache``: the run
+    cache and the editor's caches (defaults under ``$PMET_CACHE_DIR``); ``eval_batch_size``, ``progress``
+    (progress bars and one stage line per step on stderr) change how, not what, is computed.
 
     Resuming: the edited weights are kept in the run folder until the evaluation is complete, so an
     interrupted evaluation (long with ``generation``) continues without editing again; ROME's sequential
-    edits are replayed from its trajectory file where they exist (:func:`rome_trajectory`).
+    edits are replayed from its trajectory file where they exist (:func:`pmet.runcache.trajectory_path`).
 
-    The summary holds the metrics in percent with 95% CIs (normal approximation) and their n's, the
-    editor's timings, and ``delta_norms`` (Frobenius norm of Δ per edited weight, for Fig. 4).
+    The summary holds the metrics in percent with 95% intervals (the per-metric rule of
+    :func:`pmet.evaluation.stats.metric_ci`) and their n's, the editor's timings, ``delta_norms``
+    (Frobenius norm of Δ per edited weight, for Fig. 4) and ``spec``.
     """
     from . import distributed
     from .editing import edit
 
     if distributed.world_size() > 1:  # torchrun: values and evaluation shard over the ranks
-        return distributed.run_edit_eval_sharded(
-            model, tok, method, dataset, n_edits, seed, generation, hparams=hparams, runs_dir=runs_dir, cache=cache,
-            eval_batch_size=eval_batch_size, progress=progress, overrides=overrides)
-    records, pool = table_selection(dataset, n_edits, seed, full=paper_pool(model))
-    hp = None if method == UNEDITED else (hparams or method_hparams(method, model, dataset, overrides))
-    out, meta = _run_location(model, method, dataset, len(records), seed, hp, generation, runs_dir, cache, pool)
-    trajectory = rome_trajectory(model, dataset, seed, hp, runs_dir, cache, pool) if method in SEQUENTIAL else None
+        return distributed.run_edit_eval_sharded(model, tok, spec, hparams=hparams, runs_dir=runs_dir, cache=cache,
+                                                 eval_batch_size=eval_batch_size, progress=progress)
+    records, pool = spec_records(spec, model)
+    hp = run_hparams(model, spec, hparams)
+    run = locate(model, spec, hp, runs_dir, cache, pool)
+    trajectory = trajectory_path(run.spec, _hparams_id(hp), runs_dir) if spec.method in SEQUENTIAL else None
     with contextlib.ExitStack() as locks:
         if trajectory is not None:  # the trajectory first, as run_sweep locks it (and only it)
             locks.enter_context(run_lock(trajectory))
-        locks.enter_context(run_lock(out))
-        summary_path = out / "summary.json"
-        if summary_path.exists():
-            return json.loads(summary_path.read_text())
-        if method == UNEDITED:
-            return _evaluate_and_save(model, tok, records, dataset, out, meta, generation, eval_batch_size, progress)
+        locks.enter_context(run_lock(run.folder))
+        done = read_summary(run.folder)
+        if done is not None:
+            _stage(progress, run.spec, "done (cached)")
+            return _completed(done, run)
+        if spec.method == UNEDITED:
+            _stage(progress, run.spec, f"evaluating {len(records)} records")
+            return _evaluate_and_save(model, tok, records, run, eval_batch_size, progress)
 
-        saved = EditedWeights(out / "edited_weights.safetensors", model, meta["hparams"])
+        saved = EditedWeights(run.folder / "edited_weights.safetensors", model, run.hp_id)
         edited = saved.load()
         if edited is None:
+            _stage(progress, run.spec, f"editing {len(records)} records")
             t0 = time.perf_counter()
             extra = {"checkpoint": trajectory} if trajectory is not None else {}
-            result = edit(model, tok, [r.as_request() for r in records], method=method, hparams=hp,
+            result = edit(model, tok, [r.as_request() for r in records], method=spec.method, hparams=hp,
                           cache_dir=cache, progress=progress, **extra)
             edited = saved.save(result, time.perf_counter() - t0)
+        _stage(progress, run.spec, f"evaluating {len(records)} edited records")
         try:
-            summary = _evaluate_and_save(model, tok, records, dataset, out, meta, generation, eval_batch_size,
-                                         progress, edited, hp)
+            summary = _evaluate_and_save(model, tok, records, run, eval_batch_size, progress, edited)
         finally:
             edited.restore()
         saved.path.unlink(missing_ok=True)  # complete: the summary is the result
         return summary
 
 
-class EditedWeights:
-    """The weights an edit changed, saved in its run folder so the evaluation can resume without editing
-    again. ``load`` puts them into the model (exact copies) and returns a handle whose ``restore()`` puts the
-    originals back; the handle also carries the edit's seconds, timings and Δ norms for the summary."""
-
-    def __init__(self, path: Path, model, hp_id: str):
-        from .models import model_fingerprint
-
-        self.path, self.model = Path(path), model
-        self.key = f"{model_fingerprint(model)}|{hp_id}"
-
-    def save(self, result, seconds: float) -> SimpleNamespace:
-        from .tensor_cache import save_entry
-
-        names = list(result._originals)
-        info = {"seconds": seconds, "timings": dict(getattr(result, "timings", {})),
-                "delta_norms": {k: float(torch.linalg.norm(v.float())) for k, v in result.deltas.items()}}
-        save_entry(self.path, {n: self.model.get_parameter(n).detach() for n in names}, self.key, info)
-        return SimpleNamespace(restore=result.restore, **info)
-
-    def load(self) -> SimpleNamespace | None:
-        from .tensor_cache import load_entry
-
-        hit = load_entry(self.path, self.key) if self.path.exists() else None
-        if hit is None:
-            return None
-        tensors, info = hit
-        originals = {n: self.model.get_parameter(n).detach().clone() for n in tensors}
-
-        def restore():
-            with torch.no_grad():
-                for n, w0 in originals.items():
-                    self.model.get_parameter(n).copy_(w0)
-
-        with torch.no_grad():
-            for n, w in tensors.items():
-                p = self.model.get_parameter(n)
-                p.copy_(w.to(p.device, p.dtype))
-        return SimpleNamespace(restore=restore, **info)
-
-
-def rome_trajectory(model, dataset: str, seed: int, hp, runs_dir=None, cache=None, pool: str = POOL_SUBSET) -> Path:
-    """Where the sequential ROME edits of ``(model, dataset, seed, hparams)`` keep their trajectory. One
-    file serves every run size: a run of ``n`` edits edits a prefix of a longer run's records, so Table 1's
-    run and Fig. 3's sweep (any N) replay and extend the same trajectory."""
-    runs_dir = Path(runs_dir) if runs_dir is not None else cache_dir() / "runs"
-    name = getattr(model, "pmet_name", "model")
-    full = "_full" if pool == POOL_FULL else ""
-    return runs_dir / name / dataset / "rome" / f"trajectory_seed{seed}_hp{_hparams_id(hp)}{full}.safetensors"
-
-
-def _run_location(model, method, dataset, n, seed, hp, generation, runs_dir, cache,
-                  pool: str = POOL_SUBSET) -> tuple[Path, dict]:
-    runs_dir = Path(runs_dir) if runs_dir is not None else cache_dir() / "runs"
-    name = getattr(model, "pmet_name", "model")
-    hp_id = _hparams_id(hp) + _artifact_id(method, model, hp, cache) + _c0_fallback_id(hp)
-    out = run_dir(runs_dir, name, dataset, method, n, seed, hp_id, generation, pool)
-    meta = {"model": name, "method": method, "n_edits": n, "seed": seed, "hparams": hp_id}
-    return out, ({**meta, "pool": pool} if pool != POOL_SUBSET else meta)
-
-
-def _c0_fallback_id(hp) -> str:
-    """``"_c0<corpus>"`` when C0's corpus had to fall back (Wikipedia unreachable), so such a run never
-    stands in for one with the requested corpus; ``""`` otherwise."""
-    asked = getattr(hp, "mom2_corpus", None)
-    if not asked:
-        return ""
-    from .data import resolve_corpus
-
-    used = resolve_corpus(asked)[0]
-    return "" if used == asked else f"_c0{used}"
-
-
-def _evaluate_and_save(model, tok, records, dataset, out: Path, meta: dict, generation: bool, eval_batch_size: int,
-                       progress: bool, edited=None, hp=None) -> dict:
+def _evaluate_and_save(model, tok, records, run: SimpleNamespace, eval_batch_size: int, progress: bool,
+                       edited=None) -> dict:
     """Evaluate the (edited) model on ``records``, write ``records.jsonl`` + ``summary.json``; the summary.
     ``edited``: what the edit reported (``seconds``, ``timings``, ``delta_norms``), None when unedited."""
     from .evaluation import evaluate_counterfact, evaluate_zsre, summarize_counterfact, summarize_zsre
 
+    out, spec, hp = run.folder, run.spec, run.hp
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    if dataset == "counterfact":
-        rows = evaluate_counterfact(model, tok, records, batch_size=eval_batch_size, generation=generation,
-                                    out_path=out / "records.jsonl", progress=progress, meta=meta)
+    if spec.dataset == "counterfact":
+        rows = evaluate_counterfact(model, tok, records, batch_size=eval_batch_size, generation=spec.generation,
+                                    out_path=out / "records.jsonl", progress=progress, meta=run.meta)
         summary = summarize_counterfact(rows)
         summary.update(_portability(model, tok, records, out))
     else:
         rows = evaluate_zsre(model, tok, records, batch_size=eval_batch_size, out_path=out / "records.jsonl",
-                             progress=progress, meta=meta)
+                             progress=progress, meta=run.meta)
         summary = summarize_zsre(rows)
-    summary.update(meta)
+    summary.update(run.meta)
+    summary["spec"] = spec.to_dict()
+    summary["generation"] = spec.generation
     summary["edit_seconds"] = edited.seconds if edited is not None else 0.0
     summary["eval_seconds"] = time.perf_counter() - t0
     if edited is not None:
@@ -341,10 +307,7 @@ def _evaluate_and_save(model, tok, records, dataset, out: Path, meta: dict, gene
             summary["c0_corpus"] = resolve_corpus(hp.mom2_corpus)[1] or hp.mom2_corpus
     summary["device"] = str(next(model.parameters()).device)
     summary["torch"] = torch.__version__
-    summary_path = out / "summary.json"
-    tmp = summary_path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(summary, indent=1, sort_keys=True, default=str))
-    os.replace(tmp, summary_path)
+    write_summary(out, summary)
     return summary
 
 
@@ -362,10 +325,10 @@ def _portability(model, tok, records, out: Path) -> dict:
 SEQUENTIAL = sequential_methods()  # editors that apply the requests one after another (the registry)
 
 
-def run_sweep(model, tok, method: str, sizes, dataset: str = "counterfact", seed: int = 0,
-              generation: bool = False, runs_dir=None, cache=None, eval_batch_size: int = 32,
-              progress: bool = True, overrides: dict | None = None) -> dict[int, dict]:
-    """:func:`run_edit_eval` at every size of ``sizes`` (Fig. 3); ``{n: summary}``.
+def run_sweep(model, tok, spec: RunSpec, sizes, *, runs_dir=None, cache=None, eval_batch_size: int = 32,
+              progress: bool = True) -> dict[int, dict]:
+    """:func:`run_edit_eval` of ``spec`` at every size of ``sizes`` (Fig. 3; the spec's own ``n_edits`` is
+    replaced by each size); ``{n: summary}``.
 
     For a sequential editor (ROME) the run with ``n`` edits is, step for step, the first ``n`` steps of
     the run with ``max(sizes)`` edits (the records of a smaller run are a prefix of a larger run's, and
@@ -376,24 +339,20 @@ def run_sweep(model, tok, method: str, sizes, dataset: str = "counterfact", seed
     them, and are the same.
     """
     sizes = sorted(set(int(n) for n in sizes))
-    if method not in SEQUENTIAL:
-        return {n: run_edit_eval(model, tok, method, dataset, n, seed, generation, runs_dir=runs_dir, cache=cache,
-                                 eval_batch_size=eval_batch_size, progress=progress, overrides=overrides)
-                for n in sizes}
+    opts = dict(runs_dir=runs_dir, cache=cache, eval_batch_size=eval_batch_size, progress=progress)
+    if spec.method not in SEQUENTIAL:
+        return {n: run_edit_eval(model, tok, spec.replace(n_edits=n), **opts) for n in sizes}
     from . import distributed
     from .editing import edit
 
     if distributed.world_size() > 1:  # a sequential editor cannot shard its edits: rank 0 runs the sweep
-        return distributed.on_rank0(run_sweep, model, tok, method, sizes, dataset, seed, generation, runs_dir, cache,
-                                    eval_batch_size, progress, overrides)
-    hp = method_hparams(method, model, dataset, overrides)
-    records, pool = table_selection(dataset, sizes[-1], seed, full=paper_pool(model))
-    where = {n: _run_location(model, method, dataset, n, seed, hp, generation, runs_dir, cache, pool)
-             for n in sizes}
-    trajectory = rome_trajectory(model, dataset, seed, hp, runs_dir, cache, pool)
+        return distributed.on_rank0(run_sweep, model, tok, spec, sizes, **opts)
+    hp = run_hparams(model, spec)
+    records, pool = spec_records(spec.replace(n_edits=sizes[-1]), model)
+    where = {n: locate(model, spec.replace(n_edits=n), hp, runs_dir, cache, pool) for n in sizes}
+    trajectory = trajectory_path(where[sizes[-1]].spec, _hparams_id(hp), runs_dir)
     with run_lock(trajectory):  # one process extends the trajectory and evaluates its points at a time
-        out = {n: json.loads((loc / "summary.json").read_text()) for n, (loc, _) in where.items()
-               if (loc / "summary.json").exists()}
+        out = {n: _completed(s, run) for n, run in where.items() if (s := read_summary(run.folder)) is not None}
         missing = [n for n in sizes if n not in out]
         if not missing:
             return out
@@ -401,13 +360,13 @@ def run_sweep(model, tok, method: str, sizes, dataset: str = "counterfact", seed
         def at_step(k: int, current) -> None:  # called by the editor after its k-th edit (its timings exclude these)
             if k not in missing or k in out:
                 return
-            loc, meta = where[k]
             edited = SimpleNamespace(seconds=current.timings["total"], timings=current.timings,
                                      delta_norms={n: float(torch.linalg.norm(d)) for n, d in current.deltas.items()})
-            out[k] = _evaluate_and_save(model, tok, records[:k], dataset, loc, meta, generation, eval_batch_size,
-                                        progress, edited, hp)
+            _stage(progress, where[k].spec, f"evaluating after {k} sequential edits")
+            out[k] = _evaluate_and_save(model, tok, records[:k], where[k], eval_batch_size, progress, edited)
 
-        result = edit(model, tok, [r.as_request() for r in records[:max(missing)]], method=method, hparams=hp,
+        _stage(progress, where[max(missing)].spec, f"editing {max(missing)} records one after another")
+        result = edit(model, tok, [r.as_request() for r in records[:max(missing)]], method=spec.method, hparams=hp,
                       cache_dir=cache, progress=progress, on_step=at_step, checkpoint=trajectory)
         result.restore()
     return {n: out[n] for n in sizes}
@@ -427,13 +386,31 @@ def resolve_n_edits(model_name: str, n_edits: int | dict | None, default: int) -
     return PAPER_SIZES.get(model_name, default)
 
 
-def run_grid(model_names, methods, dataset: str = "counterfact", n_edits: int | None = None, default_n: int = 1000,
-             seed: int = 0, generation: bool = False, device: str = "cpu", runs_dir=None, progress: bool = True,
-             **kwargs) -> dict:
+def train_mend_if_missing(model, tok, dataset: str = "counterfact", cache=None, progress: bool = True,
+                          overrides: dict | None = None) -> None:
+    """Train MEND's editor for ``model`` (hyperparameters with ``overrides``, e.g. fewer ``steps``) when the
+    cache has none (as ``python -m pmet.editing.mend train``: its own progress bar with ETA, checkpoints,
+    resumable); a no-op when it is trained."""
+    from .editing.mend import editor_dir, train
+
+    hp = method_hparams("mend", model, dataset, overrides)
+    if (editor_dir(model, hp, cache) / "editor.safetensors").exists():
+        return
+    if progress:
+        print(f"[pmet {time.strftime('%H:%M:%S')}] {getattr(model, 'pmet_name', 'model')}: training MEND's editor "
+              f"({hp.steps} steps, once per model and cache)", file=sys.stderr, flush=True)
+    train(model, tok, hp, cache_dir=cache, progress=progress)
+
+
+def run_grid(model_names, methods, dataset: str = "counterfact", n_edits: int | dict | None = None,
+             default_n: int = 1000, seed: int = 0, generation: bool = False, value_autocast: str | None = None,
+             overrides: dict | None = None, device: str = "cpu", train_mend: bool = False, **options) -> dict:
     """Run :func:`run_edit_eval` for every (model, method); returns ``{model: {method: summary}}``.
 
     ``methods`` is a list, or a ``{model: [methods]}`` dict when the blocks differ (e.g. a second model
-    without a trained MEND); ``n_edits`` an int or a ``{model: n}`` dict (:func:`resolve_n_edits`).
+    without a trained MEND); ``n_edits`` an int or a ``{model: n}`` dict (:func:`resolve_n_edits`);
+    ``options`` go to :func:`run_edit_eval` (``runs_dir``, ``cache``, ``eval_batch_size``, ``progress``).
+    ``train_mend``: train MEND first where its editor is missing (:func:`train_mend_if_missing`).
 
     A method that cannot run here records ``{"unavailable": reason}`` instead of a summary, so a table
     shows why a row is missing rather than silently dropping it.
@@ -445,11 +422,16 @@ def run_grid(model_names, methods, dataset: str = "counterfact", n_edits: int | 
         model, tok = load_model(name, device=device)
         n = resolve_n_edits(name, n_edits, default_n)
         out[name] = {}
-        for method in (methods.get(name, []) if isinstance(methods, dict) else methods):
+        chosen = methods.get(name, []) if isinstance(methods, dict) else methods
+        if train_mend and "mend" in chosen:
+            train_mend_if_missing(model, tok, dataset, options.get("cache"), options.get("progress", True), overrides)
+        for method in chosen:
+            spec = RunSpec(model=name, method=method, dataset=dataset, n_edits=n, seed=seed, generation=generation,
+                           value_autocast=value_autocast, overrides=tuple((overrides or {}).items()))
             try:
-                out[name][method] = run_edit_eval(model, tok, method, dataset, n, seed, generation,
-                                                  runs_dir=runs_dir, progress=progress, **kwargs)
+                out[name][method] = run_edit_eval(model, tok, spec, **options)
             except MethodUnavailable as exc:
-                out[name][method] = {"unavailable": str(exc), "method": method, "model": name, "n_edits": n}
+                out[name][method] = {"unavailable": str(exc), "method": method, "model": name, "n_edits": n,
+                                     "spec": spec.to_dict()}
         del model
     return out

@@ -24,6 +24,14 @@ def data_dir() -> Path:
     return REPO_ROOT / "data" if in_source_checkout() else Path.home() / ".cache" / "pmet" / "data"
 
 
+def fixtures_data_dir() -> Path | None:
+    """The committed test fixtures ``<repo>/tests/fixtures/data`` (small cuts of the shared data, laid out like it;
+    see its PROVENANCE.md), or None outside a source checkout. The tests and the notebooks' CI configuration
+    read their data there."""
+    d = REPO_ROOT / "tests" / "fixtures" / "data"
+    return d if (d / "FIXTURES").is_file() else None
+
+
 def cache_dir() -> Path:
     """``$PMET_CACHE_DIR`` or ``~/.cache/pmet``: key statistics, value vectors, model weight caches."""
     d = Path(os.environ.get("PMET_CACHE_DIR", Path.home() / ".cache" / "pmet")).expanduser()

@@ -85,7 +85,7 @@ class Plan:
 
 
 def _file_status(rel: str, verify: bool) -> str:
-    from .data import KNOWN_FILES, checksum_ok
+    from .data import KNOWN_FILES, checksum_ok, is_fixture_folder
     from .paths import data_dir
 
     known = KNOWN_FILES.get(rel)
@@ -96,7 +96,8 @@ def _file_status(rel: str, verify: bool) -> str:
             f"git blob {known.git_blob}" if known.git_blob else "no checksum recorded")
     if path.is_file():
         size = f"{path.stat().st_size / 1e6:.1f} MB"
-        ok = "" if not verify else (" checksum OK" if checksum_ok(path, known) else " CHECKSUM MISMATCH")
+        ok = "" if not verify else (" test fixture, not checksummed" if is_fixture_folder(data_dir()) else
+                                    " checksum OK" if checksum_ok(path, known) else " CHECKSUM MISMATCH")
         return f"{rel}: present ({path}, {size}){ok}"
     url = known.url if known is not None and known.url else "no public URL"
     return f"{rel}: MISSING, would be downloaded from {url} ({check}) into {path}"

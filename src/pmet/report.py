@@ -1,5 +1,5 @@
-"""Writing the paper's artifacts: tables as CSV + Markdown + LaTeX, figures as PNG + PDF, and the
-notebook configuration switch for CI.
+"""Writing the paper's artifacts: tables as CSV + Markdown + LaTeX, figures as PNG + PDF (the notebooks'
+setup and their guarded outputs are :mod:`pmet.notebook`).
 
 Every table carries a caption that states the model, the number of edits and the number of evaluated
 records, and every written file is listed in the ``manifest.json`` of its folder (what made it, when, with
@@ -9,56 +9,12 @@ which parameters), so a figure can be traced back to the run that produced it.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pandas as pd
 
 from .editing.registry import display_labels
-from .paths import REPO_ROOT, in_source_checkout
-
-SMALL_ENV = "PMET_NOTEBOOK_SMALL"
-
-
-def configure(params: dict, small: dict | None = None, names: list[str] | None = None) -> SimpleNamespace:
-    """Resolve a notebook's parameters.
-
-    ``params`` is the notebook's ``globals()`` after the papermill ``parameters`` cell; ``names`` picks
-    which entries are parameters (default: every lower-case non-module value defined there). When the
-    environment variable ``PMET_NOTEBOOK_SMALL=1`` is set (CI), ``small`` overrides them and ``out_dir``
-    becomes a fresh temporary directory (with its own cache, so nothing is reused from earlier runs), so CI
-    runs are fast, honest and never overwrite committed results.
-    """
-    simple = (str, int, float, bool, list, tuple, dict, type(None))
-    keys = names or [k for k, v in params.items() if not k.startswith("_") and k.islower() and isinstance(v, simple)
-                     and k not in ("In", "Out")]
-    cfg = {k: _literal(params[k]) for k in keys if k in params}
-    if os.environ.get(SMALL_ENV) == "1":
-        cfg.update(small or {})
-        cfg["out_dir"] = tempfile.mkdtemp(prefix="pmet-nb-")
-        cfg["cache_dir"] = os.path.join(cfg["out_dir"], "cache")  # CI recomputes everything it shows
-        cfg["small"] = True
-    else:
-        cfg.setdefault("small", False)
-    if cfg.get("out_dir") in (None, ""):
-        cfg["out_dir"] = str(REPO_ROOT if in_source_checkout() else Path.cwd())
-    print("configuration:", ", ".join(f"{k}={v!r}" for k, v in cfg.items()))
-    return SimpleNamespace(**cfg)
-
-
-def _literal(value):
-    """A list or dict given as JSON text (``papermill -p models '["smollm2", "gemma3-270m"]'`` passes the
-    string as it is; ``-y`` passes YAML) becomes that list or dict; anything else is returned unchanged."""
-    if isinstance(value, str) and value.strip()[:1] in ("[", "{"):
-        try:
-            return json.loads(value)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"a notebook parameter looks like a JSON list/dict but is not one: {value!r} ({exc}); "
-                             "write it as JSON, or pass it with papermill's -y as YAML") from None
-    return value
 
 
 def _record(folder: Path, files: list[Path], meta: dict) -> None:
@@ -432,3 +388,27 @@ def redraw_figures(out_dir: str | Path) -> list[Path]:
         if "_window" not in model and "_mlp" not in model:
             paths += redraw_causal_trace(out_dir, model)
     return paths
+
+
+def plot_grid(grid: dict, metrics=("efficacy", "generalization", "specificity"), title: str = ""):
+    """Table 1 / Table 2 at a glance: one panel per metric, one bar per (model, editor) with its 95% interval
+    (unavailable editors are left out)."""
+    import matplotlib.pyplot as plt
+
+    bars = [(f"{DISPLAY.get(m, m)}" + (f"\n{model}" if len(grid) > 1 else ""), s) for model, runs in grid.items()
+            for m, s in runs.items() if "unavailable" not in s]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.4 * len(metrics), 3.2), squeeze=False, sharey=True)
+    for ax, metric in zip(axes[0], metrics):
+        means = [s.get(metric) if s.get(metric) is not None else float("nan") for _, s in bars]
+        cis = [s.get(f"{metric}_ci") or (None, None) for _, s in bars]
+        err = [[0 if lo is None else m - lo for m, (lo, _) in zip(means, cis)],
+               [0 if hi is None else hi - m for m, (_, hi) in zip(means, cis)]]
+        ax.bar(range(len(bars)), means, yerr=err, capsize=3, color="#4c72b0")
+        ax.set_xticks(range(len(bars)), [b for b, _ in bars], rotation=45, ha="right", fontsize=8)
+        ax.set_title(metric.capitalize())
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].set_ylabel("% (95% interval)")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig

@@ -3,7 +3,9 @@
 papermill writes the parameters of a run into the executed notebook (``metadata.papermill.parameters``).
 :func:`rerender` reads them back and runs the source notebook again with exactly those, so the committed
 copies in ``notebooks/rendered/`` (and the figures and tables they write) are regenerated as they were made,
-reusing every cache (``./run.sh rerender`` or ``python -m pmet rerender``).
+reusing every cache (``./run.sh rerender`` or ``python -m pmet rerender``). A rendering that wrote into the
+repository (no ``out_dir`` recorded) is run with ``overwrite=True``: regenerating the committed artifacts is
+what was asked (without it a notebook writes into a fresh ``out/`` folder; :mod:`pmet.notebook`).
 """
 
 from __future__ import annotations
@@ -71,6 +73,8 @@ def rerender(paths=None, dry_run: bool = False, progress: bool = True) -> list[t
     runs = [(*recorded_run(p), p) for p in paths]  # every file checked before the first (long) run
     done = []
     for source, params, rendered in runs:
+        if params.get("out_dir") in (None, ""):
+            params = {**params, "overwrite": True}
         print(command_line(source, rendered, params), flush=True)
         if not dry_run:
             import papermill

@@ -87,11 +87,13 @@ def current_outputs(model: nn.Module, tok, requests: list[dict], site: tuple[str
 
 def apply_shared_editor(model: nn.Module, tok, requests, hparams: EditHparams, cache_dir: str | Path | None = None,
                         progress: bool = True, use_value_cache: bool = True,
-                        prior_keys: dict[str, torch.Tensor] | None = None) -> EditResult:
+                        prior_keys: dict[str, torch.Tensor] | None = None,
+                        context_templates: list[list[str]] | None = None) -> EditResult:
     """Edit ``model`` in place with PMET, MEMIT or an ablation (``hparams.method`` and its switches) so that
     each request's prompt continues with its ``target_new`` (module docstring). ``cache_dir``: context
     templates, key statistics and value vectors (default ``$PMET_CACHE_DIR``); ``use_value_cache=False``
-    recomputes the values. Works on the model's device and dtype.
+    recomputes the values; ``context_templates`` (groups of ``"...{}"`` prefixes, e.g. ``[["{}"], [...]]``)
+    replaces the generated ones (benchmarks use fixed ones). Works on the model's device and dtype.
 
     ``hparams.null_space`` (``pmet-ns``, ``memit-ns``): each ``Δ^l`` is AlphaEdit's projected solve
     (:func:`pmet.editing.core.solve_update_null_space`) with ``P`` from the same ``C0``, instead of Eq. 9;
@@ -114,8 +116,8 @@ def apply_shared_editor(model: nn.Module, tok, requests, hparams: EditHparams, c
     value_name = {"attn_out": "attn", "mlp_out": "block" if hp.value_site == "block" else "mlp"}
     timings = {}
 
-    templates = get_context_templates(model, tok, hp.context_length, hp.context_n_per_start, hp.context_seed,
-                                      cache_dir=cache_dir)
+    templates = context_templates or get_context_templates(model, tok, hp.context_length, hp.context_n_per_start,
+                                                           hp.context_seed, cache_dir=cache_dir)
     flat, _ = flatten(templates)
     t1 = time.perf_counter()
     timings["context_templates"] = t1 - t0

@@ -96,6 +96,7 @@ class EditHparams:
     kl_prompt: str = "{} is a"
     v_batch_size: int = 16  # requests optimised together (fast path)
     v_autocast: str | None = None  # "bfloat16": Eq. 10's forward/backward under torch.autocast (None: float32)
+    v_fast: bool = False  # prefix run once, finished requests leave the batch (pmet.editing.values); rounding only
     # --- context templates (prefixes of Eqs. 10 and 12) ---------------------------------------------------
     context_length: int = 10  # tokens per generated prefix, start word included (MEMIT: max_out_len=10)
     context_n_per_start: int = 1  # MEMIT: 5 generations over 5 start words
@@ -131,6 +132,8 @@ class EditHparams:
             raise ValueError("kl_prompt must contain '{}' for the subject")
         if self.v_autocast not in (None, "bfloat16", "float16"):
             raise ValueError(f"EditHparams.v_autocast must be None, 'bfloat16' or 'float16', not {self.v_autocast!r}")
+        if not isinstance(self.v_fast, bool):
+            raise ValueError(f"EditHparams.v_fast must be True or False, not {self.v_fast!r}")
         if not (self.null_space_threshold > 0 and self.null_space_alpha > 0):
             raise ValueError("EditHparams.null_space_threshold and null_space_alpha must be > 0")
         if self.v_num_grad_steps < 1 or self.v_batch_size < 1:
@@ -152,7 +155,8 @@ class EditHparams:
 
 
 # fields added after the first release -> their neutral default (left out of to_dict and cache keys)
-LATER_FIELDS = {"v_autocast": None, "null_space": False, "null_space_threshold": 2e-2, "null_space_alpha": 10.0}
+LATER_FIELDS = {"v_autocast": None, "null_space": False, "null_space_threshold": 2e-2, "null_space_alpha": 10.0,
+                "v_fast": False}
 
 
 def _switches(method: str) -> dict:

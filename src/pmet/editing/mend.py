@@ -237,8 +237,13 @@ TRAINING_DATA_VERSION = 2
 
 
 def editor_dir(model: nn.Module, hp: MendHparams, cache_dir=None) -> Path:
+    """Where the editor of ``model`` with architecture ``hp.arch()`` is trained and kept. A shorter training
+    than the default ``steps`` (e.g. the main job's) is another, weaker editor: it gets a folder of its own,
+    so it is never loaded where the full training is asked for (and vice versa)."""
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     key = {**hp.arch(), "training_data": TRAINING_DATA_VERSION}
+    if hp.steps != MendHparams.steps:
+        key["steps"] = hp.steps
     tag = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
     return root / "mend" / model_fingerprint(model) / tag
 

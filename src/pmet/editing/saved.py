@@ -41,7 +41,6 @@ import json
 import math
 import os
 import time
-from dataclasses import MISSING, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -49,8 +48,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .baseline import make_result
 from .registry import get_editor
-from .result import EditResult
 
 FORMAT = "pmet-saved-edit"
 FORMAT_VERSION = 1
@@ -204,17 +203,6 @@ def _rebuild_hparams(manifest: dict):
         return d
 
 
-def _result(method: str, model: nn.Module, originals: dict, deltas: dict, **kw):
-    """An :class:`EditResult` for an applied saved edit; fields it has no data for are left empty."""
-    kw = dict(method=method, deltas=deltas, _model=model, _originals=originals, **kw)
-    for f in fields(EditResult):
-        if f.name in kw or f.default is not MISSING or f.default_factory is not MISSING:
-            continue
-        ann = str(f.type)
-        kw[f.name] = [] if ann.startswith("list") else () if ann.startswith("tuple") else {}
-    return EditResult(**kw)
-
-
 class SavedEdit:
     """A saved edit read back by :func:`load_edit`: ``manifest`` (dict), ``weights`` (post-edit tensors on
     the CPU, the model's own dtype and orientation), ``path``; :meth:`apply` writes it into a model."""
@@ -275,9 +263,9 @@ class SavedEdit:
                 params[n].copy_(w1)
                 orient = self.manifest["weights"][n]["orientation"]
                 deltas[n] = _as_out_in(w1.float() - originals[n].float().cpu(), orient).contiguous()
-        return _result(self.method, model, originals, deltas, hparams=_rebuild_hparams(self.manifest),
-                       layers=tuple(self.manifest["layers"]), requests=list(self.requests),
-                       timings={"total": time.perf_counter() - t0})
+        return make_result(self.method, model, originals, deltas, hparams=_rebuild_hparams(self.manifest),
+                           layers=tuple(self.manifest["layers"]), requests=list(self.requests),
+                           timings={"total": time.perf_counter() - t0})
 
 
 def load_edit(path: str | Path) -> SavedEdit:

@@ -124,3 +124,42 @@ def build_value_batch(tok, requests: list[dict], templates: list[str], kl_prompt
 
     return ValueBatch(input_ids, mask, t(row_req), t(lookup), t(init_rows), t(kl_rows), t(t_rows), t(t_pos),
                       t(t_tok), t(t_prompt), t(t_req), t(t_len).float(), P)
+
+
+@dataclass
+class SplitValueBatch:
+    """A :class:`ValueBatch` cut at each row's subject's last token (the position δ is added at).
+
+    Under causal attention the positions *before* that token never see δ, so their keys and values are the
+    same at every step of Eq. 10: ``prefix_ids`` (left-padded to the longest prefix, ``[N, c]``) is run once,
+    and every step runs only ``suffix`` (right-padded, ``[N, s]``), whose column 0 is the subject's last
+    token (``suffix.lookup`` is 0) and whose target positions are renumbered accordingly. A KL row keeps
+    only that one token (its distribution is read there)."""
+
+    prefix_ids: torch.Tensor
+    prefix_mask: torch.Tensor
+    suffix: ValueBatch
+
+
+def split_at_subject(bt: ValueBatch, pad_id: int) -> SplitValueBatch:
+    """:class:`SplitValueBatch` of ``bt`` (see there)."""
+    device = bt.input_ids.device
+    lens = bt.attention_mask.sum(1).tolist()
+    look = bt.lookup.tolist()
+    is_kl = set(bt.kl_rows.tolist())
+    prefixes, suffixes = [], []
+    for i, ids in enumerate(bt.input_ids.tolist()):
+        prefixes.append(ids[:look[i]])
+        suffixes.append(ids[look[i]:look[i] + 1] if i in is_kl else ids[look[i]:lens[i]])
+    c = max(len(p) for p in prefixes)
+    prefix_ids = torch.full((len(prefixes), c), pad_id, dtype=torch.long)
+    prefix_mask = torch.zeros((len(prefixes), c), dtype=torch.long)
+    for i, p in enumerate(prefixes):
+        if p:
+            prefix_ids[i, c - len(p):] = torch.tensor(p)
+            prefix_mask[i, c - len(p):] = 1
+    s_ids, s_mask = pad_right(suffixes, pad_id, device)
+    suffix = ValueBatch(s_ids, s_mask, bt.row_req, torch.zeros_like(bt.lookup), bt.init_rows, bt.kl_rows,
+                        bt.t_rows, bt.t_pos - bt.lookup[bt.t_rows], bt.t_tok, bt.t_prompt, bt.t_req, bt.t_len,
+                        bt.n_prompts)
+    return SplitValueBatch(prefix_ids.to(device), prefix_mask.to(device), suffix)

@@ -19,7 +19,7 @@ CACHE_VERSION = 1
 VALUE_FIELDS = ("value_site", "optimize_attn_delta", "stop_rule", "v_lr", "v_num_grad_steps",
                 "clamp_norm_factor", "v_weight_decay", "kl_factor", "nll_loss_factor", "phi_after_fit",
                 "kl_stop", "loss_stop", "kl_prompt")
-LATER_VALUE_FIELDS = ("v_autocast",)  # enter the key only when set (keys of older caches stay valid)
+LATER_VALUE_FIELDS = ("v_autocast", "v_fast")  # enter the key only when set (keys of older caches stay valid)
 
 
 def weights_checksum(model: nn.Module) -> str:

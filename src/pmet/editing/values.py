@@ -69,8 +69,16 @@ from ..models import model_fingerprint
 from ..paths import cache_dir as default_cache_dir
 from ..tensor_cache import load_entry, save_entry
 from .hparams import EditHparams
-from .partial_forward import attention_implementation, block_input, forward_from_layer
-from .tokens import build_value_batch
+from .partial_forward import (
+    attention_implementation,
+    block_input,
+    forward_from_layer,
+    forward_from_prefix,
+    low_precision_blocks,
+    prefix_state,
+    swapped_blocks,
+)
+from .tokens import build_value_batch, pad_id_of, split_at_subject
 from .value_cache import resume_batches, value_cache_key, weights_checksum
 
 
@@ -132,16 +140,70 @@ def value_loss(target_logp: torch.Tensor, target_tokens: torch.Tensor, target_pr
     return ValueLoss(total=phi * nll + kl + wd, nll=nll, kl=kl, weight_decay=wd, prob=prob, fit=fit)
 
 
+@dataclass
+class _Live:
+    """The rows of a :class:`~pmet.editing.tokens.ValueBatch` that belong to the requests ``req`` (still
+    optimised), with every index renumbered for the sub-batch and the padding trimmed to its longest row."""
+
+    req: torch.Tensor  # [B'] request ids (into the full batch)
+    mask: torch.Tensor  # [N', T']
+    rows: torch.Tensor  # [N'] rows of the full batch
+    row_req: torch.Tensor  # [N'] request id (full batch) of each row
+    lookup: torch.Tensor
+    kl_rows: torch.Tensor  # [B'] (sub-batch rows)
+    t_rows: torch.Tensor
+    t_pos: torch.Tensor
+    t_tok: torch.Tensor
+    t_prompt: torch.Tensor  # index b'·P + j in the sub-batch
+    t_req: torch.Tensor  # b' in the sub-batch
+    t_len: torch.Tensor  # [B'·P]
+
+
+def _live_rows(bt, req: torch.Tensor) -> _Live:
+    B = bt.kl_rows.numel()
+    P = bt.n_prompts
+    device = bt.row_req.device
+    rows = torch.isin(bt.row_req, req).nonzero()[:, 0]
+    row_pos = torch.full((bt.row_req.numel(),), -1, dtype=torch.long, device=device)
+    row_pos[rows] = torch.arange(rows.numel(), device=device)
+    req_pos = torch.full((B,), -1, dtype=torch.long, device=device)
+    req_pos[req] = torch.arange(req.numel(), device=device)
+    keep = torch.isin(bt.t_req, req)
+    mask = bt.attention_mask[rows]
+    width = int(mask.sum(1).max())
+    t_req = req_pos[bt.t_req[keep]]
+    return _Live(req=req, mask=mask[:, :width], rows=rows, row_req=bt.row_req[rows], lookup=bt.lookup[rows],
+                 kl_rows=row_pos[bt.kl_rows[req]], t_rows=row_pos[bt.t_rows[keep]], t_pos=bt.t_pos[keep],
+                 t_tok=bt.t_tok[keep], t_prompt=t_req * P + bt.t_prompt[keep] % P, t_req=t_req,
+                 t_len=bt.t_len.view(B, P)[req].reshape(-1))
+
+
 def optimize_batch(model: nn.Module, tok, requests: list[dict], hp: EditHparams, templates: list[str],
-                   layer: int) -> tuple[dict[str, torch.Tensor], list[dict]]:
+                   layer: int, blocks: list[nn.Module] | None = None) -> tuple[dict[str, torch.Tensor], list[dict]]:
     """Optimise the δ's of ``requests`` together; returns ``{site name: [B, d] values}`` (``"mlp"`` and
-    ``"attn"`` for PMET, ``"block"`` for MEMIT) and per-request diagnostics."""
+    ``"attn"`` for PMET, ``"block"`` for MEMIT) and per-request diagnostics. ``blocks``: stand-ins for
+    blocks ``layer..end`` during the optimisation steps (:func:`~pmet.editing.partial_forward.low_precision_blocks`).
+
+    ``hp.v_fast``: a request that has stopped leaves the batch (its rows are no longer computed, the padding
+    is trimmed to the longest remaining row) instead of riding along until the slowest request stops. Each
+    request follows the same trajectory in exact arithmetic (rows never interact: causal attention, right
+    padding, per-request loss and element-wise Adam); only the rounding of matrix products of other shapes
+    differs, which is why it is an option recorded in the cache key."""
     device = next(model.parameters()).device
     L = layer
     bt = build_value_batch(tok, requests, templates, hp.kl_prompt, device)
     B = len(requests)
     sites = value_sites(hp, L)
-    h_prev, rec = block_input(model, bt.input_ids, bt.attention_mask, L, record=sites.values())
+    prefix = None
+    if hp.v_fast:  # the positions before the subject's last token are run once (keys/values kept)
+        split = split_at_subject(bt, pad_id_of(tok))
+        state = prefix_state(model, split.prefix_ids, split.prefix_mask, split.suffix.input_ids,
+                             split.suffix.attention_mask, L, record=sites.values())
+        if state is not None:
+            bt = split.suffix
+            h_prev, rec, prefix = state
+    if prefix is None:
+        h_prev, rec = block_input(model, bt.input_ids, bt.attention_mask, L, record=sites.values())
     init = {name: _at(rec[site], bt.init_rows, bt.lookup[bt.init_rows]).to(device) for name, site in sites.items()}
     opt_names = ["block"] if hp.value_site == "block" else (["mlp", "attn"] if hp.optimize_attn_delta else ["mlp"])
     deltas = {n: torch.zeros_like(init[n], requires_grad=True) for n in opt_names}
@@ -154,39 +216,68 @@ def optimize_batch(model: nn.Module, tok, requests: list[dict], hp: EditHparams,
         return lambda x: x.index_put((all_rows.to(x.device), bt.lookup.to(x.device)),
                                      vec.to(device=x.device, dtype=x.dtype), accumulate=True)
 
+    def live_adder(name, lv):
+        vec, rows = deltas[name][lv.row_req], torch.arange(lv.rows.numel(), device=device)
+        return lambda x: x.index_put((rows, lv.lookup), vec.to(x.dtype), accumulate=True)
+
     phi = torch.full((B,), float(hp.nll_loss_factor), device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     kl_init = None
     info = [dict(steps=0) for _ in range(B)]
     amp = (torch.autocast(device.type, dtype=getattr(torch, hp.v_autocast)) if hp.v_autocast
            else contextlib.nullcontext())
+    lv = None
     for it in range(hp.v_num_grad_steps):
-        with amp, Trace(model, add={sites[n]: adder(n) for n in opt_names}):
-            hidden = forward_from_layer(model, h_prev, L, bt.attention_mask)
-        hidden = hidden.float().to(device)  # the loss (unembedding at the targets, softmax, KL) in float32
-        logp = torch.log_softmax(unembed(hidden[bt.t_rows, bt.t_pos]).float(), -1).to(device)
-        kl_lp = torch.log_softmax(unembed(hidden[bt.kl_rows, bt.lookup[bt.kl_rows]]).float(), -1).to(device)
-        if kl_init is None:
-            kl_init = kl_lp.detach()  # the reference distribution: δ = 0 at the first step
-        terms = value_loss(logp, bt.t_tok, bt.t_prompt, bt.t_req, bt.t_len, kl_lp, kl_init,
-                           [deltas[n] for n in opt_names], [init[n] for n in opt_names], phi, hp.kl_factor,
-                           hp.v_weight_decay)
+        if not hp.v_fast:  # the reference: every request's rows, every step
+            with amp, swapped_blocks(model, L, blocks), Trace(model, add={sites[n]: adder(n) for n in opt_names}):
+                hidden = forward_from_layer(model, h_prev, L, bt.attention_mask)
+            hidden = hidden.float().to(device)  # the loss (unembedding at the targets, softmax, KL) in float32
+            logp = torch.log_softmax(unembed(hidden[bt.t_rows, bt.t_pos]).float(), -1).to(device)
+            kl_lp = torch.log_softmax(unembed(hidden[bt.kl_rows, bt.lookup[bt.kl_rows]]).float(), -1).to(device)
+            if kl_init is None:
+                kl_init = kl_lp.detach()  # the reference distribution: δ = 0 at the first step
+            terms = value_loss(logp, bt.t_tok, bt.t_prompt, bt.t_req, bt.t_len, kl_lp, kl_init,
+                               [deltas[n] for n in opt_names], [init[n] for n in opt_names], phi, hp.kl_factor,
+                               hp.v_weight_decay)
+            req, active, phi_now = torch.arange(B, device=device), ~done, phi
+        else:  # only the requests still optimised
+            if lv is None or lv.req.numel() != int((~done).sum()):
+                lv = _live_rows(bt, (~done).nonzero()[:, 0])
+                if prefix is not None:
+                    lv_prefix = prefix.rows(lv.rows, getattr(torch, hp.v_autocast) if hp.v_autocast else None)
+            with amp, swapped_blocks(model, L, blocks), \
+                    Trace(model, add={sites[n]: live_adder(n, lv) for n in opt_names}):
+                h_live = h_prev[lv.rows, :lv.mask.shape[1]]
+                hidden = (forward_from_prefix(model, h_live, L, lv.mask, lv_prefix) if prefix is not None
+                          else forward_from_layer(model, h_live, L, lv.mask))
+            hidden = hidden.float()
+            logp = torch.log_softmax(unembed(hidden[lv.t_rows, lv.t_pos]).float(), -1)
+            kl_lp = torch.log_softmax(unembed(hidden[lv.kl_rows, lv.lookup[lv.kl_rows]]).float(), -1)
+            if kl_init is None:
+                kl_init = kl_lp.detach()  # first step: every request is live, in order
+            req, phi_now = lv.req, phi[lv.req]
+            terms = value_loss(logp, lv.t_tok, lv.t_prompt, lv.t_req, lv.t_len, kl_lp, kl_init[req],
+                               [deltas[n][req] for n in opt_names], [init[n][req] for n in opt_names], phi_now,
+                               hp.kl_factor, hp.v_weight_decay)
+            active = torch.ones(req.numel(), dtype=torch.bool, device=device)
         loss, nll, kl, prob, fit = terms.total, terms.nll, terms.kl, terms.prob, terms.fit
 
-        active = ~done
-        for b in active.nonzero()[:, 0].tolist():
-            info[b].update(steps=it, loss=float(loss[b].detach()), nll=float(nll[b].detach()), prob=float(prob[b]),
-                           kl=float(kl[b].detach()), target_is_top=bool(fit[b]))
+        for k in active.nonzero()[:, 0].tolist():
+            b = int(req[k])
+            info[b].update(steps=it, loss=float(loss[k].detach()), nll=float(nll[k].detach()), prob=float(prob[k]),
+                           kl=float(kl[k].detach()), target_is_top=bool(fit[k]))
         newly = active & (loss.detach() < hp.loss_stop)
         if hp.stop_rule == "pmet":
-            phi = torch.where(fit & active, hp.phi_after_fit * hp.nll_loss_factor, phi)
-            phi = torch.where(~fit & active, torch.full_like(phi, hp.nll_loss_factor), phi)
+            phi_now = torch.where(fit & active, hp.phi_after_fit * hp.nll_loss_factor, phi_now)
+            phi_now = torch.where(~fit & active, torch.full_like(phi_now, hp.nll_loss_factor), phi_now)
             newly |= active & fit & (kl.detach() <= hp.kl_stop)
-        done = done | newly
+            phi = phi.index_put((req,), phi_now)  # out of place: this step's loss holds phi for backward
+        finished = done[req] | newly  # of the requests in this step's batch
+        done[req] = finished
         if it == hp.v_num_grad_steps - 1 or bool(done.all()):
             break
         opt.zero_grad()
-        loss[~done].sum().backward()
+        loss[~finished].sum().backward()
         before = {n: d.detach().clone() for n, d in deltas.items()}
         opt.step()
         with torch.no_grad():
@@ -235,9 +326,11 @@ def compute_values(model: nn.Module, tok, requests: list[dict], hp: EditHparams,
     rest = [i for i in todo if i not in rebuilt]
     batches += [rest[s:s + hp.v_batch_size] for s in range(0, len(rest), hp.v_batch_size)]
     attn = attention_implementation(model, "eager") if hp.v_autocast else contextlib.nullcontext()
+    # under autocast the matrices of blocks L..end are cast once here rather than at every use (same numbers)
+    blocks = low_precision_blocks(model, layer, getattr(torch, hp.v_autocast)) if hp.v_autocast and todo else None
     with attn:
         for batch in tqdm(batches, desc=f"values ({hp.method}, layer {layer})", disable=not progress or not batches):
-            vals, info = optimize_batch(model, tok, [requests[i] for i in batch], hp, templates, layer)
+            vals, info = optimize_batch(model, tok, [requests[i] for i in batch], hp, templates, layer, blocks)
             for j, i in enumerate(batch):
                 if results[i] is not None:  # a cached batch-mate, recomputed only to rebuild the batch
                     continue

@@ -21,8 +21,8 @@ names without their accented letters; the edit requests themselves come from the
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
+from pathlib import Path
 
 from torch import nn
 
@@ -33,12 +33,11 @@ __all__ = ["PORTABILITY_FILE", "load_portability", "score_portability", "summari
 PORTABILITY_FILE = "counterfact/raw/counterfact_portability_gpt4.json"
 
 
-@functools.lru_cache(maxsize=4)
-def _load(data_dir: str | None) -> dict[int, tuple[tuple[str, str], ...]]:
-    from ..data import _read_json, ensure_file
+def _load(path: Path) -> dict[int, tuple[tuple[str, str], ...]]:
+    from ..data import _read_json  # parsed once per file version (path, mtime, size)
 
     out: dict[int, tuple[tuple[str, str], ...]] = {}
-    for r in _read_json(ensure_file(PORTABILITY_FILE, data_dir)):
+    for r in _read_json(path):
         items = r.get("portability") or []
         items = [items] if isinstance(items, dict) else items
         pairs = tuple((str(p["New Question"]).strip(), str(p["New Answer"]).strip()) for p in items
@@ -50,7 +49,9 @@ def _load(data_dir: str | None) -> dict[int, tuple[tuple[str, str], ...]]:
 
 def load_portability(data_dir=None) -> dict[int, tuple[tuple[str, str], ...]]:
     """``{case_id: ((New Question, New Answer), ...)}`` of EasyEdit's one-hop CounterFact portability set."""
-    return _load(str(data_dir) if data_dir is not None else None)
+    from ..data import ensure_file
+
+    return _load(ensure_file(PORTABILITY_FILE, data_dir))  # the file $PMET_DATA_DIR points at now, never stale
 
 
 def score_portability(model: nn.Module, tok, records: Sequence, questions: dict | None = None,

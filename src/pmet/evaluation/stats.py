@@ -450,34 +450,27 @@ def paired_comparison(a, b, kind: str | None = None, strata=None, confidence: fl
     return {"test": test, **out, "diff_ci": ci, "pvalue": p}
 
 
-def holm(pvalues) -> np.ndarray:
-    """Holm step-down adjusted p-values (family-wise error): sort ascending, ``p_(i) * (m - i + 1)``, running
-    maximum, capped at 1. NaN p-values are left out of the family and stay NaN."""
+def _adjust(pvalues, step) -> np.ndarray:
+    """Apply ``step(sorted p-values, m)`` to the non-NaN p-values in ascending order; NaN entries stay NaN
+    (they are left out of the family), results are capped at 1."""
     p = np.asarray(pvalues, dtype=np.float64)
     out = np.full(p.shape, math.nan)
     ok = np.flatnonzero(~np.isnan(p))
-    m = ok.size
-    if m == 0:
-        return out
-    order = ok[np.argsort(p[ok], kind="stable")]
-    adj = np.maximum.accumulate(p[order] * (m - np.arange(m)))
-    out[order] = np.minimum(adj, 1.0)
+    if ok.size:
+        order = ok[np.argsort(p[ok], kind="stable")]
+        out[order] = np.minimum(step(p[order], ok.size), 1.0)
     return out
+
+
+def holm(pvalues) -> np.ndarray:
+    """Holm step-down adjusted p-values (family-wise error): sort ascending, ``p_(i) * (m - i + 1)``, running
+    maximum, capped at 1. NaN p-values are left out of the family and stay NaN."""
+    return _adjust(pvalues, lambda p, m: np.maximum.accumulate(p * (m - np.arange(m))))
 
 
 def bh(pvalues) -> np.ndarray:
     """Benjamini-Hochberg adjusted p-values (false discovery rate); NaN entries stay NaN."""
-    p = np.asarray(pvalues, dtype=np.float64)
-    out = np.full(p.shape, math.nan)
-    ok = np.flatnonzero(~np.isnan(p))
-    m = ok.size
-    if m == 0:
-        return out
-    order = ok[np.argsort(p[ok], kind="stable")]
-    adj = p[order] * m / np.arange(1, m + 1)
-    adj = np.minimum.accumulate(adj[::-1])[::-1]
-    out[order] = np.minimum(adj, 1.0)
-    return out
+    return _adjust(pvalues, lambda p, m: np.minimum.accumulate((p * m / np.arange(1, m + 1))[::-1])[::-1])
 
 
 def format_ci(summary: dict, m: str, digits: int = 1) -> str:
