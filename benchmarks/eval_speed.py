@@ -32,7 +32,8 @@ def main(argv=None) -> int:
     ap.add_argument("--n-gen", type=int, default=None, help="CounterFact records with generation (0: skip)")
     ap.add_argument("--n-zsre", type=int, default=None, help="zsRE eval records")
     ap.add_argument("--batch-size", type=int, default=64, help="records per scoring batch")
-    ap.add_argument("--gen-batch-size", type=int, default=64, help="prompts per generation batch")
+    ap.add_argument("--gen-batch-size", type=int, default=None,
+                    help="prompts per generation decode step (default: evaluate_counterfact's, 128)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--ci", default="normal", choices=["normal", "bootstrap"])
     ap.add_argument("--out", default=None, help="folder for per-record JSON Lines and summary.json")

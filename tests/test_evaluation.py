@@ -364,3 +364,144 @@ def test_consistency_exact_rome_files(tmp_path):
 
     a, b = vec(" ".join(gen)), vec("English is spoken in England. English mat")
     assert got["consistency"] == pytest.approx(float(a @ b))
+
+
+# ------------------------------------------------------------------------- speed paths (issue 20)
+def test_bucketed_batches_cover_rows_and_pad_less():
+    from pmet.evaluation.scoring import _batches
+
+    lengths = [5, 9, 9, 7, 12, 5, 5, 8, 30, 7, 6, 6, 11]
+    for min_tokens in (None, 1, 20):
+        batches = _batches(lengths, max_tokens=64, max_rows=4, min_tokens=min_tokens)
+        flat = sorted(i for b in batches for i in b)
+        assert flat == list(range(len(lengths)))
+        assert all(len(b) <= 4 and len(b) * max(lengths[i] for i in b) <= max(64, max(lengths)) for b in batches)
+
+    def padded(bs):
+        return sum(len(b) * max(lengths[i] for i in b) for b in bs)
+    assert padded(_batches(lengths, 64, 4, 1)) == sum(lengths)  # a new batch at every length change
+    assert padded(_batches(lengths, 64, 4, 1)) <= padded(_batches(lengths, 64, 4, 20)) <= padded(
+        _batches(lengths, 64, 4, None))
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_bucketed_scoring_equals_legacy_packing(tiny, fast):
+    model, tok = tiny
+    got = score_pairs(model, tok, PAIRS, fast=fast, max_batch_tokens=64, min_batch_tokens=1)
+    old = score_pairs(model, tok, PAIRS, fast=fast, max_batch_tokens=64, min_batch_tokens=None)
+    for g, o in zip(got, old):
+        np.testing.assert_allclose(g.token_nll, o.token_nll, rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(g.token_correct, o.token_correct)
+
+
+def _varied_records(n=6):
+    subjects = ["Danielle Darrieux", "Paris", "Toko Yasuda", "Apple A5", "Michael Jordan", "Rome"]
+    news = ["English", "the French language", "guitar", "Google", "basketball player", "Italy and Spain"]
+    recs = []
+    for i in range(n):
+        s = subjects[i % len(subjects)]
+        recs.append(CounterFactRecord(
+            case_id=i, subject=s, prompt="The mother tongue of {} is", target_new=news[i % len(news)],
+            target_true=news[(i + 1) % len(news)], relation_id="P103",
+            paraphrase_prompts=(f"{s} spoke the language", f"It rains. {s}, a native" + " really" * i),
+            neighborhood_prompts=tuple(f"The native language of {x} is" for x in subjects[: 2 + i % 4]),
+            attribute_prompts=(), generation_prompts=(f"{s} is", f"The language of {s} is"),
+            neighborhood_target=news[(i + 1) % len(news)], schema="original"))
+    return recs
+
+
+def test_counterfact_and_zsre_fast_equal_legacy(tiny_models):
+    model, tok = tiny_models["tiny-llama"]
+    recs = _varied_records()
+    fast = evaluate_counterfact(model, tok, recs, generation=False, progress=False, impl="fast")
+    old = evaluate_counterfact(model, tok, recs, generation=False, progress=False, impl="legacy")
+    for a, b in zip(fast, old):
+        for m in ("efficacy", "generalization", "specificity", "efficacy_acc", "specificity_diff"):
+            assert a[m] == pytest.approx(b[m], abs=1e-6)
+        for g in ("rewrite", "paraphrase", "neighborhood"):
+            for x, y in zip(a[g], b[g]):
+                assert x["target_new"] == pytest.approx(y["target_new"], abs=1e-5)
+                assert x["target_true"] == pytest.approx(y["target_true"], abs=1e-5)
+    zrecs = [ZsreRecord(case_id=i, src=f"What is the capital of {c}?", rephrase=f"Capital city of {c}?",
+                        true_answers=(a,), answer=a, loc=f"nq question: who wrote {c}", loc_ans="the author of it",
+                        subject=c, pred="") for i, (c, a) in enumerate([("France", "Paris"), ("Italy", "Rome city"),
+                                                              ("Spain", "Madrid is it")])]
+    zf = evaluate_zsre(model, tok, zrecs, progress=False, impl="fast")
+    zl = evaluate_zsre(model, tok, zrecs, progress=False, impl="legacy")
+    for a, b in zip(zf, zl):
+        assert a["rewrite_correct"] == b["rewrite_correct"] and a["neighborhood_correct"] == b["neighborhood_correct"]
+        assert a["rewrite_nll"] == pytest.approx(b["rewrite_nll"], abs=1e-5)
+    with pytest.raises(ValueError, match="impl"):
+        evaluate_zsre(model, tok, zrecs, progress=False, impl="nope")
+
+
+def test_static_generation_equals_legacy_shapes_and_seeds(tiny):
+    from pmet.evaluation.generation import _decode_legacy, _decode_static
+    from pmet.evaluation.scoring import body_and_head
+
+    model, tok = tiny
+    prompts = ["The capital of France is", "Apple makes the iPhone and", "Paris", "a b c d e f g h"]
+    keys = [(0, j) for j in range(4)]
+    static = generate_fast(model, tok, prompts, keys=keys, max_out_len=18, impl="static", batch_size=4)
+    legacy = generate_fast(model, tok, prompts, keys=keys, max_out_len=18, impl="legacy", batch_size=4)
+    one_by_one = [generate_fast(model, tok, [p], keys=[k], max_out_len=18, batch_size=1)[0]
+                  for p, k in zip(prompts, keys)]
+    assert static == legacy == one_by_one
+    assert static != generate_fast(model, tok, prompts, keys=keys, max_out_len=18, seed=1)
+    # the decoders themselves: one token per step per row, the same ids
+    ids = torch.tensor([[0, 0, 5, 6, 7], [1, 2, 3, 4, 5]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    u = torch.rand(2, 9, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a = _decode_static(model, body_and_head(model), ids, mask, u, 9, 5)
+        b = _decode_legacy(model, body_and_head(model), ids, mask, u, 9, 5)
+    assert a.shape == (2, 9) and torch.equal(a, b)
+    with pytest.raises(ValueError, match="impl"):
+        generate_fast(model, tok, prompts, impl="nope")
+
+
+def test_generation_bf16_option(tiny_models, tmp_path):
+    model, tok = tiny_models["tiny-llama"]
+    prompts = ["The capital of France is", "Paris"]
+    a = generate_fast(model, tok, prompts, max_out_len=14, dtype="bfloat16")
+    b = generate_fast(model, tok, prompts, max_out_len=14, dtype=torch.bfloat16)
+    assert a == b and len(a) == 2 and all(t.startswith(p) for t, p in zip(a, prompts))
+    assert next(model.parameters()).dtype == torch.float32  # the model itself is untouched
+
+    class DummyScorer:
+        metric_name = "consistency_proxy"
+
+        def score(self, record, texts):
+            return {"consistency_proxy": 0.5, "consistency_source": "corpus", "n_references": 1}
+
+    recs = _varied_records(2)
+    out = tmp_path / "cf.jsonl"
+    evaluate_counterfact(model, tok, recs, generation=True, progress=False, consistency=DummyScorer(),
+                         max_out_len=12, out_path=out, gen_dtype="bfloat16")
+    assert load_results(out)[0]["gen_dtype"] == "bfloat16"
+    with pytest.raises(ValueError):  # a float32 run cannot resume a bf16 file
+        evaluate_counterfact(model, tok, recs, generation=True, progress=False, consistency=DummyScorer(),
+                             max_out_len=12, out_path=out, gen_dtype="float32")
+
+
+def test_batched_generation_eval_resumes_from_partial_file(tiny_models, tmp_path):
+    model, tok = tiny_models["tiny-gpt2"]
+
+    class DummyScorer:
+        metric_name = "consistency_proxy"
+
+        def score(self, record, texts):
+            return {"consistency_proxy": 0.5, "consistency_source": "corpus", "n_references": 1}
+
+    recs = _varied_records(5)
+    kw = dict(generation=True, progress=False, consistency=DummyScorer(), max_out_len=12, batch_size=2)
+    full = evaluate_counterfact(model, tok, recs, **kw)
+    out = tmp_path / "cf.jsonl"
+    evaluate_counterfact(model, tok, recs[:3], out_path=out, **kw)
+    with open(out, "a") as f:
+        f.write('{"case_id": 3, "generated": ["tru')  # interrupted write
+    resumed = evaluate_counterfact(model, tok, recs, out_path=out, **kw)
+    assert [r["case_id"] for r in resumed] == [0, 1, 2, 3, 4]
+    for a, b in zip(full, resumed):
+        assert a["generated"] == b["generated"] and a["efficacy"] == b["efficacy"]
+    assert len(load_results(out)[1]) == 5

@@ -34,10 +34,17 @@ from torch import nn
 
 from .generation import ConsistencyScorer, generate_fast, n_gram_entropy, word_tokenizer_name
 from .results import ResultsFile, evaluate_resumable
-from .scoring import DEFAULT_MAX_BATCH_TOKENS, _pad_id, prompt_ids, score_id_pairs, target_ids
+from .scoring import (
+    DEFAULT_MAX_BATCH_TOKENS,
+    DEFAULT_MIN_BATCH_TOKENS,
+    _pad_id,
+    prompt_ids,
+    score_id_pairs,
+    target_ids,
+)
 from .stats import ci_by_rule, format_ci, harmonic_mean, score_ci
 
-__all__ = ["evaluate_counterfact", "summarize_counterfact", "counterfact_table", "CF_METRICS"]
+__all__ = ["evaluate_counterfact", "summarize_counterfact", "counterfact_table", "CF_METRICS", "EVAL_IMPLS"]
 
 METRIC_VERSION = 1
 CF_METRICS = [
@@ -46,6 +53,7 @@ CF_METRICS = [
     "efficacy_acc", "generalization_acc", "specificity_acc",
     "fluency", "consistency", "consistency_proxy",
 ]
+EVAL_IMPLS = ("fast", "legacy")  # "legacy": the batching and generation before issue 20 (A/B benchmarks)
 _GROUPS = (("rewrite", "efficacy", 0), ("paraphrase", "generalization", 0), ("neighborhood", "specificity", 1))
 
 
@@ -82,7 +90,8 @@ def _record_metrics(rec, scores: dict[str, list[tuple]]) -> dict:
     return row
 
 
-def _score_records(model, tok, records, fast, max_batch_tokens) -> list[dict]:
+def _score_records(model, tok, records, fast, max_batch_tokens,
+                   min_batch_tokens: int | None = DEFAULT_MIN_BATCH_TOKENS) -> list[dict]:
     """Teacher-forced scores of both targets for every prompt of every record, in one batched call."""
     pairs, where = [], []
     for r_i, rec in enumerate(records):
@@ -95,7 +104,8 @@ def _score_records(model, tok, records, fast, max_batch_tokens) -> list[dict]:
                 pairs.append((p_ids, new_ids))
                 pairs.append((p_ids, true_ids))
                 where.append((r_i, group))
-    scores = score_id_pairs(model, pairs, pad_id=_pad_id(tok), fast=fast, max_batch_tokens=max_batch_tokens)
+    scores = score_id_pairs(model, pairs, pad_id=_pad_id(tok), fast=fast, max_batch_tokens=max_batch_tokens,
+                            min_batch_tokens=min_batch_tokens)
     per: list[dict[str, list]] = [{g: [] for g, _, _ in _GROUPS} for _ in records]
     for k, (r_i, group) in enumerate(where):
         per[r_i][group].append((scores[2 * k], scores[2 * k + 1]))
@@ -114,12 +124,14 @@ def evaluate_counterfact(
     seed: int = 0,
     max_out_len: int = 100,
     top_k: int = 5,
-    gen_batch_size: int = 64,
+    gen_batch_size: int | None = None,
     consistency: ConsistencyScorer | None = None,
     keep_texts: bool = True,
     fast: bool | None = None,
     max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
     meta: dict | None = None,
+    impl: str = "fast",
+    gen_dtype: str | None = None,
 ) -> list[dict]:
     """Evaluate ``model`` on CounterFact records; one result dict per record, in ``records`` order.
 
@@ -128,11 +140,26 @@ def evaluate_counterfact(
     skipped (resume). ``meta`` (e.g. ``{"model": ..., "editor": ...}``) is stored in and checked against
     the file. Generation metrics are computed for full-field records only; ``consistency`` is built
     once (:class:`ConsistencyScorer`) when not given.
+
+    Speed (issue 20): the ``batch_size`` records' prompts are scored in length-bucketed batches and
+    their generation prompts decoded ``gen_batch_size`` (default 128) at a time into a static KV cache.
+    ``impl="legacy"`` runs the code before issue 20 (budget-filled padded batches; generation 64 prompts
+    at a time with a growing cache), kept for A/B benchmarks; teacher-forced values agree up to float
+    rounding and generation draws the same seeded uniforms. ``gen_dtype="bfloat16"`` samples from a bf16
+    copy of the model (faster on CPUs with bf16 units, different logits; stored in the file's meta).
     """
+    if impl not in EVAL_IMPLS:
+        raise ValueError(f"impl must be one of {EVAL_IMPLS}, got {impl!r}")
+    legacy = impl == "legacy"
+    if gen_batch_size is None:
+        gen_batch_size = 64 if legacy else 128
+    min_tokens = None if legacy else DEFAULT_MIN_BATCH_TOKENS
     file_meta = {"dataset": "counterfact", "generation": bool(generation), "metric_version": METRIC_VERSION,
                  **(meta or {})}
     if generation:
         file_meta.update(seed=seed, max_out_len=max_out_len, top_k=top_k)
+        if gen_dtype is not None:
+            file_meta["gen_dtype"] = str(gen_dtype)
     store = ResultsFile(out_path, file_meta) if out_path is not None else None
     done = store.done_ids() if store is not None else set()
     if generation and consistency is None and any(
@@ -140,13 +167,14 @@ def evaluate_counterfact(
         consistency = ConsistencyScorer()
 
     def score_batch(chunk):
-        rows = _score_records(model, tok, chunk, fast, max_batch_tokens)
+        rows = _score_records(model, tok, chunk, fast, max_batch_tokens, min_tokens)
         if generation:
             gen_recs = [(i, r) for i, r in enumerate(chunk) if r.full_fields and r.generation_prompts]
             prompts = [p for _, r in gen_recs for p in r.generation_prompts]
             keys = [(r.case_id, j) for _, r in gen_recs for j in range(len(r.generation_prompts))]
             texts = generate_fast(model, tok, prompts, keys=keys, max_out_len=max_out_len, top_k=top_k,
-                                  seed=seed, batch_size=gen_batch_size, fast=fast) if prompts else []
+                                  seed=seed, batch_size=gen_batch_size, fast=fast,
+                                  impl="legacy" if legacy else "static", dtype=gen_dtype) if prompts else []
             k = 0
             for i, r in gen_recs:
                 t = texts[k:k + len(r.generation_prompts)]

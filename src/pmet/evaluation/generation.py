@@ -6,7 +6,8 @@ Follows ROME/MEMIT (``experiments/py/eval_utils_counterfact.py: test_generation`
 * **Generation**: top-k sampling with ``top_k=5``, temperature 1, ``max_out_len=100`` *total* tokens
   (prompt included), no stop at EOS, one sample per generation prompt. The text is the decoded prompt +
   continuation, NFKD-normalised, ``"\\n\\n"`` replaced by ``" "`` and special tokens dropped (ROME drops
-  ``<|endoftext|>``). Ours is batched with left padding and explicit position ids; the random draws are
+  ``<|endoftext|>``). Ours is batched (128 prompts, from many records, per decode step) with left padding,
+  explicit position ids and a preallocated KV cache (:func:`_decode_static`); the random draws are
   seeded per prompt (``seed`` and a caller-given key such as ``(case_id, j)``) from a private
   ``torch.Generator``, so results are deterministic, do not touch the global RNG and do not depend on
   which other prompts share the batch (up to float rounding of padded batches).
@@ -48,7 +49,7 @@ from .scoring import _pad_id, body_and_head, fast_path_ok, prompt_ids
 
 __all__ = [
     "generate_fast", "word_tokenize", "word_tokenizer_name", "compute_n_gram_entropy", "n_gram_entropy",
-    "tfidf_similarity", "ConsistencyScorer",
+    "tfidf_similarity", "ConsistencyScorer", "GENERATION_IMPLS",
 ]
 
 
@@ -70,6 +71,9 @@ def _clean(text: str) -> str:
     return unicodedata.normalize("NFKD", text).replace("\n\n", " ").replace("<|endoftext|>", "")
 
 
+GENERATION_IMPLS = ("static", "legacy")
+
+
 @torch.no_grad()
 def generate_fast(
     model: nn.Module,
@@ -80,17 +84,32 @@ def generate_fast(
     max_out_len: int = 100,
     top_k: int = 5,
     seed: int = 0,
-    batch_size: int = 64,
+    batch_size: int = 128,
     fast: bool | None = None,
+    impl: str = "static",
+    dtype: torch.dtype | str | None = None,
 ) -> list[str]:
     """Top-k sampled continuations of ``prompts`` up to ``max_out_len`` tokens in total (ROME's generate_fast).
 
     ``keys[i]`` (default: the prompt index) seeds prompt ``i``'s random draws together with ``seed``.
     Returns the decoded prompt + continuation of each prompt, cleaned like ROME's.
+
+    ``impl="static"`` (default) decodes ``batch_size`` prompts at a time into a preallocated KV cache
+    (:func:`_decode_static`); ``impl="legacy"`` is the implementation before issue 20 (a growing
+    ``DynamicCache``, full-vocabulary softmax), kept for A/B benchmarks. Both draw the same per-prompt
+    uniforms, so in float32 they give the same texts up to float rounding. ``dtype`` (e.g.
+    ``torch.bfloat16``) samples from a copy of the model cast to that dtype: faster on CPUs with bf16
+    matrix units, but it changes the logits (an explicit option; evaluation records it in its meta).
     """
+    if impl not in GENERATION_IMPLS:
+        raise ValueError(f"impl must be one of {GENERATION_IMPLS}, got {impl!r}")
     keys = list(range(len(prompts))) if keys is None else list(keys)
     if len(keys) != len(prompts):
         raise ValueError("keys must have one entry per prompt")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if dtype is not None:
+        model = _cast_copy(model, dtype)
     use_fast = fast_path_ok(model) if fast is None else bool(fast)
     parts = body_and_head(model) if use_fast else None
     dev = next(model.parameters()).device
@@ -98,6 +117,7 @@ def generate_fast(
     encoded = [prompt_ids(tok, p) for p in prompts]
     out_ids: list[list[int] | None] = [None] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))  # similar lengths together
+    decode = _decode_static if impl == "static" else _decode_legacy
     for b0 in range(0, len(order), batch_size):
         batch = order[b0:b0 + batch_size]
         lens = [len(encoded[i]) for i in batch]
@@ -116,37 +136,140 @@ def generate_fast(
         uniforms = torch.stack([
             torch.rand(steps, generator=torch.Generator().manual_seed(_seed_for(seed, keys[i]))) for i in batch
         ]).to(dev)
-        ids, mask = ids.to(dev), mask.to(dev)
-        pos = (mask.cumsum(-1) - 1).clamp_min(0)
-        cache = None
-        fwd = parts[0] if parts is not None else model
-        cache_kw = _cache_kwarg(fwd)
-        cur_ids, cur_pos = ids, pos
-        generated = []
-        for s in range(steps):
-            kwargs = {"input_ids": cur_ids, "attention_mask": mask, "position_ids": cur_pos, "use_cache": True}
-            if cache is not None:
-                kwargs[cache_kw] = cache
-            if parts is not None:
-                out = parts[0](**kwargs)
-                logits = parts[1](out.last_hidden_state[:, -1])
-            else:
-                out = model(**kwargs)
-                logits = out.logits[:, -1]
-            cache = out.get("cache", None) if "cache" in out else out.get("past_key_values", None)
-            probs = torch.softmax(logits.float(), dim=-1)
-            top_p, top_i = torch.topk(probs, top_k, dim=-1)
-            cdf = (top_p / top_p.sum(-1, keepdim=True)).cumsum(-1)
-            choice = (cdf < uniforms[:, s:s + 1]).sum(-1).clamp_max(top_k - 1)
-            new = top_i.gather(1, choice[:, None])
-            generated.append(new)
-            cur_ids = new
-            cur_pos = cur_pos[:, -1:] + 1
-            mask = torch.cat([mask, mask.new_ones(len(batch), 1)], dim=1)
-        gen = torch.cat(generated, dim=1).cpu().tolist()
+        gen = decode(model, parts, ids.to(dev), mask.to(dev), uniforms, steps, top_k).cpu().tolist()
         for r, i in enumerate(batch):
             out_ids[i] = list(encoded[i]) + gen[r][: n_new[r]]
     return [_clean(tok.decode(x, skip_special_tokens=True)) for x in out_ids]  # type: ignore[arg-type]
+
+
+def _cast_copy(model: nn.Module, dtype) -> nn.Module:
+    """A copy of ``model`` with floating parameters in ``dtype`` (the original is untouched)."""
+    import copy
+
+    dt = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch dtype, got {dtype!r}")
+    if next(model.parameters()).dtype == dt:
+        return model
+    return copy.deepcopy(model).to(dt)
+
+
+def _step_logits(model, parts, kwargs) -> tuple[torch.Tensor, object]:
+    """Last-position logits (float32) and the returned cache of one forward."""
+    if parts is not None:
+        out = parts[0](**kwargs)
+        logits = parts[1](out.last_hidden_state[:, -1])
+    else:
+        out = model(**kwargs)
+        logits = out.logits[:, -1]
+    cache = out.get("cache", None) if "cache" in out else out.get("past_key_values", None)
+    return logits.float(), cache
+
+
+def _decode_legacy(model, parts, ids, mask, uniforms, steps, top_k) -> torch.Tensor:
+    """Decoding before issue 20: a DynamicCache grown by concatenation, softmax over the vocabulary."""
+    fwd = parts[0] if parts is not None else model
+    cache_kw = _cache_kwarg(fwd)
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    cache = None
+    cur_ids, cur_pos = ids, pos
+    generated = []
+    for s in range(steps):
+        kwargs = {"input_ids": cur_ids, "attention_mask": mask, "position_ids": cur_pos, "use_cache": True}
+        if cache is not None:
+            kwargs[cache_kw] = cache
+        logits, cache = _step_logits(model, parts, kwargs)
+        probs = torch.softmax(logits, dim=-1)
+        top_p, top_i = torch.topk(probs, top_k, dim=-1)
+        cdf = (top_p / top_p.sum(-1, keepdim=True)).cumsum(-1)
+        choice = (cdf < uniforms[:, s:s + 1]).sum(-1).clamp_max(top_k - 1)
+        new = top_i.gather(1, choice[:, None])
+        generated.append(new)
+        cur_ids = new
+        cur_pos = cur_pos[:, -1:] + 1
+        mask = torch.cat([mask, mask.new_ones(len(ids), 1)], dim=1)
+    return torch.cat(generated, dim=1)
+
+
+def _static_cache(model: nn.Module, max_len: int):
+    """A preallocated KV cache of ``max_len`` slots for ``model`` (None when transformers lacks one).
+
+    Each layer returns only the slots written so far (``_PrefixStaticLayer``), so attention does not
+    run over the empty tail. Only for models whose layers are all full attention: sliding-window or
+    hybrid layers (e.g. Gemma 3) return None and are decoded by :func:`_decode_legacy`.
+    """
+    try:
+        from transformers import StaticCache
+        from transformers.cache_utils import Cache, StaticLayer
+
+        cache = StaticCache(config=model.config, max_cache_len=max_len)
+    except Exception:  # noqa: BLE001 - old transformers or an unsupported config
+        return None
+    if not all(type(layer) is StaticLayer for layer in cache.layers):
+        return None
+    return Cache(layers=[_prefix_layer_class()(max_cache_len=max_len) for _ in cache.layers])
+
+
+@functools.lru_cache(maxsize=1)
+def _prefix_layer_class():
+    from transformers.cache_utils import StaticLayer
+
+    class _PrefixStaticLayer(StaticLayer):
+        """StaticLayer whose ``update`` returns views of the slots written so far (no copy, no mask tail)."""
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            keys, values = super().update(key_states, value_states, *args, **kwargs)
+            n = int(self.cumulative_length)
+            return keys[:, :, :n], values[:, :, :n]
+
+    return _PrefixStaticLayer
+
+
+def _decode_static(model, parts, ids, mask, uniforms, steps, top_k) -> torch.Tensor:
+    """Prefill the left-padded prompts once, then one token per step into a preallocated KV cache.
+
+    The cache has ``width + steps`` slots; slot ``s`` of every row holds the ``s``-th input of that row,
+    so one boolean 4D mask (key slot visible iff it is not padding and not in the future) serves every
+    step as a slice, and nothing is concatenated while decoding. Sampling: the top-k logits, their
+    softmax, then ROME's inverse-CDF draw with the prompt's own uniform (the same draw as the legacy
+    path, whose softmax over the whole vocabulary followed by renormalising the top k is the same
+    distribution). Models without a plain static cache fall back to :func:`_decode_legacy`.
+    """
+    b, width = ids.shape
+    total = width + steps
+    fwd = parts[0] if parts is not None else model
+    cache = _static_cache(model, total)
+    if cache is None:
+        return _decode_legacy(model, parts, ids, mask, uniforms, steps, top_k)
+    cache_kw = _cache_kwarg(fwd)
+    valid = torch.cat([mask.bool(), mask.new_ones(b, steps, dtype=torch.bool)], dim=1)  # [b, total]
+    causal = torch.ones(total, total, dtype=torch.bool, device=ids.device).tril()
+    full_mask = (causal[None] & valid[:, None, :])[:, None]  # [b, 1, total(query), total(key)]
+    # padded query rows see nothing; let them see their own slot so softmax stays finite
+    eye = torch.eye(total, dtype=torch.bool, device=ids.device)
+    full_mask |= eye[None, None]
+    if getattr(model.config, "_attn_implementation", "sdpa") != "sdpa":  # eager & co. add a float mask
+        dt = next(model.parameters()).dtype
+        full_mask = torch.zeros(full_mask.shape, dtype=dt, device=ids.device).masked_fill_(
+            ~full_mask, torch.finfo(dt).min)
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    next_pos = pos[:, -1:] + 1
+    out = torch.empty(b, steps, dtype=torch.long, device=ids.device)
+    kwargs = {"input_ids": ids, "attention_mask": full_mask[:, :, :width, :width],  # keys: written slots
+              "position_ids": pos,
+              "use_cache": True, cache_kw: cache}
+    for s in range(steps):
+        logits, _ = _step_logits(model, parts, kwargs)
+        top_l, top_i = torch.topk(logits, top_k, dim=-1)
+        cdf = torch.softmax(top_l, dim=-1).cumsum(-1)
+        choice = (cdf < uniforms[:, s:s + 1]).sum(-1).clamp_max(top_k - 1)
+        new = top_i.gather(1, choice[:, None])
+        out[:, s:s + 1] = new
+        slot = width + s
+        kwargs = {"input_ids": new, "attention_mask": full_mask[:, :, slot:slot + 1, :slot + 1],
+                  "position_ids": next_pos + s,
+                  "use_cache": True, cache_kw: cache}
+    return out
 
 
 # ------------------------------------------------------------------------------------- n-gram entropy

@@ -26,7 +26,14 @@ from collections.abc import Sequence
 from torch import nn
 
 from .results import ResultsFile, evaluate_resumable
-from .scoring import DEFAULT_MAX_BATCH_TOKENS, _pad_id, prompt_ids, score_id_pairs, target_ids
+from .scoring import (
+    DEFAULT_MAX_BATCH_TOKENS,
+    DEFAULT_MIN_BATCH_TOKENS,
+    _pad_id,
+    prompt_ids,
+    score_id_pairs,
+    target_ids,
+)
 from .stats import ci_by_rule, format_ci
 
 __all__ = ["evaluate_zsre", "summarize_zsre", "zsre_table", "ZSRE_METRICS", "zsre_target"]
@@ -39,14 +46,16 @@ def zsre_target(rec, target: str = "memit") -> str:
     return rec.as_request(target)["target_new"]
 
 
-def _score(model, tok, records, target, fast, max_batch_tokens) -> list[dict]:
+def _score(model, tok, records, target, fast, max_batch_tokens,
+           min_batch_tokens: int | None = DEFAULT_MIN_BATCH_TOKENS) -> list[dict]:
     pairs = []
     for rec in records:
         t_ids = target_ids(tok, zsre_target(rec, target))
         pairs.append((prompt_ids(tok, rec.src), t_ids))
         pairs.append((prompt_ids(tok, rec.rephrase), t_ids))
         pairs.append((prompt_ids(tok, rec.loc + "?"), target_ids(tok, rec.loc_ans)))
-    scores = score_id_pairs(model, pairs, pad_id=_pad_id(tok), fast=fast, max_batch_tokens=max_batch_tokens)
+    scores = score_id_pairs(model, pairs, pad_id=_pad_id(tok), fast=fast, max_batch_tokens=max_batch_tokens,
+                            min_batch_tokens=min_batch_tokens)
     rows = []
     for i, rec in enumerate(records):
         s_src, s_reph, s_loc = scores[3 * i: 3 * i + 3]
@@ -78,15 +87,21 @@ def evaluate_zsre(
     fast: bool | None = None,
     max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
     meta: dict | None = None,
+    impl: str = "fast",
 ) -> list[dict]:
     """Evaluate ``model`` on zsRE records; one result dict per record in ``records`` order (resumable
-    through ``out_path`` like :func:`pmet.evaluation.counterfact.evaluate_counterfact`)."""
+    through ``out_path`` like :func:`pmet.evaluation.counterfact.evaluate_counterfact`; ``impl="legacy"``
+    is its batching before issue 20, kept for A/B benchmarks)."""
+    if impl not in ("fast", "legacy"):
+        raise ValueError(f"impl must be 'fast' or 'legacy', got {impl!r}")
+    min_tokens = None if impl == "legacy" else DEFAULT_MIN_BATCH_TOKENS
     if target not in ("memit", "alt"):
         raise ValueError(f"target must be 'memit' or 'alt', got {target!r}")
     file_meta = {"dataset": "zsre", "target": target, "metric_version": METRIC_VERSION, **(meta or {})}
     store = ResultsFile(out_path, file_meta) if out_path is not None else None
-    return evaluate_resumable(records, lambda chunk: _score(model, tok, chunk, target, fast, max_batch_tokens),
-                              batch_size, store, "zsRE eval", progress)
+    return evaluate_resumable(
+        records, lambda chunk: _score(model, tok, chunk, target, fast, max_batch_tokens, min_tokens),
+        batch_size, store, "zsRE eval", progress)
 
 
 def summarize_zsre(rows: Sequence[dict], ci: str = "auto", confidence: float = 0.95, seed: int = 0,
