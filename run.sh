@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # pmet's one entry point for people and CI. Needs only Python 3.11 on the PATH.
 #   ./run.sh setup        create/reuse .venv and install pmet with everything the tests and notebooks need
-#   ./run.sh test         setup + lint (ruff check) + the whole test suite (unit/integration tests + every notebook via nbval)
+#   ./run.sh test         setup + lint (ruff check, ruff format --check) + the whole test suite (unit/integration tests + every notebook via nbval)
 #   ./run.sh main         setup + the main job: Table 1 (six editors) on the embedded model, into out/main-<time>/
 #   ./run.sh reproduce    setup + every notebook at its default (the issue's) sizes, into out/reproduce-<time>/
 #   ./run.sh rerender     setup + every committed notebooks/rendered/ copy again, with the parameters recorded in it
@@ -64,7 +64,7 @@ run_tests() {
   # needed beside the checkout. Lint, tests and notebooks all run; the exit status is non-zero if any failed.
   export PMET_NOTEBOOK_SMALL=1
   local rc_lint=0 rc_tests=0 rc_nbs=0
-  "$VENV/bin/ruff" check src tests benchmarks || rc_lint=$?
+  { "$VENV/bin/ruff" check src tests benchmarks && "$VENV/bin/ruff" format --check src tests benchmarks; } || rc_lint=$?
   "$VENV/bin/python" -m pytest -q tests "$@" || rc_tests=$?
   shopt -s nullglob
   local nbs=(notebooks/*.ipynb)

@@ -30,7 +30,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def _chunks(xs, n):
-    return [xs[i:i + n] for i in range(0, len(xs), n)]
+    return [xs[i : i + n] for i in range(0, len(xs), n)]
 
 
 def _interleaved(variants: dict, chunks: list, run) -> tuple[dict, dict]:
@@ -39,7 +39,7 @@ def _interleaved(variants: dict, chunks: list, run) -> tuple[dict, dict]:
     secs = {k: 0.0 for k in names}
     rows = {k: [] for k in names}
     for c_i, chunk in enumerate(chunks):
-        order = names[c_i % len(names):] + names[: c_i % len(names)]
+        order = names[c_i % len(names) :] + names[: c_i % len(names)]
         for k in order:
             t = time.perf_counter()
             rows[k].extend(run(chunk, **variants[k]))
@@ -78,12 +78,18 @@ def main(argv=None) -> int:
     from pmet.evaluation import ConsistencyScorer, evaluate_counterfact, evaluate_zsre, summarize_counterfact
 
     model, tok = load_model(a.model)
-    res: dict = {"model": a.model, "threads": torch.get_num_threads(),
-                 "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-                 "torch": torch.__version__, "time": time.strftime("%Y-%m-%d %H:%M")}
+    res: dict = {
+        "model": a.model,
+        "threads": torch.get_num_threads(),
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "torch": torch.__version__,
+        "time": time.strftime("%Y-%m-%d %H:%M"),
+    }
     try:
-        res["machine"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                              if line.startswith("model name")) + f", {a.threads} threads"
+        res["machine"] = (
+            next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+            + f", {a.threads} threads"
+        )
     except (OSError, StopIteration):
         pass
     from pmet.evaluation.scoring import DEFAULT_MIN_BATCH_TOKENS
@@ -94,8 +100,11 @@ def main(argv=None) -> int:
     cf = load_counterfact("full", limit=max(a.n_cf, a.n_gen))
     evaluate_counterfact(model, tok, cf[:2], generation=False, progress=False)  # warm-up
     variants = {"legacy": {"impl": "legacy"}, "fast": {"impl": "fast"}}
-    secs, rows = _interleaved(variants, _chunks(cf[: a.n_cf], a.chunk_cf), lambda ch, **kw: evaluate_counterfact(
-        model, tok, ch, generation=False, progress=False, **kw))
+    secs, rows = _interleaved(
+        variants,
+        _chunks(cf[: a.n_cf], a.chunk_cf),
+        lambda ch, **kw: evaluate_counterfact(model, tok, ch, generation=False, progress=False, **kw),
+    )
     out["cf"] = {k: a.n_cf / v for k, v in secs.items()}
     mets = ("efficacy", "generalization", "specificity", "efficacy_acc", "generalization_acc", "specificity_acc")
     out["cf_max_abs_nll_diff"] = max(_max_nll_diff_cf(x, y) for x, y in zip(rows["legacy"], rows["fast"]))
@@ -105,14 +114,16 @@ def main(argv=None) -> int:
 
     # ---- zsRE --------------------------------------------------------------------------------------
     zs = load_zsre("eval", limit=a.n_zsre)
-    secs, rows = _interleaved(variants, _chunks(zs, a.chunk_zsre), lambda ch, **kw: evaluate_zsre(
-        model, tok, ch, progress=False, **kw))
+    secs, rows = _interleaved(
+        variants, _chunks(zs, a.chunk_zsre), lambda ch, **kw: evaluate_zsre(model, tok, ch, progress=False, **kw)
+    )
     out["zsre"] = {k: len(zs) / v for k, v in secs.items()}
     keys = ("rewrite_nll", "paraphrase_nll", "neighborhood_nll")
     out["zsre_max_abs_nll_diff"] = max(abs(x[k] - y[k]) for x, y in zip(rows["legacy"], rows["fast"]) for k in keys)
     zmets = ("efficacy", "generalization", "specificity")
     out["zsre_records_metric_differs"] = sum(
-        any(x[m] != y[m] for m in zmets) for x, y in zip(rows["legacy"], rows["fast"]))
+        any(x[m] != y[m] for m in zmets) for x, y in zip(rows["legacy"], rows["fast"])
+    )
 
     # ---- CounterFact with generation ---------------------------------------------------------------
     scorer = ConsistencyScorer()
@@ -120,8 +131,13 @@ def main(argv=None) -> int:
     if not a.no_bf16:
         gvars["fast_bf16"] = {"impl": "fast", "gen_dtype": "bfloat16"}
     gen_recs = cf[: a.n_gen]
-    secs, rows = _interleaved(gvars, _chunks(gen_recs, a.chunk_gen), lambda ch, **kw: evaluate_counterfact(
-        model, tok, ch, generation=True, progress=False, consistency=scorer, batch_size=len(ch), **kw))
+    secs, rows = _interleaved(
+        gvars,
+        _chunks(gen_recs, a.chunk_gen),
+        lambda ch, **kw: evaluate_counterfact(
+            model, tok, ch, generation=True, progress=False, consistency=scorer, batch_size=len(ch), **kw
+        ),
+    )
     out["gen"] = {k: len(gen_recs) / v for k, v in secs.items()}
     out["gen_summary"] = {}
     for k in gvars:
@@ -130,37 +146,57 @@ def main(argv=None) -> int:
         out["gen_summary"][k] = {m: (s[m], s[f"{m}_ci"]) for m in ("fluency", metric)}
     out["gen_texts_identical_to_legacy"] = {
         k: sum(t1 == t2 for x, y in zip(rows["legacy"], rows[k]) for t1, t2 in zip(x["generated"], y["generated"]))
-        for k in gvars if k != "legacy"}
+        for k in gvars
+        if k != "legacy"
+    }
     out["gen_texts"] = sum(len(x["generated"]) for x in rows["legacy"])
 
     def overlap(c1, c2):
         return bool(c1[0] <= c2[1] and c2[0] <= c1[1])
 
-    out["gen_cis_overlap"] = {k: all(overlap(out["gen_summary"]["legacy"][m][1], out["gen_summary"][k][m][1])
-                                     for m in out["gen_summary"]["legacy"]) for k in gvars if k != "legacy"}
+    out["gen_cis_overlap"] = {
+        k: all(
+            overlap(out["gen_summary"]["legacy"][m][1], out["gen_summary"][k][m][1])
+            for m in out["gen_summary"]["legacy"]
+        )
+        for k in gvars
+        if k != "legacy"
+    }
 
     # ---- report ------------------------------------------------------------------------------------
     res["eval_ab"] = out
-    lines = [f"Evaluation A/B ({res['machine']}, {a.model}; records/s, interleaved in one run)",
-             f"{'stage':<34}{'before':>10}{'after':>10}{'ratio':>8}  records"]
-    lines.append(f"{'CounterFact, no generation':<34}{out['cf']['legacy']:>10.2f}{out['cf']['fast']:>10.2f}"
-                 f"{out['cf']['fast'] / out['cf']['legacy']:>7.2f}x  {a.n_cf}")
-    lines.append(f"{'zsRE':<34}{out['zsre']['legacy']:>10.2f}{out['zsre']['fast']:>10.2f}"
-                 f"{out['zsre']['fast'] / out['zsre']['legacy']:>7.2f}x  {len(zs)}")
+    lines = [
+        f"Evaluation A/B ({res['machine']}, {a.model}; records/s, interleaved in one run)",
+        f"{'stage':<34}{'before':>10}{'after':>10}{'ratio':>8}  records",
+    ]
+    lines.append(
+        f"{'CounterFact, no generation':<34}{out['cf']['legacy']:>10.2f}{out['cf']['fast']:>10.2f}"
+        f"{out['cf']['fast'] / out['cf']['legacy']:>7.2f}x  {a.n_cf}"
+    )
+    lines.append(
+        f"{'zsRE':<34}{out['zsre']['legacy']:>10.2f}{out['zsre']['fast']:>10.2f}"
+        f"{out['zsre']['fast'] / out['zsre']['legacy']:>7.2f}x  {len(zs)}"
+    )
     for k in gvars:
         if k == "legacy":
             continue
-        lines.append(f"{'CounterFact + generation, ' + k:<34}{out['gen']['legacy']:>10.3f}{out['gen'][k]:>10.3f}"
-                     f"{out['gen'][k] / out['gen']['legacy']:>7.2f}x  {len(gen_recs)}")
-    lines.append(f"teacher-forced values, fast vs legacy: CounterFact max |dNLL| {out['cf_max_abs_nll_diff']:.2e} "
-                 f"({out['cf_records_bit_identical']}/{a.n_cf} records bit-identical, "
-                 f"{out['cf_records_metric_differs']} with a different metric); zsRE max |dNLL| "
-                 f"{out['zsre_max_abs_nll_diff']:.2e} ({out['zsre_records_metric_differs']} with a different metric)")
+        lines.append(
+            f"{'CounterFact + generation, ' + k:<34}{out['gen']['legacy']:>10.3f}{out['gen'][k]:>10.3f}"
+            f"{out['gen'][k] / out['gen']['legacy']:>7.2f}x  {len(gen_recs)}"
+        )
+    lines.append(
+        f"teacher-forced values, fast vs legacy: CounterFact max |dNLL| {out['cf_max_abs_nll_diff']:.2e} "
+        f"({out['cf_records_bit_identical']}/{a.n_cf} records bit-identical, "
+        f"{out['cf_records_metric_differs']} with a different metric); zsRE max |dNLL| "
+        f"{out['zsre_max_abs_nll_diff']:.2e} ({out['zsre_records_metric_differs']} with a different metric)"
+    )
     lines.append(f"generation on {len(gen_recs)} records (x100, 95% CI of summarize_counterfact's default rule):")
     for k, s in out["gen_summary"].items():
         lines.append("  " + f"{k:<10}" + "  ".join(f"{m} {v:.1f} [{c[0]:.1f}, {c[1]:.1f}]" for m, (v, c) in s.items()))
-    lines.append(f"  texts identical to legacy: {out['gen_texts_identical_to_legacy']} of {out['gen_texts']}; "
-                 f"CIs overlap legacy: {out['gen_cis_overlap']}")
+    lines.append(
+        f"  texts identical to legacy: {out['gen_texts_identical_to_legacy']} of {out['gen_texts']}; "
+        f"CIs overlap legacy: {out['gen_cis_overlap']}"
+    )
     print("\n".join(lines))
     res["table"] = lines
 

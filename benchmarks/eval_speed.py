@@ -32,8 +32,12 @@ def main(argv=None) -> int:
     ap.add_argument("--n-gen", type=int, default=None, help="CounterFact records with generation (0: skip)")
     ap.add_argument("--n-zsre", type=int, default=None, help="zsRE eval records")
     ap.add_argument("--batch-size", type=int, default=64, help="records per scoring batch")
-    ap.add_argument("--gen-batch-size", type=int, default=None,
-                    help="prompts per generation decode step (default: evaluate_counterfact's, 128)")
+    ap.add_argument(
+        "--gen-batch-size",
+        type=int,
+        default=None,
+        help="prompts per generation decode step (default: evaluate_counterfact's, 128)",
+    )
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--ci", default="normal", choices=["normal", "bootstrap"])
     ap.add_argument("--out", default=None, help="folder for per-record JSON Lines and summary.json")
@@ -64,8 +68,10 @@ def main(argv=None) -> int:
         out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     model, tok = load_model(args.model)
-    print(f"model {args.model} loaded in {time.perf_counter() - t0:.1f} s; torch threads {torch.get_num_threads()}; "
-          f"RSS {_maxrss_mib():.0f} MiB")
+    print(
+        f"model {args.model} loaded in {time.perf_counter() - t0:.1f} s; torch threads {torch.get_num_threads()}; "
+        f"RSS {_maxrss_mib():.0f} MiB"
+    )
     meta = {"model": args.model, "editor": "unedited"}
     progress = not args.no_progress
     timings, summaries = {}, {}
@@ -74,33 +80,71 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         res = fn()
         dt = time.perf_counter() - t
-        timings[label] = {"records": n, "seconds": dt, "records_per_s": n / dt if dt > 0 else float("nan"),
-                          "peak_rss_mib": _maxrss_mib()}
-        print(f"{label}: {n} records in {dt:.1f} s = {n / dt:.2f} records/s; peak RSS {_maxrss_mib():.0f} MiB",
-              flush=True)
+        timings[label] = {
+            "records": n,
+            "seconds": dt,
+            "records_per_s": n / dt if dt > 0 else float("nan"),
+            "peak_rss_mib": _maxrss_mib(),
+        }
+        print(
+            f"{label}: {n} records in {dt:.1f} s = {n / dt:.2f} records/s; peak RSS {_maxrss_mib():.0f} MiB", flush=True
+        )
         return res
 
     if n_cf:
         recs = load_counterfact("full", limit=n_cf)
-        rows = timed("counterfact (no generation)", len(recs), lambda: evaluate_counterfact(
-            model, tok, recs, batch_size=args.batch_size, generation=False, progress=progress,
-            out_path=out / "counterfact_nogen.jsonl" if out else None, meta=meta))
+        rows = timed(
+            "counterfact (no generation)",
+            len(recs),
+            lambda: evaluate_counterfact(
+                model,
+                tok,
+                recs,
+                batch_size=args.batch_size,
+                generation=False,
+                progress=progress,
+                out_path=out / "counterfact_nogen.jsonl" if out else None,
+                meta=meta,
+            ),
+        )
         summaries["counterfact"] = summarize_counterfact(rows, ci=args.ci)
     if n_gen:
         recs = load_counterfact("full", limit=n_gen)
         t = time.perf_counter()
         scorer = ConsistencyScorer()
         print(f"consistency: {scorer.description} ({time.perf_counter() - t:.1f} s to build)")
-        rows = timed("counterfact (with generation)", len(recs), lambda: evaluate_counterfact(
-            model, tok, recs, batch_size=min(args.batch_size, 32), generation=True, progress=progress,
-            consistency=scorer, gen_batch_size=args.gen_batch_size,
-            out_path=out / "counterfact_gen.jsonl" if out else None, meta=meta))
+        rows = timed(
+            "counterfact (with generation)",
+            len(recs),
+            lambda: evaluate_counterfact(
+                model,
+                tok,
+                recs,
+                batch_size=min(args.batch_size, 32),
+                generation=True,
+                progress=progress,
+                consistency=scorer,
+                gen_batch_size=args.gen_batch_size,
+                out_path=out / "counterfact_gen.jsonl" if out else None,
+                meta=meta,
+            ),
+        )
         summaries["counterfact_gen"] = summarize_counterfact(rows, ci=args.ci)
     if n_zsre:
         recs = load_zsre("eval", limit=n_zsre)
-        rows = timed("zsre", len(recs), lambda: evaluate_zsre(
-            model, tok, recs, batch_size=max(args.batch_size, 128), progress=progress,
-            out_path=out / "zsre.jsonl" if out else None, meta=meta))
+        rows = timed(
+            "zsre",
+            len(recs),
+            lambda: evaluate_zsre(
+                model,
+                tok,
+                recs,
+                batch_size=max(args.batch_size, 128),
+                progress=progress,
+                out_path=out / "zsre.jsonl" if out else None,
+                meta=meta,
+            ),
+        )
         summaries["zsre"] = summarize_zsre(rows, ci=args.ci)
 
     import pandas as pd
@@ -119,8 +163,11 @@ def main(argv=None) -> int:
         print(f"  {k:32s} {v['records_per_s']:8.2f} records/s  ({v['records']} in {v['seconds']:.1f} s)")
     print(f"peak RSS {_maxrss_mib():.0f} MiB")
     if out:
-        (out / "summary.json").write_text(json.dumps({"summaries": summaries, "timings": timings,
-                                                      "threads": torch.get_num_threads()}, indent=1, default=str))
+        (out / "summary.json").write_text(
+            json.dumps(
+                {"summaries": summaries, "timings": timings, "threads": torch.get_num_threads()}, indent=1, default=str
+            )
+        )
     return 0
 
 

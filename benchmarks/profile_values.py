@@ -16,8 +16,11 @@ from pathlib import Path
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.profile_values", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.profile_values",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--model", default="smollm2")
     p.add_argument("--n", type=int, default=4)
     p.add_argument("--steps", type=int, default=10, help="gradient steps (no early stop)")
@@ -46,22 +49,29 @@ def main(argv=None) -> int:
     hp = replace(hp, v_num_grad_steps=a.steps, loss_stop=-1.0, kl_stop=-1.0, v_batch_size=a.n, v_autocast=a.autocast)
     L = max(hp.layers or model.layout.critical_layers)
     reqs = normalize_requests([r.as_request() for r in table_records("counterfact", a.n, seed=5)], tok)
-    templates, _ = flatten(get_context_templates(model, tok, hp.context_length, hp.context_n_per_start,
-                                                 hp.context_seed))
-    compute_values(model, tok, reqs[:1], replace(hp, v_num_grad_steps=2), templates, L, use_cache=False,
-                   progress=False)  # warm-up
+    templates, _ = flatten(
+        get_context_templates(model, tok, hp.context_length, hp.context_n_per_start, hp.context_seed)
+    )
+    compute_values(
+        model, tok, reqs[:1], replace(hp, v_num_grad_steps=2), templates, L, use_cache=False, progress=False
+    )  # warm-up
     t = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         compute_values(model, tok, reqs, hp, templates, L, use_cache=False, progress=False)
     wall = time.perf_counter() - t
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events)
-    matmul = sum(e.self_cpu_time_total for e in events
-                 if any(k in e.key for k in ("mm", "linear", "matmul", "attention", "_mkldnn")))
+    matmul = sum(
+        e.self_cpu_time_total
+        for e in events
+        if any(k in e.key for k in ("mm", "linear", "matmul", "attention", "_mkldnn"))
+    )
     table = events.table(sort_by="self_cpu_time_total", row_limit=a.rows)
-    head = (f"model {a.model}, {a.n} requests x {len(templates)} context prompts, {a.steps} steps, layer L={L}, "
-            f"autocast {a.autocast}, {torch.get_num_threads()} threads: {wall:.1f} s wall under the profiler; "
-            f"matrix products and attention {100 * matmul / total:.0f}% of self CPU time")
+    head = (
+        f"model {a.model}, {a.n} requests x {len(templates)} context prompts, {a.steps} steps, layer L={L}, "
+        f"autocast {a.autocast}, {torch.get_num_threads()} threads: {wall:.1f} s wall under the profiler; "
+        f"matrix products and attention {100 * matmul / total:.0f}% of self CPU time"
+    )
     print(head)
     print(table)
     if a.out:

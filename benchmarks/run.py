@@ -47,11 +47,18 @@ def main(argv=None) -> int:
     p.add_argument("--gen-records", type=int, default=4, help="CounterFact records evaluated with generation")
     p.add_argument("--rome-edits", type=int, default=4, help="sequential ROME edits timed (0: skip)")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--autocast", default="bfloat16", choices=["bfloat16", "none"],
-                   help="also time the batched values under this autocast dtype (and use it end to end)")
+    p.add_argument(
+        "--autocast",
+        default="bfloat16",
+        choices=["bfloat16", "none"],
+        help="also time the batched values under this autocast dtype (and use it end to end)",
+    )
     p.add_argument("--out", default=None)
-    p.add_argument("--values-speed", action="store_true",
-                   help="also run benchmarks.values_speed (issue 20's value benchmark, ~5-10 min quiet) at the end")
+    p.add_argument(
+        "--values-speed",
+        action="store_true",
+        help="also run benchmarks.values_speed (issue 20's value benchmark, ~5-10 min quiet) at the end",
+    )
     a = p.parse_args(argv)
 
     work = tempfile.mkdtemp(prefix="pmet-bench-")
@@ -70,8 +77,14 @@ def main(argv=None) -> int:
     from pmet.models import load_model
     from pmet.stats import corpus_token_windows, key_second_moments
 
-    res: dict = {"model": a.model, "n": a.n, "threads": torch.get_num_threads(), "machine": platform.processor()
-                 or platform.machine(), "torch": torch.__version__, "time": time.strftime("%Y-%m-%d %H:%M")}
+    res: dict = {
+        "model": a.model,
+        "n": a.n,
+        "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "time": time.strftime("%Y-%m-%d %H:%M"),
+    }
     model, tok = load_model(a.model)
     hp = load_hparams("pmet", model, "counterfact")
     layers = list(hp.layers or model.layout.critical_layers)
@@ -87,7 +100,7 @@ def main(argv=None) -> int:
     with torch.no_grad():
         for i in range(0, len(windows), 8):
             with Trace(model, record=[], stop_after=("block", L)):
-                model(input_ids=windows[i:i + 8], use_cache=False)
+                model(input_ids=windows[i : i + 8], use_cache=False)
     t_bare = time.perf_counter() - t
     res["stats_tok_per_s"] = a.stats_tokens / t_stats
     res["bare_forward_tok_per_s"] = windows.numel() / t_bare
@@ -99,21 +112,24 @@ def main(argv=None) -> int:
     from pmet.editing import normalize_requests
 
     reqs = normalize_requests(requests, tok)
-    templates, _ = flatten(get_context_templates(model, tok, hp.context_length, hp.context_n_per_start,
-                                                 hp.context_seed))
+    templates, _ = flatten(
+        get_context_templates(model, tok, hp.context_length, hp.context_n_per_start, hp.context_seed)
+    )
     batched = replace(hp, v_batch_size=a.n)
     t = time.perf_counter()
     v32, _ = compute_values(model, tok, reqs, batched, templates, L, use_cache=False, progress=False)
     t_batched = time.perf_counter() - t
     if a.autocast != "none":  # the same batch with Eq. 10's forward/backward under autocast
         t = time.perf_counter()
-        vlow, _ = compute_values(model, tok, reqs, replace(batched, v_autocast=a.autocast), templates, L,
-                                 use_cache=False, progress=False)
+        vlow, _ = compute_values(
+            model, tok, reqs, replace(batched, v_autocast=a.autocast), templates, L, use_cache=False, progress=False
+        )
         t_low = time.perf_counter() - t
         res[f"values_batched_{a.autocast}_req_per_h"] = 3600 * a.n / t_low
         res[f"values_{a.autocast}_vs_float32"] = t_batched / t_low
         res[f"values_{a.autocast}_max_rel_diff"] = max(
-            float(((vlow[k] - v32[k]).norm(dim=1) / v32[k].norm(dim=1)).max()) for k in v32)
+            float(((vlow[k] - v32[k]).norm(dim=1) / v32[k].norm(dim=1)).max()) for k in v32
+        )
     single = replace(hp, v_batch_size=1)
     t = time.perf_counter()
     compute_values(model, tok, reqs[: a.n_single], single, templates, L, use_cache=False, progress=False)
@@ -121,8 +137,11 @@ def main(argv=None) -> int:
     res["values_batched_req_per_h"] = 3600 * a.n / t_batched
     res["values_single_req_per_h"] = 3600 * a.n_single / t_single
     res["values_speedup"] = res["values_batched_req_per_h"] / res["values_single_req_per_h"]
-    n_tok = sum(len(tok(tpl.format(r["prompt"].format(r["subject"])) + r["target_new"])["input_ids"])
-                for r in reqs for tpl in templates) / len(reqs)
+    n_tok = sum(
+        len(tok(tpl.format(r["prompt"].format(r["subject"])) + r["target_new"])["input_ids"])
+        for r in reqs
+        for tpl in templates
+    ) / len(reqs)
     res["values_tokens_per_request_per_step"] = n_tok
     res["values_peak_mib"] = peak_mib()
 
@@ -167,7 +186,8 @@ def main(argv=None) -> int:
             r.restore()
         if len(deltas) == 2:
             res[f"rome_{a.autocast}_delta_rel_diff"] = float(
-                (deltas[a.autocast] - deltas[None]).norm() / deltas[None].norm())
+                (deltas[a.autocast] - deltas[None]).norm() / deltas[None].norm()
+            )
         res["rome_peak_mib"] = peak_mib()
 
     # ---- end to end ------------------------------------------------------------------------------------
@@ -177,9 +197,14 @@ def main(argv=None) -> int:
     t = time.perf_counter()
     e2e_hp = replace(hp, v_autocast=None if a.autocast == "none" else a.autocast)
     res["end_to_end_autocast"] = e2e_hp.v_autocast
-    summary = run_edit_eval(model, tok, RunSpec(a.model, "pmet", n_edits=a.n, seed=11,
-                                                value_autocast=e2e_hp.v_autocast), hparams=e2e_hp,
-                            runs_dir=Path(work) / "runs", progress=False)
+    summary = run_edit_eval(
+        model,
+        tok,
+        RunSpec(a.model, "pmet", n_edits=a.n, seed=11, value_autocast=e2e_hp.v_autocast),
+        hparams=e2e_hp,
+        runs_dir=Path(work) / "runs",
+        progress=False,
+    )
     res["end_to_end_seconds"] = time.perf_counter() - t
     res["end_to_end_efficacy"] = summary.get("efficacy")
     res["end_to_end_peak_mib"] = peak_mib()

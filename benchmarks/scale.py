@@ -57,17 +57,27 @@ def one(name: str, n: int, n_layers: int, solve_layers: int, threads: int | None
         delta = solve_update(R / n_layers, K1, C0[layer], lam=15_000.0)
         per_layer.append(time.perf_counter() - t0)
         del delta
-    return {"model_shape": name, "d_in": d_in, "d_out": d_out, "n_requests": n, "n_layers": n_layers,
-            "c0_resident_gib": n_layers * d_in * d_in * 4 / 2**30, "c0_build_s": round(t_c0, 2),
-            "rss_before_gib": round(base, 3), "rss_after_c0_gib": round(after_c0, 3),
-            "peak_rss_gib": round(peak_gib(), 3), "solve_s_per_layer": [round(t, 2) for t in per_layer],
-            "solve_s_6_layers_est": round(n_layers * sum(per_layer) / max(1, len(per_layer)), 1),
-            "threads": torch.get_num_threads()}
+    return {
+        "model_shape": name,
+        "d_in": d_in,
+        "d_out": d_out,
+        "n_requests": n,
+        "n_layers": n_layers,
+        "c0_resident_gib": n_layers * d_in * d_in * 4 / 2**30,
+        "c0_build_s": round(t_c0, 2),
+        "rss_before_gib": round(base, 3),
+        "rss_after_c0_gib": round(after_c0, 3),
+        "peak_rss_gib": round(peak_gib(), 3),
+        "solve_s_per_layer": [round(t, 2) for t in per_layer],
+        "solve_s_6_layers_est": round(n_layers * sum(per_layer) / max(1, len(per_layer)), 1),
+        "threads": torch.get_num_threads(),
+    }
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.scale", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.scale", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--n", type=int, default=10_000, help="edit requests")
     p.add_argument("--layers", type=int, default=6, help="critical layers (GPT-J: 3..8)")
@@ -82,18 +92,38 @@ def main(argv=None) -> int:
     rows = []
     for name in a.models:
         solve_layers = a.solve_layers or (1 if name == "gptj" else a.layers)
-        cmd = [sys.executable, "-m", "benchmarks.scale", "--child", name, "--n", str(a.n), "--layers",
-               str(a.layers), "--solve-layers", str(solve_layers)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "benchmarks.scale",
+            "--child",
+            name,
+            "--n",
+            str(a.n),
+            "--layers",
+            str(a.layers),
+            "--solve-layers",
+            str(solve_layers),
+        ]
         cmd += ["--threads", str(a.threads)] if a.threads else []
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
         r = rows[-1]
-        print(f"{name:12s} d_in {r['d_in']:6d}  C0 x{a.layers} {r['c0_resident_gib']:6.2f} GiB  "
-              f"peak RSS {r['peak_rss_gib']:6.2f} GiB  solve {r['solve_s_per_layer'][0]:7.1f} s/layer "
-              f"(~{r['solve_s_6_layers_est']:.0f} s for {a.layers})", flush=True)
-    res = {"n_requests": a.n, "n_layers": a.layers, "machine": platform.machine(), "python": platform.python_version(),
-           "time": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": rows,
-           "fits_24_gib": all(r["peak_rss_gib"] < 24 for r in rows)}
+        print(
+            f"{name:12s} d_in {r['d_in']:6d}  C0 x{a.layers} {r['c0_resident_gib']:6.2f} GiB  "
+            f"peak RSS {r['peak_rss_gib']:6.2f} GiB  solve {r['solve_s_per_layer'][0]:7.1f} s/layer "
+            f"(~{r['solve_s_6_layers_est']:.0f} s for {a.layers})",
+            flush=True,
+        )
+    res = {
+        "n_requests": a.n,
+        "n_layers": a.layers,
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "rows": rows,
+        "fits_24_gib": all(r["peak_rss_gib"] < 24 for r in rows),
+    }
     if a.out:
         Path(a.out).write_text(json.dumps(res, indent=1))
     return 0

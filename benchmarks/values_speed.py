@@ -43,15 +43,29 @@ from dataclasses import replace
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-TEMPLATES = [["{}"], ["The first step. {}", "Therefore, we need. {}", "Because of this. {}", "I think that. {}",
-                      "You can see. {}"]]
+TEMPLATES = [
+    ["{}"],
+    ["The first step. {}", "Therefore, we need. {}", "Because of this. {}", "I think that. {}", "You can see. {}"],
+]
 AUTHORS_S_PER_REQUEST = {"pmet": 9.64, "memit": 7.02}  # issue 20: xpq-tech/PMET on kmeng01/memit, quiet, 2 threads
 TARGET_SPEEDUP = 10.0
 PAPER_SETTINGS = {
-    "pmet": dict(v_lr=0.2, v_num_grad_steps=30, clamp_norm_factor=0.75, v_weight_decay=0.5, kl_factor=1.0,
-                 mom2_update_weight=6000.0),
-    "memit": dict(v_lr=0.5, v_num_grad_steps=25, clamp_norm_factor=0.75, v_weight_decay=0.5, kl_factor=0.0625,
-                  mom2_update_weight=15000.0),
+    "pmet": dict(
+        v_lr=0.2,
+        v_num_grad_steps=30,
+        clamp_norm_factor=0.75,
+        v_weight_decay=0.5,
+        kl_factor=1.0,
+        mom2_update_weight=6000.0,
+    ),
+    "memit": dict(
+        v_lr=0.5,
+        v_num_grad_steps=25,
+        clamp_norm_factor=0.75,
+        v_weight_decay=0.5,
+        kl_factor=0.0625,
+        mom2_update_weight=15000.0,
+    ),
 }
 VARIANTS = {  # name -> (v_autocast, v_fast, block copies)
     "float32": (None, False, False),
@@ -76,8 +90,9 @@ def benchmark_requests(n: int) -> list[dict]:
 def paper_hparams(method: str, layers: tuple[int, ...], mom2_n_tokens: int, **kw):
     from pmet.editing import EditHparams
 
-    return replace(EditHparams(layers=layers, mom2_n_tokens=mom2_n_tokens, **PAPER_SETTINGS[method], **kw)
-                   .with_method(method))
+    return replace(
+        EditHparams(layers=layers, mom2_n_tokens=mom2_n_tokens, **PAPER_SETTINGS[method], **kw).with_method(method)
+    )
 
 
 def time_values(model, tok, reqs, hp, flat, L, copies: bool, cache_dir: Path):
@@ -88,8 +103,7 @@ def time_values(model, tok, reqs, hp, flat, L, copies: bool, cache_dir: Path):
 
     t = time.perf_counter()
     if copies or not hp.v_autocast:  # the library's own entry point (values land in the cache)
-        vals, info = compute_values(model, tok, reqs, hp, flat, L, cache_dir=cache_dir, use_cache=True,
-                                    progress=False)
+        vals, info = compute_values(model, tok, reqs, hp, flat, L, cache_dir=cache_dir, use_cache=True, progress=False)
     else:
         with attention_implementation(model, "eager"):
             vals, info = optimize_batch(model, tok, reqs, hp, flat, L, blocks=None)
@@ -104,8 +118,7 @@ def edit_outcomes(model, tok, records, hp, cache_dir: Path) -> list[dict]:
     from pmet.evaluation.scoring import prompt_ids, score_id_pairs, target_ids
 
     reqs = normalize_requests([r.as_request() for r in records], tok)
-    res = apply_shared_editor(model, tok, reqs, hp, cache_dir=cache_dir, progress=False,
-                              context_templates=TEMPLATES)
+    res = apply_shared_editor(model, tok, reqs, hp, cache_dir=cache_dir, progress=False, context_templates=TEMPLATES)
     try:
         if not all(i.get("cached") for i in res.value_info):
             raise RuntimeError("the editor recomputed values: cache keys of the benchmark and the editor differ")
@@ -116,8 +129,14 @@ def edit_outcomes(model, tok, records, hp, cache_dir: Path) -> list[dict]:
         s = score_id_pairs(model, pairs, pad_id=pad_id_of(tok))
     finally:
         res.restore()
-    return [{"case_id": r.case_id, "success": s[2 * i].nll < s[2 * i + 1].nll,
-             "p_new": round(float(2.718281828 ** -s[2 * i].nll), 4)} for i, r in enumerate(records)]
+    return [
+        {
+            "case_id": r.case_id,
+            "success": s[2 * i].nll < s[2 * i + 1].nll,
+            "p_new": round(float(2.718281828 ** -s[2 * i].nll), 4),
+        }
+        for i, r in enumerate(records)
+    ]
 
 
 def merge_summary(path: Path, keys: dict) -> dict:
@@ -146,19 +165,27 @@ def table1_estimate(per_request: dict, summary: dict, fixed_seconds: float, n_ed
         rate = json.loads(latest.read_text()).get("eval_counterfact_generation_rec_per_s") if latest.exists() else None
         source = "latest.json eval_counterfact_generation_rec_per_s (no fast evaluation figure yet)"
     evaluation = 7 * n_edits / rate if rate else float("nan")
-    return {"table1_1590_all_editors_hours_estimate": round((values + evaluation + fixed_seconds) / 3600, 2),
-            "table1_estimate_parts_hours": {"values": round(values / 3600, 2),
-                                            "evaluation": round(evaluation / 3600, 2),
-                                            "once_only": round(fixed_seconds / 3600, 3)},
-            "table1_estimate_method": (
-                f"{n_edits} x (PMET + 3 x MEMIT fast s/request: MEMIT, MEMIT-FFN, ROME) + 7 x {n_edits} records / "
-                f"generation-eval records/s ({source}) + once-only key statistics and Eq. 9 solves; FT-W and MEND "
-                "counted as zero edit cost")}
+    return {
+        "table1_1590_all_editors_hours_estimate": round((values + evaluation + fixed_seconds) / 3600, 2),
+        "table1_estimate_parts_hours": {
+            "values": round(values / 3600, 2),
+            "evaluation": round(evaluation / 3600, 2),
+            "once_only": round(fixed_seconds / 3600, 3),
+        },
+        "table1_estimate_method": (
+            f"{n_edits} x (PMET + 3 x MEMIT fast s/request: MEMIT, MEMIT-FFN, ROME) + 7 x {n_edits} records / "
+            f"generation-eval records/s ({source}) + once-only key statistics and Eq. 9 solves; FT-W and MEND "
+            "counted as zero edit cost"
+        ),
+    }
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.values_speed", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.values_speed",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--model", default="smollm2")
     p.add_argument("--n", type=int, default=16)
     p.add_argument("--layers", default="4,5,6,7,8")
@@ -191,8 +218,13 @@ def main(argv=None) -> int:
     flat = [t for g in TEMPLATES for t in g]
     methods = a.methods.split(",")
     variants = a.variants.split(",")
-    hps = {(m, v): paper_hparams(m, layers, a.mom2_tokens, v_batch_size=a.n, v_autocast=VARIANTS[v][0],
-                                 v_fast=VARIANTS[v][1]) for m in methods for v in variants}
+    hps = {
+        (m, v): paper_hparams(
+            m, layers, a.mom2_tokens, v_batch_size=a.n, v_autocast=VARIANTS[v][0], v_fast=VARIANTS[v][1]
+        )
+        for m in methods
+        for v in variants
+    }
     secs = {k: 0.0 for k in hps}
     vals, infos = {}, {}
     for r in range(a.rounds):
@@ -206,13 +238,22 @@ def main(argv=None) -> int:
                 print(f"round {r + 1} {m:5s} {v:13s} {t / a.n:7.3f} s/request", flush=True)
     per = {k: s / a.rounds / a.n for k, s in secs.items()}
 
-    res: dict = {"model": a.model, "n_requests": a.n, "layers": list(layers), "threads": torch.get_num_threads(),
-                 "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (shared, not quiet)",
-                 "torch": torch.__version__, "time": time.strftime("%Y-%m-%d %H:%M"), "rounds": a.rounds,
-                 "s_per_request": {f"{m} {v}": round(s, 3) for (m, v), s in per.items()}}
+    res: dict = {
+        "model": a.model,
+        "n_requests": a.n,
+        "layers": list(layers),
+        "threads": torch.get_num_threads(),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (shared, not quiet)",
+        "torch": torch.__version__,
+        "time": time.strftime("%Y-%m-%d %H:%M"),
+        "rounds": a.rounds,
+        "s_per_request": {f"{m} {v}": round(s, 3) for (m, v), s in per.items()},
+    }
     print(f"\n{a.n} requests, {a.model}, layers {layers}, {res['threads']} threads, {a.rounds} round(s)")
-    print(f"{'method':6s} {'variant':13s} {'s/request':>9s} {'vs float32':>10s} {'steps (mean)':>12s} "
-          f"{'target top':>10s}  quiet-machine estimate vs authors")
+    print(
+        f"{'method':6s} {'variant':13s} {'s/request':>9s} {'vs float32':>10s} {'steps (mean)':>12s} "
+        f"{'target top':>10s}  quiet-machine estimate vs authors"
+    )
     for m in methods:
         for v in variants:
             ratio = per[m, "float32"] / per[m, v] if "float32" in variants else float("nan")
@@ -221,11 +262,19 @@ def main(argv=None) -> int:
             print(f"{m:6s} {v:13s} {per[m, v]:9.3f} {ratio:9.2f}x {steps:12.1f} {top:7d}/{a.n}")
         if "float32" in variants and "fast" in variants:
             res[f"values_{m}_fast_vs_float32"] = round(per[m, "float32"] / per[m, "fast"], 3)
-            rel = max(float(((vals[m, "fast"][k] - vals[m, "float32"][k]).norm(dim=1)
-                             / vals[m, "float32"][k].norm(dim=1)).max()) for k in vals[m, "float32"])
+            rel = max(
+                float(
+                    ((vals[m, "fast"][k] - vals[m, "float32"][k]).norm(dim=1) / vals[m, "float32"][k].norm(dim=1)).max()
+                )
+                for k in vals[m, "float32"]
+            )
             res[f"values_{m}_fast_max_rel_diff"] = round(rel, 4)
-    summary_keys = {"threads": res["threads"], "machine": res["machine"], "values_n_requests": a.n,
-                    "values_mom2_n_tokens": a.mom2_tokens}
+    summary_keys = {
+        "threads": res["threads"],
+        "machine": res["machine"],
+        "values_n_requests": a.n,
+        "values_mom2_n_tokens": a.mom2_tokens,
+    }
     for m in methods:
         summary_keys[f"authors_{m}_s_per_request"] = AUTHORS_S_PER_REQUEST[m]
         for v, key in (("fast", "fast"), ("float32", "float32")):
@@ -234,8 +283,9 @@ def main(argv=None) -> int:
 
     if not a.no_outcomes and "float32" in variants and "fast" in variants:
         t = time.perf_counter()
-        key_second_moments(model, tok, list(layers), component="mlp_key", n_tokens=a.mom2_tokens, cache_dir=work,
-                           progress=False)  # (cached after the first run)
+        key_second_moments(
+            model, tok, list(layers), component="mlp_key", n_tokens=a.mom2_tokens, cache_dir=work, progress=False
+        )  # (cached after the first run)
         stats_s = time.perf_counter() - t
         same = True
         print(f"\nedit outcomes (rewrite prompt: P(new) > P(true)) after writing the {a.n} values with Eq. 9")
@@ -244,12 +294,16 @@ def main(argv=None) -> int:
             fast = edit_outcomes(model, tok, records, hps[m, "fast"], work)
             agree = [x["success"] == y["success"] for x, y in zip(ref, fast)]
             same &= all(agree)
-            print(f"{m}: float32 {sum(x['success'] for x in ref)}/{a.n}, fast {sum(y['success'] for y in fast)}/{a.n}, "
-                  f"agree on {sum(agree)}/{a.n}")
+            print(
+                f"{m}: float32 {sum(x['success'] for x in ref)}/{a.n}, fast {sum(y['success'] for y in fast)}/{a.n}, "
+                f"agree on {sum(agree)}/{a.n}"
+            )
             print("  case_id  float32 (P new)   fast (P new)")
             for x, y in zip(ref, fast):
-                print(f"  {x['case_id']:7d}  {str(x['success']):5s} {x['p_new']:.3f}     {str(y['success']):5s} "
-                      f"{y['p_new']:.3f}")
+                print(
+                    f"  {x['case_id']:7d}  {str(x['success']):5s} {x['p_new']:.3f}     {str(y['success']):5s} "
+                    f"{y['p_new']:.3f}"
+                )
             res[f"edit_outcomes_{m}"] = {"float32": ref, "fast": fast}
         summary_keys["same_edit_outcomes"] = bool(same)
         res["key_statistics_seconds"] = round(stats_s, 1)
@@ -269,9 +323,11 @@ def main(argv=None) -> int:
     merge_summary(summary_path, summary_keys)
     for m in methods:
         if "fast" in variants:
-            print(f"{m}: fast {per[m, 'fast']:.3f} s/request; authors' (quiet) {AUTHORS_S_PER_REQUEST[m]} s -> "
-                  f"{AUTHORS_S_PER_REQUEST[m] / per[m, 'fast']:.1f}x (target {TARGET_SPEEDUP:.0f}x, "
-                  f"<= {AUTHORS_S_PER_REQUEST[m] / TARGET_SPEEDUP:.2f} s)")
+            print(
+                f"{m}: fast {per[m, 'fast']:.3f} s/request; authors' (quiet) {AUTHORS_S_PER_REQUEST[m]} s -> "
+                f"{AUTHORS_S_PER_REQUEST[m] / per[m, 'fast']:.1f}x (target {TARGET_SPEEDUP:.0f}x, "
+                f"<= {AUTHORS_S_PER_REQUEST[m] / TARGET_SPEEDUP:.2f} s)"
+            )
     print(f"peak RSS {res['peak_rss_gib']} GiB; wrote {a.out} and merged {len(summary_keys)} keys into {summary_path}")
     return 0
 

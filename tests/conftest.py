@@ -20,8 +20,12 @@ def _full_data_dir():
     """The complete shared data folder, for the few tests that need it (record counts, checksums):
     ``$PMET_FULL_DATA_DIR``, else the ``PMET_DATA_DIR`` the session was started with, else ``<repo>/../shared/data``
     (or ``../shared/data`` from the working directory); None when none holds the full files."""
-    for cand in (os.environ.get("PMET_FULL_DATA_DIR"), _USER_DATA_DIR, REPO.parent / "shared" / "data",
-                 Path.cwd().parent / "shared" / "data"):
+    for cand in (
+        os.environ.get("PMET_FULL_DATA_DIR"),
+        _USER_DATA_DIR,
+        REPO.parent / "shared" / "data",
+        Path.cwd().parent / "shared" / "data",
+    ):
         if not cand:
             continue
         d = Path(cand).expanduser()
@@ -37,11 +41,15 @@ FULL_DATA = _full_data_dir()
 def full_data(monkeypatch):
     """The complete shared data as PMET_DATA_DIR for this test; skips (saying where it looked) when absent."""
     if FULL_DATA is None:
-        pytest.skip("needs the complete shared data (e.g. 1,653 CounterFact records, 21,919 case ids), not found at "
-                    "$PMET_FULL_DATA_DIR, $PMET_DATA_DIR or <repo>/../shared/data; the suite otherwise runs on "
-                    "tests/fixtures/data")
+        pytest.skip(
+            "needs the complete shared data (e.g. 1,653 CounterFact records, 21,919 case ids), not found at "
+            "$PMET_FULL_DATA_DIR, $PMET_DATA_DIR or <repo>/../shared/data; the suite otherwise runs on "
+            "tests/fixtures/data"
+        )
     monkeypatch.setenv("PMET_DATA_DIR", str(FULL_DATA))
     return FULL_DATA
+
+
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
 TINY = ["tiny-gptj", "tiny-neox", "tiny-llama", "tiny-gpt2", "tiny-gemma3"]

@@ -84,8 +84,7 @@ def test_zero_noise_gives_zero_effects(tiny):
 
 def test_restoring_last_block_at_last_token_recovers_fully(tiny):
     model, tok = tiny
-    res = ct.trace_fact(model, tok, PROMPT, SUBJECT, noise=5.0, n_samples=4, window=2,
-                        positions="subject_last+last")
+    res = ct.trace_fact(model, tok, PROMPT, SUBJECT, noise=5.0, n_samples=4, window=2, positions="subject_last+last")
     assert list(res["positions"]) == [res["subject_range"][1] - 1, len(res["tokens"]) - 1]
     assert abs(res["p_clean"] - res["p_corrupted"]) > 1e-4  # the noise does something
     full = res["effect"]["block"][1, -1]
@@ -118,8 +117,10 @@ def test_trace_facts_frame_and_critical_layers(tiny_models):
     from pmet.data import KnownFact
 
     model, tok = tiny_models["tiny-llama"]
-    facts = [KnownFact(i, s, p, "", "", "P0", "") for i, (s, p) in
-             enumerate([("France", "The capital of France is"), ("Rome", "Rome is the capital of")])]
+    facts = [
+        KnownFact(i, s, p, "", "", "P0", "")
+        for i, (s, p) in enumerate([("France", "The capital of France is"), ("Rome", "Rome is the capital of")])
+    ]
     df = ct.trace_facts(model, tok, facts, n_samples=2, window=2, progress=False)
     n = model.layout.n_layers
     assert set(df.columns) >= {"fact", "kind", "layer", "effect"}

@@ -126,8 +126,15 @@ def test_rome_trajectory_replay_is_bit_exact(tiny_models, tmp_cache):
     assert part.timings["replayed"] == 0
     _assert_same(model, before)
     seen = []
-    resumed = apply_rome(model, tok, reqs, hparams=hp, checkpoint=ckpt, checkpoint_every=1,
-                         on_step=lambda k, p: seen.append((k, float(p.deltas[wname].norm()))))
+    resumed = apply_rome(
+        model,
+        tok,
+        reqs,
+        hparams=hp,
+        checkpoint=ckpt,
+        checkpoint_every=1,
+        on_step=lambda k, p: seen.append((k, float(p.deltas[wname].norm()))),
+    )
     assert resumed.timings["replayed"] == 2 and [k for k, _ in seen] == [1, 2, 3, 4]
     assert torch.equal(model.get_parameter(wname).detach(), w_straight)
     assert torch.equal(resumed.deltas[wname], straight.deltas[wname])
@@ -146,8 +153,14 @@ def test_rome_trajectory_replay_is_bit_exact(tiny_models, tmp_cache):
 
 # ---------------------------------------------------------------------------------------------- MEND
 def _tiny_mend_hp(**kw):
-    return MendHparams(**{**dict(rank=8, edit_lr_init=1e-2, lr=1e-3, lr_lr=1e-3, batch_size=2, steps=4,
-                                 checkpoint_every=2, log_every=1), **kw})
+    return MendHparams(
+        **{
+            **dict(
+                rank=8, edit_lr_init=1e-2, lr=1e-3, lr_lr=1e-3, batch_size=2, steps=4, checkpoint_every=2, log_every=1
+            ),
+            **kw,
+        }
+    )
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
@@ -215,8 +228,7 @@ def test_mend_checkpoint_resume_and_missing_editor(tiny_models, tmp_cache, mend_
     with pytest.raises(FileNotFoundError, match="train it with: python -m pmet.editing.mend train"):
         load_editor(model, hp)
     straight = train(model, tok, hp, out_dir=tmp_cache / "a", examples=mend_examples, progress=False)
-    part = train(model, tok, hp, out_dir=tmp_cache / "b", examples=mend_examples, progress=False,
-                 max_steps_this_run=2)
+    part = train(model, tok, hp, out_dir=tmp_cache / "b", examples=mend_examples, progress=False, max_steps_this_run=2)
     assert not part.exists() and (tmp_cache / "b" / "checkpoints" / "latest.json").exists()
     resumed = train(model, tok, hp, out_dir=tmp_cache / "b", examples=mend_examples, progress=False)
     from safetensors.torch import load_file
@@ -262,7 +274,7 @@ def test_rome_sweep_prefix_equals_separate_runs(tiny_models, tmp_cache):
         alone = run_edit_eval(model, tok, rome.replace(n_edits=n), runs_dir=tmp_cache / "alone", progress=False)
         for m in ("efficacy", "generalization", "specificity", "efficacy_diff", "specificity_diff"):
             assert swept[n][m] == pytest.approx(alone[m], abs=1e-9), (n, m)
-        (name, norm), = alone["delta_norms"].items()
+        ((name, norm),) = alone["delta_norms"].items()
         assert swept[n]["delta_norms"][name] == pytest.approx(norm, rel=1e-6)
         assert swept[n]["n_edits"] == n and swept[n]["hparams"] == alone["hparams"]
     # a second call reads the summaries back without editing
@@ -285,8 +297,14 @@ def test_shared_edit_dispatch(tiny_models, tmp_cache, method):
 
     model, tok = tiny_models["tiny-llama"]
     before = _state(model)
-    res = edit(model, tok, REQS[:1], method=method, progress=False,
-               hparams={"ft": {"num_steps": 2}, "rome": {"v_num_grad_steps": 3}}[method])
+    res = edit(
+        model,
+        tok,
+        REQS[:1],
+        method=method,
+        progress=False,
+        hparams={"ft": {"num_steps": 2}, "rome": {"v_num_grad_steps": 3}}[method],
+    )
     assert res.method == method and res.deltas
     res.restore()
     _assert_same(model, before)

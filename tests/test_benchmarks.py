@@ -10,14 +10,48 @@ from benchmarks import run
 def test_benchmark_runs_and_reports_every_stage(tmp_path, monkeypatch):
     monkeypatch.setenv("PMET_CACHE_DIR", str(tmp_path / "cache"))  # the script points it at a fresh folder
     out = tmp_path / "bench.json"
-    assert run.main(["--model", "tiny-llama", "--n", "2", "--n-single", "1", "--stats-tokens", "600",
-                     "--eval-records", "2", "--gen-records", "1", "--rome-edits", "2", "--out", str(out)]) == 0
+    assert (
+        run.main(
+            [
+                "--model",
+                "tiny-llama",
+                "--n",
+                "2",
+                "--n-single",
+                "1",
+                "--stats-tokens",
+                "600",
+                "--eval-records",
+                "2",
+                "--gen-records",
+                "1",
+                "--rome-edits",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     res = json.loads(out.read_text())
-    for key in ("stats_vs_forward", "values_batched_req_per_h", "values_single_req_per_h", "values_speedup",
-                "values_batched_bfloat16_req_per_h", "solve_seconds_per_layer", "eval_counterfact_rec_per_s",
-                "eval_counterfact_generation_rec_per_s", "eval_zsre_rec_per_s", "end_to_end_seconds",
-                "extrapolated_1000_edit_hours", "extrapolated_10000_edit_hours", "end_to_end_peak_mib",
-                "rome_float32_seconds_per_edit", "rome_bfloat16_seconds_per_edit", "rome_bfloat16_delta_rel_diff"):
+    for key in (
+        "stats_vs_forward",
+        "values_batched_req_per_h",
+        "values_single_req_per_h",
+        "values_speedup",
+        "values_batched_bfloat16_req_per_h",
+        "solve_seconds_per_layer",
+        "eval_counterfact_rec_per_s",
+        "eval_counterfact_generation_rec_per_s",
+        "eval_zsre_rec_per_s",
+        "end_to_end_seconds",
+        "extrapolated_1000_edit_hours",
+        "extrapolated_10000_edit_hours",
+        "end_to_end_peak_mib",
+        "rome_float32_seconds_per_edit",
+        "rome_bfloat16_seconds_per_edit",
+        "rome_bfloat16_delta_rel_diff",
+    ):
         assert isinstance(res[key], float) and math.isfinite(res[key]) and res[key] > 0, key
     assert res["extrapolated_10000_edit_hours"] > res["extrapolated_1000_edit_hours"]
     assert res["end_to_end_autocast"] == "bfloat16"

@@ -35,10 +35,13 @@ def test_unknown_method_is_one_line_with_the_registered_names():
     assert "unknown method 'PMET'" in lines[0] and all(n in lines[0] for n in ("ft", "rome", "mend", "pmet"))
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["edit", "--dataset", "zsre2"], "unknown dataset 'zsre2'; valid: counterfact, zsre"),
-    (["edit", "--model", "no-such-model"], "unknown model 'no-such-model'"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["edit", "--dataset", "zsre2"], "unknown dataset 'zsre2'; valid: counterfact, zsre"),
+        (["edit", "--model", "no-such-model"], "unknown model 'no-such-model'"),
+    ],
+)
 def test_unknown_dataset_or_model_is_one_line(capsys, argv, message):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
@@ -47,8 +50,10 @@ def test_unknown_dataset_or_model_is_one_line(capsys, argv, message):
 
 def test_method_unavailable_is_one_line_with_its_fix(capsys, tmp_path):
     # MEND on the tiny model has hyperparameters but no trained editor in this fresh cache
-    assert main(["edit", "--model", "tiny-llama", "--method", "mend", "--device", "cpu",
-                 "--cache-dir", str(tmp_path)]) == 2
+    assert (
+        main(["edit", "--model", "tiny-llama", "--method", "mend", "--device", "cpu", "--cache-dir", str(tmp_path)])
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
     assert "no trained MEND editor" in err and "python -m pmet.editing.mend train --model tiny-llama" in err

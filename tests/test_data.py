@@ -18,18 +18,40 @@ REAL_DOWNLOAD = D._download
 # What each data folder holds: "full" is the complete shared data (SOURCES.md), "fixtures" the committed cut of
 # it (tests/fixtures/data, PROVENANCE.md). The loader tests run on both; "full" skips when it is absent.
 EXPECT = {
-    "full": dict(full=1653, splits={"edit": 10000, "train": 10000, "val": 1919}, all=21919, edit_full=1298,
-                 val_full=63, zsre_eval=1037, zsre_train=998, zsre_invalid=[534, 723], known=1209, min_paras=5000),
-    "fixtures": dict(full=40, splits={"edit": 32, "train": 16, "val": 16}, all=64, edit_full=24, val_full=8,
-                     zsre_eval=24, zsre_train=24, zsre_invalid=[24], known=48, min_paras=200),
+    "full": dict(
+        full=1653,
+        splits={"edit": 10000, "train": 10000, "val": 1919},
+        all=21919,
+        edit_full=1298,
+        val_full=63,
+        zsre_eval=1037,
+        zsre_train=998,
+        zsre_invalid=[534, 723],
+        known=1209,
+        min_paras=5000,
+    ),
+    "fixtures": dict(
+        full=40,
+        splits={"edit": 32, "train": 16, "val": 16},
+        all=64,
+        edit_full=24,
+        val_full=8,
+        zsre_eval=24,
+        zsre_train=24,
+        zsre_invalid=[24],
+        known=48,
+        min_paras=200,
+    ),
 }
 
 
 @pytest.fixture(autouse=True)
 def no_network(monkeypatch):
     """Every test runs offline: a download attempt fails immediately."""
+
     def fail(url, *args, **kwargs):
         raise urllib.error.URLError(f"network disabled in tests ({url})")
+
     monkeypatch.setattr(D, "_download", fail)
 
 
@@ -52,20 +74,37 @@ def _write(root: Path, rel: str, obj) -> Path:
     return path
 
 
-def _original(case_id=7, prompt="The mother tongue of {} is", subject="Danielle Darrieux",
-              new="English", true="French"):
-    return {"case_id": case_id, "pararel_idx": 1,
-            "requested_rewrite": {"prompt": prompt, "relation_id": "P103", "subject": subject,
-                                  "target_new": {"str": new, "id": "Q1"},
-                                  "target_true": {"str": true, "id": "Q2"}},
-            "paraphrase_prompts": ["a", "b"], "neighborhood_prompts": ["n"] * 10,
-            "attribute_prompts": ["t"] * 10, "generation_prompts": ["g"] * 10}
+def _original(
+    case_id=7, prompt="The mother tongue of {} is", subject="Danielle Darrieux", new="English", true="French"
+):
+    return {
+        "case_id": case_id,
+        "pararel_idx": 1,
+        "requested_rewrite": {
+            "prompt": prompt,
+            "relation_id": "P103",
+            "subject": subject,
+            "target_new": {"str": new, "id": "Q1"},
+            "target_true": {"str": true, "id": "Q2"},
+        },
+        "paraphrase_prompts": ["a", "b"],
+        "neighborhood_prompts": ["n"] * 10,
+        "attribute_prompts": ["t"] * 10,
+        "generation_prompts": ["g"] * 10,
+    }
 
 
 def _reduced(case_id=8, prompt="Toko Yasuda, the", subject="Toko Yasuda", new="piano"):
-    return {"case_id": case_id, "prompt": prompt, "target_new": new, "subject": subject,
-            "ground_truth": "guitar", "rephrase_prompt": "Toko Yasuda is incredible at",
-            "locality_prompt": "John Lennon performs on the", "locality_ground_truth": "guitar"}
+    return {
+        "case_id": case_id,
+        "prompt": prompt,
+        "target_new": new,
+        "subject": subject,
+        "ground_truth": "guitar",
+        "rephrase_prompt": "Toko Yasuda is incredible at",
+        "locality_prompt": "John Lennon performs on the",
+        "locality_ground_truth": "guitar",
+    }
 
 
 # ------------------------------------------------------------------ paths
@@ -151,9 +190,13 @@ def test_danielle_darrieux(shared):
     assert full.full_fields and len(full.paraphrase_prompts) == 2
     assert len(full.neighborhood_prompts) == len(full.attribute_prompts) == len(full.generation_prompts) == 10
     assert full.filled_prompt == "The mother tongue of Danielle Darrieux is"
-    assert full.as_request() == {"case_id": 0, "prompt": "The mother tongue of {} is",
-                                 "subject": "Danielle Darrieux", "target_new": "English",
-                                 "target_true": "French"}
+    assert full.as_request() == {
+        "case_id": 0,
+        "prompt": "The mother tongue of {} is",
+        "subject": "Danielle Darrieux",
+        "target_new": "English",
+        "target_true": "French",
+    }
     reduced = D.load_counterfact("edit")[0]
     assert not reduced.full_fields and reduced.relation_id is None
     assert reduced.as_request() == full.as_request()
@@ -179,8 +222,13 @@ def test_zsre(shared, caplog):
     r = ev[0]
     assert r.subject == "IAAF Combined Events Challenge" and r.answer == "2006"
     assert r.true_answers == ("1998",) and r.loc.startswith("nq question: ")
-    assert r.as_request() == {"case_id": 0, "prompt": "When was the inception of {}?",
-                              "subject": r.subject, "target_new": "1998", "target_true": None}
+    assert r.as_request() == {
+        "case_id": 0,
+        "prompt": "When was the inception of {}?",
+        "subject": r.subject,
+        "target_new": "1998",
+        "target_true": None,
+    }
     assert r.as_request("alt")["target_new"] == "2006"
     for rec in ev:
         D.validate_request(rec.as_request())
@@ -272,9 +320,14 @@ def test_validate_request():
     ok = {"case_id": 3, "prompt": "{} plays", "subject": "Ann", "target_new": " piano"}
     D.validate_request(ok)
     D.validate_request({**ok, "target_new": {"str": "piano"}, "target_true": {"str": "guitar"}})
-    bad = [({"prompt": "plays"}, "exactly one"), ({"prompt": "{} and {}"}, "exactly one"),
-           ({"prompt": "{} {x}"}, "stray braces"), ({"subject": "  "}, "subject is empty"),
-           ({"target_new": " "}, "target_new"), ({"target_true": 5}, "target_true")]
+    bad = [
+        ({"prompt": "plays"}, "exactly one"),
+        ({"prompt": "{} and {}"}, "exactly one"),
+        ({"prompt": "{} {x}"}, "stray braces"),
+        ({"subject": "  "}, "subject is empty"),
+        ({"target_new": " "}, "target_new"),
+        ({"target_true": 5}, "target_true"),
+    ]
     for change, msg in bad:
         with pytest.raises(D.InvalidRecordError, match=f"case_id=3.*{msg}"):
             D.validate_request({**ok, **change})
@@ -282,11 +335,14 @@ def test_validate_request():
         D.validate_request({"prompt": "{} x", "target_new": "y"})
 
 
-@pytest.mark.parametrize("record, msg", [
-    (_original(case_id=41, prompt="no placeholder"), "case_id=41.*exactly one"),
-    (_original(case_id=42, subject=""), "case_id=42.*subject"),
-    (_original(case_id=43, new="  "), "case_id=43.*target_new"),
-])
+@pytest.mark.parametrize(
+    "record, msg",
+    [
+        (_original(case_id=41, prompt="no placeholder"), "case_id=41.*exactly one"),
+        (_original(case_id=42, subject=""), "case_id=42.*subject"),
+        (_original(case_id=43, new="  "), "case_id=43.*target_new"),
+    ],
+)
 def test_invalid_original_record(tmp_path, monkeypatch, record, msg):
     monkeypatch.setenv("PMET_DATA_DIR", str(tmp_path))
     _write(tmp_path, "counterfact/counterfact_subset_merged.json", [_original(), record])
@@ -320,9 +376,17 @@ def test_all_merges_tmp(tmp_path, monkeypatch):
 
 def test_invalid_zsre_record(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("PMET_DATA_DIR", str(tmp_path))
-    good = {"subject": "UniFirst", "src": "What is the product made by UniFirst?", "pred": "uniform",
-            "rephrase": "What will be the product of UniFirst?", "alt": " drones",
-            "answers": ["uniform"], "loc": "nq question: x", "loc_ans": "y", "cond": "c"}
+    good = {
+        "subject": "UniFirst",
+        "src": "What is the product made by UniFirst?",
+        "pred": "uniform",
+        "rephrase": "What will be the product of UniFirst?",
+        "alt": " drones",
+        "answers": ["uniform"],
+        "loc": "nq question: x",
+        "loc_ans": "y",
+        "cond": "c",
+    }
     _write(tmp_path, "zsre/zsre_mend_eval_portability_gpt4.json", [good, {**good, "subject": "Acme"}])
     recs = D.load_zsre("eval")
     assert [r.case_id for r in recs] == [0] and recs[0].answer == "drones"

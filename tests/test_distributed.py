@@ -25,17 +25,42 @@ def test_shard_batches_cover_and_recut():
         one = [list(range(s, min(s + b, n))) for s in range(0, n, b)]
         for s in shards:  # a rank's records re-cut by the batch size are the single process's batches
             mine = [i for batch in s for i in batch]
-            assert [mine[j:j + b] for j in range(0, len(mine), b)] == s and all(x in one for x in s)
+            assert [mine[j : j + b] for j in range(0, len(mine), b)] == s and all(x in one for x in s)
 
 
 def _run(cache: Path, nproc: int) -> None:
-    env = {**os.environ, "PMET_CACHE_DIR": str(cache), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": os.pathsep.join(
-               [str(Path(__file__).resolve().parents[1] / "src"), os.environ.get("PYTHONPATH", "")])}
-    args = ["run", "--model", "tiny-llama", "--artifact", "table1", "--methods", "none", "pmet", "--n-edits", "7",
-            "--no-generation", "--set", "v_batch_size=2", "--eval-batch-size", "3"]
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                 "-m", "pmet"] if nproc > 1 else [sys.executable, "-m", "pmet"])
+    env = {
+        **os.environ,
+        "PMET_CACHE_DIR": str(cache),
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONPATH": os.pathsep.join(
+            [str(Path(__file__).resolve().parents[1] / "src"), os.environ.get("PYTHONPATH", "")]
+        ),
+    }
+    args = [
+        "run",
+        "--model",
+        "tiny-llama",
+        "--artifact",
+        "table1",
+        "--methods",
+        "none",
+        "pmet",
+        "--n-edits",
+        "7",
+        "--no-generation",
+        "--set",
+        "v_batch_size=2",
+        "--eval-batch-size",
+        "3",
+    ]
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "pmet"]
+        if nproc > 1
+        else [sys.executable, "-m", "pmet"]
+    )
     proc = subprocess.run(launcher + args, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 

@@ -86,14 +86,24 @@ def test_compute_keys_groups_and_uniform():
 def test_load_hparams_files_and_switches():
     hp = load_hparams("pmet", "gptj", "counterfact")
     assert (hp.layers, hp.mom2_update_weight, hp.v_num_grad_steps, hp.v_lr, hp.clamp_norm_factor) == (
-        (3, 4, 5, 6, 7, 8), 6000, 30, 0.2, 0.75)
+        (3, 4, 5, 6, 7, 8),
+        6000,
+        30,
+        0.2,
+        0.75,
+    )
     z = load_hparams("pmet", "gptj", "zsre")
     assert (z.mom2_update_weight, z.v_num_grad_steps, z.v_lr) == (4500, 20, 0.5)
     neox = load_hparams("pmet", "neox")
     assert (neox.layers, neox.mom2_update_weight, neox.clamp_norm_factor) == ((6, 7, 8, 9, 10), 15000, 0.8)
     memit = load_hparams("memit", "gptj")
     assert (memit.value_site, memit.spread, memit.stop_rule, memit.kl_factor, memit.mom2_update_weight) == (
-        "block", "even", "memit", 0.0625, 15000)
+        "block",
+        "even",
+        "memit",
+        0.0625,
+        15000,
+    )
     assert load_hparams("pmet", "some-unknown-model").layers is None  # default file: layout's layers
     # a model tuned on CounterFact only edits zsRE with its own values, not GPT-J's defaults
     for method, base in (("pmet", "pmet"), ("memit", "memit"), ("pmet-even-spread", "pmet")):
@@ -132,8 +142,10 @@ def test_batched_values_equal_one_at_a_time(tiny_models, tmp_cache):
         hp = load_hparams(method, model, v_num_grad_steps=12, v_batch_size=len(reqs))
         L = max(model.layout.critical_layers)
         batched, _ = compute_values(model, tok, reqs, hp, flat, L, use_cache=False, progress=False)
-        single = [compute_values(model, tok, [r], replace(hp, v_batch_size=1), flat, L,
-                                 use_cache=False, progress=False)[0] for r in reqs]
+        single = [
+            compute_values(model, tok, [r], replace(hp, v_batch_size=1), flat, L, use_cache=False, progress=False)[0]
+            for r in reqs
+        ]
         for name, v in batched.items():
             one = torch.cat([s[name] for s in single])
             assert (v - one).norm(dim=1).max() <= 1e-4 * one.norm(dim=1).min(), (method, name)
@@ -248,10 +260,16 @@ def test_value_autocast_reaches_the_editors_that_have_values(tiny_models):
 @pytest.mark.parametrize("method", ["pmet", "memit", "memit-ffn"])
 def test_edit_makes_target_top_and_restores(tiny_models, tmp_cache, name, method, request):
     if (name, method) == ("tiny-gemma3", "pmet"):  # runs; reported as XPASS (strict: a failure) if it ever works
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "PMET applies only δ^m: on this random tiny Gemma-3 the optimisation stops as soon as δ^a + δ^m make "
-            "the target top (step 2), and δ^m alone does not; MEMIT passes on the same model and PMET edits the "
-            "real gemma3-270m")))
+        request.applymarker(
+            pytest.mark.xfail(
+                strict=True,
+                reason=(
+                    "PMET applies only δ^m: on this random tiny Gemma-3 the optimisation stops as soon as "
+                    "δ^a + δ^m make the target top (step 2), and δ^m alone does not; MEMIT passes on the same "
+                    "model and PMET edits the real gemma3-270m"
+                ),
+            )
+        )
     model, tok = tiny_models[name]
     before = params_of(model)
     prompt = REQ["prompt"].format(REQ["subject"])
@@ -329,12 +347,15 @@ def test_value_cache_is_hit_on_second_call(tiny_models, tmp_cache):
     assert not any(i["cached"] for i in third.value_info)  # a different setting is a different key
 
 
-@pytest.mark.parametrize("bad", [
-    {"prompt": "no slot here", "subject": "Danielle Darrieux", "target_new": "Paris"},
-    {"prompt": "The mother tongue of {}", "subject": "Danielle Darrieux"},
-    {"prompt": "The mother tongue of {}", "subject": "Danielle Darrieux", "target_new": "  "},
-    {"prompt": "The mother tongue of {}", "subject": "", "target_new": "Paris"},
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"prompt": "no slot here", "subject": "Danielle Darrieux", "target_new": "Paris"},
+        {"prompt": "The mother tongue of {}", "subject": "Danielle Darrieux"},
+        {"prompt": "The mother tongue of {}", "subject": "Danielle Darrieux", "target_new": "  "},
+        {"prompt": "The mother tongue of {}", "subject": "", "target_new": "Paris"},
+    ],
+)
 def test_bad_request_raises_before_any_change(tiny_models, tmp_cache, bad):
     model, tok = tiny_models["tiny-gptj"]
     before = params_of(model)

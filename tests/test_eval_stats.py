@@ -1,4 +1,5 @@
 """Statistical functions of pmet.evaluation.stats against scipy and hand-computed values."""
+
 import math
 
 import numpy as np
@@ -37,7 +38,7 @@ def test_wilson_by_hand_and_never_zero_width():
     c = proportion_ci(k, n)
     assert (c.low, c.high) == pytest.approx((centre - half, centre + half))
     # Clopper-Pearson 0/10: upper = 1 - (alpha/2)^(1/n)
-    assert proportion_ci(0, 10, method="exact").high == pytest.approx(1 - 0.025 ** 0.1)
+    assert proportion_ci(0, 10, method="exact").high == pytest.approx(1 - 0.025**0.1)
     assert math.isnan(proportion_ci(0, 0).low)
     with pytest.raises(ValueError, match="successes"):
         proportion_ci(5, 3)
@@ -55,8 +56,11 @@ def test_bootstrap_mean_matches_scipy_and_stays_in_range():
     assert bootstrap_mean_ci(x, seed=3) == bootstrap_mean_ci(x, seed=3)  # seeded
     # all records perfect: the bootstrap is degenerate, the Wilson bound is not
     c = bootstrap_mean_ci(np.ones(20), bounded=True)
-    assert c.method == "wilson-bound" and c.high == pytest.approx(1.0) and c.low == pytest.approx(
-        proportion_ci(20, 20).low)
+    assert (
+        c.method == "wilson-bound"
+        and c.high == pytest.approx(1.0)
+        and c.low == pytest.approx(proportion_ci(20, 20).low)
+    )
     # small n never leaves [0, 1] (a normal interval at n = 2 did: [0.26, 1.24])
     c = metric_ci([0.5, 1.0])
     assert 0 <= c.low < c.high <= 1
@@ -88,7 +92,7 @@ def test_mcnemar_exact_by_hand():
     a = [1, 1, 1, 1, 0, 1]
     b = [0, 0, 0, 0, 0, 1]
     r = mcnemar_exact(a, b)
-    assert (r["n10"], r["n01"]) == (4, 0) and r["pvalue"] == pytest.approx(2 * 0.5 ** 4)
+    assert (r["n10"], r["n01"]) == (4, 0) and r["pvalue"] == pytest.approx(2 * 0.5**4)
     # 20/20 vs 16/20 with 4 discordant pairs: p = 0.125, not significant
     assert mcnemar_exact([1] * 20, [1] * 16 + [0] * 4)["pvalue"] == pytest.approx(0.125)
     assert mcnemar_exact([1, 0], [1, 0])["pvalue"] == 1.0
@@ -99,14 +103,25 @@ def test_mcnemar_exact_by_hand():
 def test_sign_flip_exact_equals_scipy_permutation_test():
     rng = np.random.default_rng(2)
     x, y = rng.normal(0.3, 1, 10), rng.normal(0, 1, 10)
-    ref = st.permutation_test((x, y), lambda u, v, axis=-1: np.mean(u - v, axis=axis), permutation_type="samples",
-                              n_resamples=10_000, vectorized=True)
+    ref = st.permutation_test(
+        (x, y),
+        lambda u, v, axis=-1: np.mean(u - v, axis=axis),
+        permutation_type="samples",
+        n_resamples=10_000,
+        vectorized=True,
+    )
     ours = sign_flip_test(x, y)
     assert ours["exact"] and ours["pvalue"] == pytest.approx(ref.pvalue)
     # Monte Carlo for larger n: close to scipy's
     x, y = rng.normal(0.2, 1, 60), rng.normal(0, 1, 60)
-    ref = st.permutation_test((x, y), lambda u, v, axis=-1: np.mean(u - v, axis=axis), permutation_type="samples",
-                              n_resamples=9999, vectorized=True, rng=np.random.default_rng(0))
+    ref = st.permutation_test(
+        (x, y),
+        lambda u, v, axis=-1: np.mean(u - v, axis=axis),
+        permutation_type="samples",
+        n_resamples=9999,
+        vectorized=True,
+        rng=np.random.default_rng(0),
+    )
     assert sign_flip_test(x, y, seed=5)["pvalue"] == pytest.approx(ref.pvalue, abs=0.02)
 
 
@@ -115,8 +130,13 @@ def test_paired_bootstrap_and_comparison():
     base = rng.random(150)
     a, b = base + 0.1 + rng.normal(0, 0.05, 150), base
     lo, hi = paired_bootstrap_ci(a, b, seed=0)
-    ref = st.bootstrap((a, b), lambda u, v, axis=-1: np.mean(u - v, axis=axis), paired=True, method="percentile",
-                       rng=np.random.default_rng(0))
+    ref = st.bootstrap(
+        (a, b),
+        lambda u, v, axis=-1: np.mean(u - v, axis=axis),
+        paired=True,
+        method="percentile",
+        rng=np.random.default_rng(0),
+    )
     w = ref.confidence_interval.high - ref.confidence_interval.low
     assert lo == pytest.approx(ref.confidence_interval.low, abs=0.1 * w)
     assert hi == pytest.approx(ref.confidence_interval.high, abs=0.1 * w)

@@ -33,12 +33,18 @@ from pmet.evaluation.summarize import summarize_file
 
 def _cf(case_id, new, true, schema="original", gen=()):
     return CounterFactRecord(
-        case_id=case_id, subject="Danielle Darrieux", prompt="The mother tongue of {} is",
-        target_new=new, target_true=true, relation_id="P103",
+        case_id=case_id,
+        subject="Danielle Darrieux",
+        prompt="The mother tongue of {} is",
+        target_new=new,
+        target_true=true,
+        relation_id="P103",
         paraphrase_prompts=("Danielle Darrieux spoke the language", "Danielle Darrieux, a native"),
         neighborhood_prompts=("The mother tongue of Paris is", "The native language of Rome is", "Apple makes the"),
         attribute_prompts=("Michael Jordan is a native speaker of",) if schema == "original" else (),
-        generation_prompts=tuple(gen), neighborhood_target=true, schema=schema,
+        generation_prompts=tuple(gen),
+        neighborhood_target=true,
+        schema=schema,
     )
 
 
@@ -127,9 +133,17 @@ def test_forced_token_gives_efficacy_one_specificity_zero(name):
     assert s["efficacy"] == 100.0 and s["specificity"] == 0.0 and s["score"] == 0.0
     assert s["efficacy_n"] == 2
 
-    zrec = ZsreRecord(case_id=0, subject="France", src="What is the capital of France?",
-                      rephrase="Which city is the capital of France?", answer="London", true_answers=(new,),
-                      loc="nq question: what does apple make", loc_ans="iPhone", pred="")
+    zrec = ZsreRecord(
+        case_id=0,
+        subject="France",
+        src="What is the capital of France?",
+        rephrase="Which city is the capital of France?",
+        answer="London",
+        true_answers=(new,),
+        loc="nq question: what does apple make",
+        loc_ans="iPhone",
+        pred="",
+    )
     zrows = evaluate_zsre(model, tok, [zrec], progress=False)  # target="memit": answers[0] = Paris
     assert zrows[0]["efficacy"] == 1.0 and zrows[0]["generalization"] == 1.0
     assert zrows[0]["specificity"] == 0.0
@@ -149,9 +163,17 @@ def test_zsre_prompt_formatting(tiny_models, monkeypatch):
         return real(model, pairs, **kw)
 
     monkeypatch.setattr(z, "score_id_pairs", spy)
-    rec = ZsreRecord(case_id=3, subject="France", src="What is the capital of France?",
-                     rephrase="Which city is the capital of France?", answer="Rome", true_answers=("Paris",),
-                     loc="nq question: who plays the guitar", loc_ans="Toko Yasuda", pred="")
+    rec = ZsreRecord(
+        case_id=3,
+        subject="France",
+        src="What is the capital of France?",
+        rephrase="Which city is the capital of France?",
+        answer="Rome",
+        true_answers=("Paris",),
+        loc="nq question: who plays the guitar",
+        loc_ans="Toko Yasuda",
+        pred="",
+    )
     z.evaluate_zsre(model, tok, [rec], progress=False)
     assert seen[0] == (prompt_ids(tok, rec.src), target_ids(tok, "Paris"))
     assert seen[1] == (prompt_ids(tok, rec.rephrase), target_ids(tok, "Paris"))
@@ -214,7 +236,8 @@ def test_fluency_repeated_lower_than_varied():
     expected = np.mean([2 / 3 * np.log2(3), 4 / 3 * np.log2(2)])
     assert compute_n_gram_entropy("a b c d") == pytest.approx(expected)
     assert n_gram_entropy([rep, varied]) == pytest.approx(
-        (compute_n_gram_entropy(rep) + compute_n_gram_entropy(varied)) / 2)
+        (compute_n_gram_entropy(rep) + compute_n_gram_entropy(varied)) / 2
+    )
 
 
 def test_generation_deterministic_and_batch_independent(tiny_models):
@@ -240,12 +263,17 @@ def test_generation_matches_unpadded_sampling(tiny):
 
 def test_consistency_proxy(tmp_path, monkeypatch):
     root = tmp_path / "data"
-    for rel in ("wikitext/wikitext-103-train-head/wiki.train.tokens.head.txt",
-                "wikitext/wikitext-2-raw/wiki.valid.raw.txt", "wikitext/wikitext-2-raw/wiki.test.raw.txt"):
+    for rel in (
+        "wikitext/wikitext-103-train-head/wiki.train.tokens.head.txt",
+        "wikitext/wikitext-2-raw/wiki.valid.raw.txt",
+        "wikitext/wikitext-2-raw/wiki.test.raw.txt",
+    ):
         p = root / rel
         p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(" = Title = \n English is spoken in England and London . \n Paris is in France . \n"
-                     " The cat sat on the mat . \n")
+        p.write_text(
+            " = Title = \n English is spoken in England and London . \n Paris is in France . \n"
+            " The cat sat on the mat . \n"
+        )
     scorer = ConsistencyScorer(data_dir=root)
     assert scorer.metric_name == "consistency_proxy"
     rec = _cf(0, "English", "French")
@@ -268,10 +296,13 @@ def test_counterfact_generation_only_full_records(tiny_models, tmp_path, monkeyp
         def score(self, record, texts):
             return {"consistency_proxy": 0.5, "consistency_source": "corpus", "n_references": 1}
 
-    recs = [_cf(0, "Paris", "London", gen=("The capital of France is", "Paris is")),
-            _cf(1, "Paris", "London", schema="reduced")]
-    rows = evaluate_counterfact(model, tok, recs, generation=True, progress=False, consistency=DummyScorer(),
-                                max_out_len=12)
+    recs = [
+        _cf(0, "Paris", "London", gen=("The capital of France is", "Paris is")),
+        _cf(1, "Paris", "London", schema="reduced"),
+    ]
+    rows = evaluate_counterfact(
+        model, tok, recs, generation=True, progress=False, consistency=DummyScorer(), max_out_len=12
+    )
     assert "fluency" in rows[0] and len(rows[0]["generated"]) == 2
     assert "fluency" not in rows[1]
     s = summarize_counterfact(rows)
@@ -325,10 +356,20 @@ def test_results_file_roundtrip(tmp_path):
 
 def test_zsre_summary(tiny_models):
     model, tok = tiny_models["tiny-gptj"]
-    recs = [ZsreRecord(case_id=i, subject="France", src="What is the capital of France?",
-                       rephrase="Which city is the capital of France?", answer="Rome",
-                       true_answers=("Paris is big",), loc="nq question: who plays the guitar",
-                       loc_ans="Toko Yasuda", pred="") for i in range(3)]
+    recs = [
+        ZsreRecord(
+            case_id=i,
+            subject="France",
+            src="What is the capital of France?",
+            rephrase="Which city is the capital of France?",
+            answer="Rome",
+            true_answers=("Paris is big",),
+            loc="nq question: who plays the guitar",
+            loc_ans="Toko Yasuda",
+            pred="",
+        )
+        for i in range(3)
+    ]
     rows = evaluate_zsre(model, tok, recs, progress=False, batch_size=2)
     s = summarize_zsre(rows, ci="bootstrap")
     assert s["n_records"] == 3 and s["ci_method"] == "bootstrap"
@@ -342,14 +383,25 @@ def test_consistency_exact_rome_files(tmp_path):
     idf = np.array([1.5, 2.0, 2.5, 1.0, 3.0])
     np.save(tmp_path / "idf.npy", idf)
     (tmp_path / "tfidf_vocab.json").write_text(json.dumps(vocab))
-    snips = [{"relation_id": "P103", "target_id": "Q1860",
-              "samples": [{"name": "X", "text": "English is spoken in England."},
-                          {"name": "Y", "text": "English mat"}]}]
+    snips = [
+        {
+            "relation_id": "P103",
+            "target_id": "Q1860",
+            "samples": [{"name": "X", "text": "English is spoken in England."}, {"name": "Y", "text": "English mat"}],
+        }
+    ]
     (tmp_path / "attribute_snippets.json").write_text(json.dumps(snips))
     scorer = ConsistencyScorer(data_dir=tmp_path)
     assert scorer.metric_name == "consistency" and scorer.exact
-    rec = CounterFactRecord(case_id=0, subject="S", prompt="{} speaks", target_new="English", target_true="French",
-                            relation_id="P103", target_new_id="Q1860")
+    rec = CounterFactRecord(
+        case_id=0,
+        subject="S",
+        prompt="{} speaks",
+        target_new="English",
+        target_true="French",
+        relation_id="P103",
+        target_new_id="Q1860",
+    )
     gen = ["English cat cat"]
     got = scorer.score(rec, gen)
     assert got["consistency_source"] == "attribute_snippets" and got["n_references"] == 2
@@ -379,9 +431,13 @@ def test_bucketed_batches_cover_rows_and_pad_less():
 
     def padded(bs):
         return sum(len(b) * max(lengths[i] for i in b) for b in bs)
+
     assert padded(_batches(lengths, 64, 4, 1)) == sum(lengths)  # a new batch at every length change
-    assert padded(_batches(lengths, 64, 4, 1)) <= padded(_batches(lengths, 64, 4, 20)) <= padded(
-        _batches(lengths, 64, 4, None))
+    assert (
+        padded(_batches(lengths, 64, 4, 1))
+        <= padded(_batches(lengths, 64, 4, 20))
+        <= padded(_batches(lengths, 64, 4, None))
+    )
 
 
 @pytest.mark.parametrize("fast", [True, False])
@@ -400,13 +456,22 @@ def _varied_records(n=6):
     recs = []
     for i in range(n):
         s = subjects[i % len(subjects)]
-        recs.append(CounterFactRecord(
-            case_id=i, subject=s, prompt="The mother tongue of {} is", target_new=news[i % len(news)],
-            target_true=news[(i + 1) % len(news)], relation_id="P103",
-            paraphrase_prompts=(f"{s} spoke the language", f"It rains. {s}, a native" + " really" * i),
-            neighborhood_prompts=tuple(f"The native language of {x} is" for x in subjects[: 2 + i % 4]),
-            attribute_prompts=(), generation_prompts=(f"{s} is", f"The language of {s} is"),
-            neighborhood_target=news[(i + 1) % len(news)], schema="original"))
+        recs.append(
+            CounterFactRecord(
+                case_id=i,
+                subject=s,
+                prompt="The mother tongue of {} is",
+                target_new=news[i % len(news)],
+                target_true=news[(i + 1) % len(news)],
+                relation_id="P103",
+                paraphrase_prompts=(f"{s} spoke the language", f"It rains. {s}, a native" + " really" * i),
+                neighborhood_prompts=tuple(f"The native language of {x} is" for x in subjects[: 2 + i % 4]),
+                attribute_prompts=(),
+                generation_prompts=(f"{s} is", f"The language of {s} is"),
+                neighborhood_target=news[(i + 1) % len(news)],
+                schema="original",
+            )
+        )
     return recs
 
 
@@ -422,10 +487,20 @@ def test_counterfact_and_zsre_fast_equal_legacy(tiny_models):
             for x, y in zip(a[g], b[g]):
                 assert x["target_new"] == pytest.approx(y["target_new"], abs=1e-5)
                 assert x["target_true"] == pytest.approx(y["target_true"], abs=1e-5)
-    zrecs = [ZsreRecord(case_id=i, src=f"What is the capital of {c}?", rephrase=f"Capital city of {c}?",
-                        true_answers=(a,), answer=a, loc=f"nq question: who wrote {c}", loc_ans="the author of it",
-                        subject=c, pred="") for i, (c, a) in enumerate([("France", "Paris"), ("Italy", "Rome city"),
-                                                              ("Spain", "Madrid is it")])]
+    zrecs = [
+        ZsreRecord(
+            case_id=i,
+            src=f"What is the capital of {c}?",
+            rephrase=f"Capital city of {c}?",
+            true_answers=(a,),
+            answer=a,
+            loc=f"nq question: who wrote {c}",
+            loc_ans="the author of it",
+            subject=c,
+            pred="",
+        )
+        for i, (c, a) in enumerate([("France", "Paris"), ("Italy", "Rome city"), ("Spain", "Madrid is it")])
+    ]
     zf = evaluate_zsre(model, tok, zrecs, progress=False, impl="fast")
     zl = evaluate_zsre(model, tok, zrecs, progress=False, impl="legacy")
     for a, b in zip(zf, zl):
@@ -444,8 +519,9 @@ def test_static_generation_equals_legacy_shapes_and_seeds(tiny):
     keys = [(0, j) for j in range(4)]
     static = generate_fast(model, tok, prompts, keys=keys, max_out_len=18, impl="static", batch_size=4)
     legacy = generate_fast(model, tok, prompts, keys=keys, max_out_len=18, impl="legacy", batch_size=4)
-    one_by_one = [generate_fast(model, tok, [p], keys=[k], max_out_len=18, batch_size=1)[0]
-                  for p, k in zip(prompts, keys)]
+    one_by_one = [
+        generate_fast(model, tok, [p], keys=[k], max_out_len=18, batch_size=1)[0] for p, k in zip(prompts, keys)
+    ]
     assert static == legacy == one_by_one
     assert static != generate_fast(model, tok, prompts, keys=keys, max_out_len=18, seed=1)
     # the decoders themselves: one token per step per row, the same ids
@@ -476,12 +552,30 @@ def test_generation_bf16_option(tiny_models, tmp_path):
 
     recs = _varied_records(2)
     out = tmp_path / "cf.jsonl"
-    evaluate_counterfact(model, tok, recs, generation=True, progress=False, consistency=DummyScorer(),
-                         max_out_len=12, out_path=out, gen_dtype="bfloat16")
+    evaluate_counterfact(
+        model,
+        tok,
+        recs,
+        generation=True,
+        progress=False,
+        consistency=DummyScorer(),
+        max_out_len=12,
+        out_path=out,
+        gen_dtype="bfloat16",
+    )
     assert load_results(out)[0]["gen_dtype"] == "bfloat16"
     with pytest.raises(ValueError):  # a float32 run cannot resume a bf16 file
-        evaluate_counterfact(model, tok, recs, generation=True, progress=False, consistency=DummyScorer(),
-                             max_out_len=12, out_path=out, gen_dtype="float32")
+        evaluate_counterfact(
+            model,
+            tok,
+            recs,
+            generation=True,
+            progress=False,
+            consistency=DummyScorer(),
+            max_out_len=12,
+            out_path=out,
+            gen_dtype="float32",
+        )
 
 
 def test_batched_generation_eval_resumes_from_partial_file(tiny_models, tmp_path):

@@ -7,8 +7,9 @@ from pmet.layouts import LAYOUTS
 
 
 def _batch(tok):
-    return tok(["The mother tongue of Danielle Darrieux is", "Paris is the capital of"],
-               return_tensors="pt", padding=True)
+    return tok(
+        ["The mother tongue of Danielle Darrieux is", "Paris is the capital of"], return_tensors="pt", padding=True
+    )
 
 
 def test_tiny_loading_is_deterministic():

@@ -24,9 +24,14 @@ def _run(name: str, tmp_path: Path, monkeypatch, **params) -> Path:
     # the explicit parameters below are what is tested: the CI switch must not replace them
     monkeypatch.delenv("PMET_NOTEBOOK_SMALL", raising=False)
     out = tmp_path / "out"
-    papermill.execute_notebook(str(NOTEBOOKS / f"{name}.ipynb"), str(tmp_path / f"{name}.ipynb"),
-                               parameters={**params, "out_dir": str(out), "cache_dir": str(tmp_path / "cache")},
-                               cwd=str(NOTEBOOKS), progress_bar=False, kernel_name=notebook_kernel())
+    papermill.execute_notebook(
+        str(NOTEBOOKS / f"{name}.ipynb"),
+        str(tmp_path / f"{name}.ipynb"),
+        parameters={**params, "out_dir": str(out), "cache_dir": str(tmp_path / "cache")},
+        cwd=str(NOTEBOOKS),
+        progress_bar=False,
+        kernel_name=notebook_kernel(),
+    )
     return out
 
 
@@ -36,8 +41,15 @@ def _numbers(cell) -> float:
 
 
 def test_table1_papermill_writes_complete_tables(tmp_path, monkeypatch):
-    out = _run("table1", tmp_path, monkeypatch, models=["tiny-llama"], n_edits=3,
-               methods=["none", "memit", "pmet"], generation=False)
+    out = _run(
+        "table1",
+        tmp_path,
+        monkeypatch,
+        models=["tiny-llama"],
+        n_edits=3,
+        methods=["none", "memit", "pmet"],
+        generation=False,
+    )
     stem = out / "tables" / "table1_tiny-llama"
     for ext in ("csv", "md", "tex"):
         assert stem.with_suffix(f".{ext}").stat().st_size > 0
@@ -59,8 +71,9 @@ def test_table1_papermill_writes_complete_tables(tmp_path, monkeypatch):
 
 def test_fig4_papermill_writes_figure_and_data(tmp_path, monkeypatch):
     methods = ["pmet", "pmet-with-attn-weights"]
-    out = _run("fig4_delta_norms", tmp_path, monkeypatch, model="tiny-gptj", n_edits=2, methods=methods,
-               generation=False)
+    out = _run(
+        "fig4_delta_norms", tmp_path, monkeypatch, model="tiny-gptj", n_edits=2, methods=methods, generation=False
+    )
     for ext in ("png", "pdf"):
         assert (out / "figures" / f"fig4_delta_norms_tiny-gptj.{ext}").stat().st_size > 1000
     df = pd.read_csv(out / "tables" / "fig4_delta_norms_tiny-gptj.csv")
@@ -83,10 +96,22 @@ def test_rerender_repeats_the_recorded_parameters(tmp_path, monkeypatch):
     source.write_text((NOTEBOOKS / "table3.ipynb").read_text())
     rendered = tmp_path / "notebooks" / "rendered" / "table3_tiny.ipynb"
     out = tmp_path / "out"
-    params = {"model": "tiny-llama", "edit_counts": [2], "methods": ["pmet", "pmet-even-spread"],
-              "generation": False, "out_dir": str(out), "cache_dir": str(tmp_path / "cache")}
-    papermill.execute_notebook(str(source), str(rendered), parameters=params, cwd=str(source.parent),
-                               progress_bar=False, kernel_name=notebook_kernel())
+    params = {
+        "model": "tiny-llama",
+        "edit_counts": [2],
+        "methods": ["pmet", "pmet-even-spread"],
+        "generation": False,
+        "out_dir": str(out),
+        "cache_dir": str(tmp_path / "cache"),
+    }
+    papermill.execute_notebook(
+        str(source),
+        str(rendered),
+        parameters=params,
+        cwd=str(source.parent),
+        progress_bar=False,
+        kernel_name=notebook_kernel(),
+    )
     assert recorded_run(rendered) == (source.resolve(), params)
     table = out / "tables" / "table3_tiny-llama.csv"
     first = table.read_text()
@@ -105,8 +130,16 @@ def _copy_of_repository(tmp_path: Path) -> Path:
     import subprocess
 
     root = NOTEBOOKS.parent
-    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=root,
-                           check=True, capture_output=True).stdout.decode().split("\0")
+    files = (
+        subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=root,
+            check=True,
+            capture_output=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     copy = tmp_path / "repo"
     for f in filter(None, files):
         if (root / f).is_file():
@@ -130,13 +163,25 @@ def test_a_default_run_leaves_every_committed_file_unchanged(tmp_path, monkeypat
     copy = _copy_of_repository(tmp_path)
     monkeypatch.delenv("PMET_NOTEBOOK_SMALL", raising=False)
     monkeypatch.setenv("PYTHONPATH", str(copy / "src"))  # the kernel imports the copy: REPO_ROOT is the copy
-    params = {"models": ["tiny-llama"], "n_edits": 2, "methods": ["none", "pmet"], "generation": False,
-              "cache_dir": str(tmp_path / "cache")}
+    params = {
+        "models": ["tiny-llama"],
+        "n_edits": 2,
+        "methods": ["none", "pmet"],
+        "generation": False,
+        "cache_dir": str(tmp_path / "cache"),
+    }
     nbs = copy / "notebooks"
-    papermill.execute_notebook(str(nbs / "table1.ipynb"), str(tmp_path / "t1.ipynb"), parameters=params,
-                               cwd=str(nbs), progress_bar=False, kernel_name=notebook_kernel())
-    status = subprocess.run(["git", "status", "--porcelain", "--ignored"], cwd=copy, check=True,
-                            capture_output=True, text=True).stdout.split("\n")
+    papermill.execute_notebook(
+        str(nbs / "table1.ipynb"),
+        str(tmp_path / "t1.ipynb"),
+        parameters=params,
+        cwd=str(nbs),
+        progress_bar=False,
+        kernel_name=notebook_kernel(),
+    )
+    status = subprocess.run(
+        ["git", "status", "--porcelain", "--ignored"], cwd=copy, check=True, capture_output=True, text=True
+    ).stdout.split("\n")
     assert [s for s in status if s and not s.startswith("!! ")] == []  # nothing committed changed
     (run_out,) = (copy / "out").iterdir()
     assert run_out.name.startswith("table1-")
@@ -144,9 +189,16 @@ def test_a_default_run_leaves_every_committed_file_unchanged(tmp_path, monkeypat
     (stored,) = (run_out / "results" / "tiny-llama" / "counterfact").glob("pmet_n2_seed0_hp*.jsonl.gz")
     run = read_run(stored)
     assert run.spec["method"] == "pmet" and run.spec["n_edits"] == 2 and len(run.rows) == 2
-    assert run.summary["efficacy"] == json.loads((run_out / "tables" / "table1_tiny-llama.json").read_text()
-                                                 )["tiny-llama"]["pmet"]["efficacy"]
+    assert (
+        run.summary["efficacy"]
+        == json.loads((run_out / "tables" / "table1_tiny-llama.json").read_text())["tiny-llama"]["pmet"]["efficacy"]
+    )
     with pytest.raises(papermill.PapermillExecutionError, match="overwrite True"):
-        papermill.execute_notebook(str(nbs / "table1.ipynb"), str(tmp_path / "t2.ipynb"),
-                                   parameters={**params, "out_dir": str(copy)}, cwd=str(nbs), progress_bar=False,
-                                   kernel_name=notebook_kernel())
+        papermill.execute_notebook(
+            str(nbs / "table1.ipynb"),
+            str(tmp_path / "t2.ipynb"),
+            parameters={**params, "out_dir": str(copy)},
+            cwd=str(nbs),
+            progress_bar=False,
+            kernel_name=notebook_kernel(),
+        )

@@ -86,7 +86,8 @@ def test_null_space_fields_leave_existing_cache_keys_alone():
         assert _hparams_id(ns) != _hparams_id(hp)
         # the ns variant reads the same file and switches as its base method
         assert {k: v for k, v in ns.to_dict().items() if k not in ("method", "null_space")} == {
-            k: v for k, v in d.items() if k != "method"}
+            k: v for k, v in d.items() if k != "method"
+        }
 
 
 # ---------------------------------------------------------------------------------------------- tiny models

@@ -22,29 +22,45 @@ SUBSET = "counterfact/counterfact_subset_merged.json"
 @pytest.fixture(autouse=True)
 def offline(monkeypatch):
     """No test here touches the network: a download attempt fails at once."""
+
     def fail(url, *args, **kwargs):
         raise urllib.error.URLError(f"network disabled in tests ({url})")
+
     monkeypatch.setattr(D, "_download", fail)
 
 
 def _original(i: int) -> dict:
     """A synthetic record in ROME's full CounterFact schema."""
     subject = f"Person {i}"
-    return {"case_id": i, "pararel_idx": i,
-            "requested_rewrite": {"prompt": "The mother tongue of {} is", "relation_id": "P103",
-                                  "target_new": {"str": "English", "id": "Q1860"},
-                                  "target_true": {"str": "French", "id": "Q150"}, "subject": subject},
-            "paraphrase_prompts": [f"{subject} speaks", f"{subject} was raised speaking"],
-            "neighborhood_prompts": [f"The mother tongue of Other {i} is"] * 10,
-            "attribute_prompts": [f"The mother tongue of Third {i} is"] * 10,
-            "generation_prompts": [f"{subject} often says"] * 10}
+    return {
+        "case_id": i,
+        "pararel_idx": i,
+        "requested_rewrite": {
+            "prompt": "The mother tongue of {} is",
+            "relation_id": "P103",
+            "target_new": {"str": "English", "id": "Q1860"},
+            "target_true": {"str": "French", "id": "Q150"},
+            "subject": subject,
+        },
+        "paraphrase_prompts": [f"{subject} speaks", f"{subject} was raised speaking"],
+        "neighborhood_prompts": [f"The mother tongue of Other {i} is"] * 10,
+        "attribute_prompts": [f"The mother tongue of Third {i} is"] * 10,
+        "generation_prompts": [f"{subject} often says"] * 10,
+    }
 
 
 def _reduced(i: int) -> dict:
     subject = f"Person {i}"
-    return {"case_id": i, "prompt": f"The mother tongue of {subject} is", "target_new": "English",
-            "subject": subject, "ground_truth": "French", "rephrase_prompt": f"{subject} speaks",
-            "locality_prompt": "The mother tongue of Other is", "locality_ground_truth": "French"}
+    return {
+        "case_id": i,
+        "prompt": f"The mother tongue of {subject} is",
+        "target_new": "English",
+        "subject": subject,
+        "ground_truth": "French",
+        "rephrase_prompt": f"{subject} speaks",
+        "locality_prompt": "The mother tongue of Other is",
+        "locality_ground_truth": "French",
+    }
 
 
 def _write(root: Path, rel: str, obj) -> None:
@@ -109,8 +125,20 @@ def test_missing_complete_file_is_one_clear_error(small_data):
 def test_missing_file_cli_error_has_no_traceback(small_data, capsys):
     from pmet.cli import main
 
-    rc = main(["run", "--model", "tiny-gptj", "--artifact", "table1", "--methods", "none", "--n-edits", "10000",
-               "--no-generation"])
+    rc = main(
+        [
+            "run",
+            "--model",
+            "tiny-gptj",
+            "--artifact",
+            "table1",
+            "--methods",
+            "none",
+            "--n-edits",
+            "10000",
+            "--no-generation",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("pmet: error: ") and CF_URL in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
@@ -124,8 +152,11 @@ def test_git_blob_checksum(tmp_path, monkeypatch):
         assert D.git_blob_sha1(f) == expect.strip()
     # a download whose git blob id differs is refused (and not left behind)
     monkeypatch.setenv("PMET_DATA_DIR", str(tmp_path / "d"))
-    monkeypatch.setattr(D, "_download", lambda url, dest, *a, **k: (dest.parent.mkdir(parents=True, exist_ok=True),
-                                                                    dest.write_text("[]")))
+    monkeypatch.setattr(
+        D,
+        "_download",
+        lambda url, dest, *a, **k: (dest.parent.mkdir(parents=True, exist_ok=True), dest.write_text("[]")),
+    )
     with pytest.raises(D.DataNotFoundError, match="wrong git blob id"):
         D.ensure_file("counterfact.json")
     assert not (tmp_path / "d" / "counterfact.json").exists()

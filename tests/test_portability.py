@@ -32,7 +32,7 @@ def test_portability_questions_join_counterfact_by_case_id(full_data):
     full = {r.case_id: r for r in load_counterfact("full", data_dir=full_data)}
     assert set(q) <= set(full)
     spike = next(r for r in full.values() if r.subject == "Spike Hughes")
-    (question, answer), = q[spike.case_id]
+    ((question, answer),) = q[spike.case_id]
     assert "Spike Hughes" in question and answer == "Cheesesteaks" and spike.target_new == "Philadelphia"
 
 
@@ -47,7 +47,7 @@ def test_portability_is_teacher_forced_token_accuracy(tiny_models):
         p, t = prompt_ids(tok, q), target_ids(tok, a)
         with torch.no_grad():
             logits = model(input_ids=torch.tensor([p + t])).logits[0]
-        pred = logits[len(p) - 1:len(p) + len(t) - 1].argmax(-1).tolist()
+        pred = logits[len(p) - 1 : len(p) + len(t) - 1].argmax(-1).tolist()
         return sum(x == y for x, y in zip(pred, t)) / len(t)
 
     assert got[7] == pytest.approx(by_hand(*questions[7][0]))
@@ -62,8 +62,14 @@ def test_table_1_shows_portability_only_where_summaries_have_it():
     base = {"n_edits": 10, "score": 50.0, "efficacy": 90.0}
     plain = grid_table({"m": {"pmet": dict(base)}})
     assert "Portability" not in plain.columns
-    with_p = grid_table({"m": {"pmet": {**base, "portability": 12.5, "portability_ci": (5.0, 20.0),
-                                        "portability_n": 7}, "memit": dict(base)}})
+    with_p = grid_table(
+        {
+            "m": {
+                "pmet": {**base, "portability": 12.5, "portability_ci": (5.0, 20.0), "portability_n": 7},
+                "memit": dict(base),
+            }
+        }
+    )
     assert list(with_p["Portability"]) == ["12.5 [5.0, 20.0]", "n/a"]
     assert list(with_p["n portability"]) == [7, 0]
 

@@ -43,8 +43,9 @@ def known_file(tmp_path, monkeypatch):
     monkeypatch.setenv("PMET_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(D, "_VERIFIED", {})
     url = "https://example.org/facts.json"
-    monkeypatch.setitem(D.KNOWN_FILES, "x/facts.json",
-                        D.RemoteFile(url, hashlib.sha256(PAYLOAD).hexdigest(), size=len(PAYLOAD)))
+    monkeypatch.setitem(
+        D.KNOWN_FILES, "x/facts.json", D.RemoteFile(url, hashlib.sha256(PAYLOAD).hexdigest(), size=len(PAYLOAD))
+    )
     path = tmp_path / "data" / "x" / "facts.json"
     path.parent.mkdir(parents=True)
     path.write_bytes(PAYLOAD)
@@ -179,8 +180,10 @@ def test_zeroed_value_entry_is_detected_and_recomputed(tiny_models, tmp_cache):
     from pmet.editing import edit
 
     model, tok = tiny_models["tiny-llama"]
-    reqs = [{"prompt": "The mother tongue of {}", "subject": "Danielle Darrieux", "target_new": "Paris"},
-            {"prompt": "{} plays the", "subject": "Toko Yasuda", "target_new": "basketball"}]
+    reqs = [
+        {"prompt": "The mother tongue of {}", "subject": "Danielle Darrieux", "target_new": "Paris"},
+        {"prompt": "{} plays the", "subject": "Toko Yasuda", "target_new": "basketball"},
+    ]
 
     def run(**kw):
         result = edit(model, tok, reqs, method="pmet", cache_dir=tmp_cache, progress=False, **kw)
@@ -273,8 +276,9 @@ def _start_and_kill(runs: dict) -> None:
     procs = {}
     for cache, (stage, _) in runs.items():
         env = {**os.environ, "PMET_CACHE_DIR": str(cache), "OMP_NUM_THREADS": "1"}
-        procs[cache] = subprocess.Popen([sys.executable, "-c", RUN, stage], env=env, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.PIPE)
+        procs[cache] = subprocess.Popen(
+            [sys.executable, "-c", RUN, stage], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
     deadline = time.monotonic() + 300
     try:
         while any(p.returncode is None for p in procs.values()):
@@ -285,8 +289,10 @@ def _start_and_kill(runs: dict) -> None:
                     proc.send_signal(signal.SIGKILL)
                     proc.wait()
                 elif proc.poll() is not None:
-                    pytest.fail(f"the run on {cache.name} ended (rc={proc.returncode}) before it could be killed: "
-                                f"{proc.stderr.read().decode()[-2000:]}")
+                    pytest.fail(
+                        f"the run on {cache.name} ended (rc={proc.returncode}) before it could be killed: "
+                        f"{proc.stderr.read().decode()[-2000:]}"
+                    )
             assert time.monotonic() < deadline, "a run never reached the point to kill it at"
             time.sleep(0.01)
     finally:

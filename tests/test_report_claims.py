@@ -1,4 +1,3 @@
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -25,9 +24,11 @@ def test_run_grid_per_model_methods_and_sizes(tmp_path, monkeypatch):
     from pmet import experiments
 
     calls = []
-    monkeypatch.setattr(experiments, "run_edit_eval",
-                        lambda model, tok, spec, **k:
-                        calls.append((model, spec.method, spec.n_edits)) or {"n_edits": spec.n_edits})
+    monkeypatch.setattr(
+        experiments,
+        "run_edit_eval",
+        lambda model, tok, spec, **k: calls.append((model, spec.method, spec.n_edits)) or {"n_edits": spec.n_edits},
+    )
     monkeypatch.setattr("pmet.models.load_model", lambda name, device="cpu": (name, None))
     grid = experiments.run_grid(["a", "b"], {"a": ["none", "pmet"], "b": ["pmet"]}, n_edits={"a": 3, "b": 2})
     assert calls == [("a", "none", 3), ("a", "pmet", 3), ("b", "pmet", 2)]
@@ -57,8 +58,9 @@ def test_configure_reads_json_lists_and_dicts_given_as_text(monkeypatch):
     from pmet.notebook import configure
 
     monkeypatch.delenv("PMET_NOTEBOOK_SMALL", raising=False)
-    cfg = configure({"models": '["a", "b"]', "n_edits": '{"a": 3}', "model": "smollm2", "methods": ["x"],
-                     "out_dir": "."})
+    cfg = configure(
+        {"models": '["a", "b"]', "n_edits": '{"a": 3}', "model": "smollm2", "methods": ["x"], "out_dir": "."}
+    )
     assert cfg.models == ["a", "b"] and cfg.n_edits == {"a": 3} and cfg.model == "smollm2" and cfg.methods == ["x"]
     with pytest.raises(ValueError, match="-y"):
         configure({"models": "[smollm2, gemma]", "out_dir": "."})
@@ -67,15 +69,30 @@ def test_configure_reads_json_lists_and_dicts_given_as_text(monkeypatch):
 def _run(tmp_path, method, rows, n=None, seed=0, dataset="counterfact", **summary):
     from pmet.runstore import write_run
 
-    spec = {"model": "m", "dataset": dataset, "method": method, "n_edits": n or len(rows), "seed": seed,
-            "generation": True, "value_autocast": None, "overrides": {}}
+    spec = {
+        "model": "m",
+        "dataset": dataset,
+        "method": method,
+        "n_edits": n or len(rows),
+        "seed": seed,
+        "generation": True,
+        "value_autocast": None,
+        "overrides": {},
+    }
     return write_run(tmp_path / "results" / f"{method}_n{spec['n_edits']}_s{seed}.jsonl.gz", spec, summary, rows)
 
 
 def _cf_rows(eff, gen, spec, flu=None):
-    return [{"case_id": i, "efficacy": e, "generalization": g, "specificity": s,
-             **({"fluency": f} if flu is not None else {})}
-            for i, (e, g, s, f) in enumerate(zip(eff, gen, spec, flu if flu is not None else [None] * len(eff)))]
+    return [
+        {
+            "case_id": i,
+            "efficacy": e,
+            "generalization": g,
+            "specificity": s,
+            **({"fluency": f} if flu is not None else {}),
+        }
+        for i, (e, g, s, f) in enumerate(zip(eff, gen, spec, flu if flu is not None else [None] * len(eff)))
+    ]
 
 
 def test_claims_from_two_synthetic_run_files(tmp_path):
@@ -86,15 +103,19 @@ def test_claims_from_two_synthetic_run_files(tmp_path):
     gen = rng.choice([0.0, 0.5, 1.0], n)
     spec_m = rng.random(n)
     _run(tmp_path, "memit", _cf_rows([1.0] * 40 + [0.0] * 20, gen, spec_m, rng.normal(6, 0.1, n)))
-    _run(tmp_path, "pmet", _cf_rows([1.0] * 60, gen, spec_m - 0.2 - 0.01 * rng.random(n), rng.normal(6, 0.1, n)),
-         edit_seconds=10.0)
+    _run(
+        tmp_path,
+        "pmet",
+        _cf_rows([1.0] * 60, gen, spec_m - 0.2 - 0.01 * rng.random(n), rng.normal(6, 0.1, n)),
+        edit_seconds=10.0,
+    )
     ledger = write_claims(tmp_path, n_resamples=999)
     md = (tmp_path / "tables" / "claims.md").read_text()
     assert md.startswith("# The paper's claims") and "Holm" in md
     detail = pd.read_csv(tmp_path / "tables" / "claims_detail.csv")
     t1 = detail[(detail.artifact == "Table 1") & (detail.block == "GPT-J")].set_index("claim")
     eff = t1.loc["PMET > MEMIT on efficacy"]
-    assert eff.test.startswith("exact McNemar (20:0") and eff.p == pytest.approx(2 * 0.5 ** 20)
+    assert eff.test.startswith("exact McNemar (20:0") and eff.p == pytest.approx(2 * 0.5**20)
     assert eff["diff"] == pytest.approx(100 * 20 / 60, abs=1e-3) and eff.verdict == "holds"
     assert t1.loc["PMET > MEMIT on generalization"].verdict == "inconclusive"  # identical per record
     assert t1.loc["PMET < MEMIT on specificity"].verdict == "holds"
@@ -131,8 +152,14 @@ def test_claims_command_runs_on_the_committed_files(tmp_path):
 
     assert main(["report", "--out-dir", str(tmp_path), "--no-figures"]) == 0
     md = (tmp_path / "tables" / "claims.md").read_text()
-    for claim in ("PMET > FT-W on score", "PMET < MEND on specificity", "PMET > ROME on efficacy",
-                  "w/o δ^a < PMET on generalization", "PMET's edit time", "smallest of PMET"):
+    for claim in (
+        "PMET > FT-W on score",
+        "PMET < MEND on specificity",
+        "PMET > ROME on efficacy",
+        "w/o δ^a < PMET on generalization",
+        "PMET's edit time",
+        "smallest of PMET",
+    ):
         assert claim in md, claim
     assert "inconclusive (no CI)" not in md
     assert "Table 2" in md and "GPT-NeoX" in md and "10,000 edits" in md and "5,623 edits" in md
@@ -148,8 +175,12 @@ def test_table_cells_all_have_intervals_inside_0_100(tmp_path):
 
     perfect = _cf_rows([1.0, 1.0], [1.0, 1.0], [0.9, 1.0], [6.0, 6.1])
     mixed = _cf_rows([1.0, 0.0, 1.0], [0.5, 1.0, 0.0], [0.3, 0.6, 0.9], [5.0, 5.5, 6.0])
-    grid = {"m": {"pmet": {**summarize_counterfact(perfect), "n_edits": 2},
-                  "memit": {**summarize_counterfact(mixed), "n_edits": 3}}}
+    grid = {
+        "m": {
+            "pmet": {**summarize_counterfact(perfect), "n_edits": 2},
+            "memit": {**summarize_counterfact(mixed), "n_edits": 3},
+        }
+    }
     t = grid_table(grid)
     for col in ("Score", "Efficacy", "Generalization", "Specificity", "Fluency"):
         for cell in t[col]:
@@ -158,9 +189,19 @@ def test_table_cells_all_have_intervals_inside_0_100(tmp_path):
     assert t.loc[0, "Efficacy"].startswith("100.0 [") and t.loc[0, "Efficacy"] != "100.0 [100.0, 100.0]"
     paths = save_table(t, "table1_m", tmp_path, "Table 1.")
     assert "Wilson" in paths[1].read_text().splitlines()[0]
-    z = grid_table({"m": {"pmet": {**summarize_zsre([{"case_id": i, "efficacy": 1.0, "generalization": 0.5,
-                                                      "specificity": 0.0} for i in range(4)]), "n_edits": 4}}},
-                   "zsre")
+    z = grid_table(
+        {
+            "m": {
+                "pmet": {
+                    **summarize_zsre(
+                        [{"case_id": i, "efficacy": 1.0, "generalization": 0.5, "specificity": 0.0} for i in range(4)]
+                    ),
+                    "n_edits": 4,
+                }
+            }
+        },
+        "zsre",
+    )
     assert all("[" in c and "[0.0, 0.0]" not in c for c in z[["Efficacy", "Generalization", "Specificity"]].iloc[0])
     a = ablation_table({(2, "pmet"): grid["m"]["pmet"], (2, "pmet-even-spread"): grid["m"]["memit"]})
     assert "[" in a.loc[1, "Efficacy"] and "↓" in a.loc[1, "Efficacy"] and "interval_note" in a.attrs
@@ -176,10 +217,17 @@ def test_editors_without_value_vectors_pair_with_every_value_precision(tmp_path)
     n = 30
     rows_ft = _cf_rows([0.0] * 20 + [1.0] * 10, [0.5] * n, [0.5] * n)
     rows_pmet = _cf_rows([1.0] * n, [0.5] * n, [0.5] * n)
-    for method, rows, precision in (("ft", rows_ft, None), ("pmet", rows_pmet, "bfloat16"),
-                                    ("memit", rows_ft, None)):
-        spec = {"model": "m", "dataset": "counterfact", "method": method, "n_edits": n, "seed": 0,
-                "generation": False, "value_autocast": precision, "overrides": {}}
+    for method, rows, precision in (("ft", rows_ft, None), ("pmet", rows_pmet, "bfloat16"), ("memit", rows_ft, None)):
+        spec = {
+            "model": "m",
+            "dataset": "counterfact",
+            "method": method,
+            "n_edits": n,
+            "seed": 0,
+            "generation": False,
+            "value_autocast": precision,
+            "overrides": {},
+        }
         write_run(tmp_path / "results" / f"{method}.jsonl.gz", spec, {}, rows)
     write_claims(tmp_path, n_resamples=99)
     detail = pd.read_csv(tmp_path / "tables" / "claims_detail.csv")

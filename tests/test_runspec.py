@@ -28,8 +28,13 @@ def test_spec_validates_and_round_trips():
     assert RunSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
     assert spec.hparam_overrides() == {"clamp_norm_factor": 0.75}
     assert spec.replace(value_autocast="bfloat16").hparam_overrides()["v_autocast"] == "bfloat16"
-    for bad in (dict(dataset="zsre2"), dict(value_autocast="int8"), dict(n_edits=0), dict(n_edits=2.5),
-                dict(overrides={"v_autocast": "bfloat16"})):
+    for bad in (
+        dict(dataset="zsre2"),
+        dict(value_autocast="int8"),
+        dict(n_edits=0),
+        dict(n_edits=2.5),
+        dict(overrides={"v_autocast": "bfloat16"}),
+    ):
         with pytest.raises(ValueError):
             RunSpec("m", "pmet", **bad)
 
@@ -97,5 +102,8 @@ def test_run_files_get_finite_summaries():
     """A one-record run's CI is NaN; the committed run file (strict JSON) gets None there instead."""
     from pmet.notebook import _finite
 
-    assert _finite({"a": [float("nan"), 1.0], "b": {"c": float("inf")}, "d": "x"}) == {"a": [None, 1.0],
-                                                                                       "b": {"c": None}, "d": "x"}
+    assert _finite({"a": [float("nan"), 1.0], "b": {"c": float("inf")}, "d": "x"}) == {
+        "a": [None, 1.0],
+        "b": {"c": None},
+        "d": "x",
+    }

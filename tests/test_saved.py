@@ -82,8 +82,11 @@ def test_a_baseline_round_trip(tmp_cache, tmp_path, method):
     from pmet.editing.ft import FTHparams
     from pmet.editing.rome import RomeHparams
 
-    hp = (FTHparams(layers=(2,), num_steps=3, lr=1e-2, norm_constraint=2e-3) if method == "ft"
-          else RomeHparams(layer=1, v_num_grad_steps=5, mom2_n_tokens=1000))
+    hp = (
+        FTHparams(layers=(2,), num_steps=3, lr=1e-2, norm_constraint=2e-3)
+        if method == "ft"
+        else RomeHparams(layer=1, v_num_grad_steps=5, mom2_n_tokens=1000)
+    )
     model, tok = load_model("tiny-gptj")
     before = params_of(model)
     result = edit(model, tok, [REQ, REQ2], method=method, hparams=hp, progress=False)  # ROME: one after another
@@ -180,8 +183,21 @@ def test_save_edited_model_reloads_bit_exact(tmp_cache, tmp_path):
 def test_cli_edit_save(tmp_cache, tmp_path, capsys):
     from pmet.cli import main
 
-    rc = main(["edit", "--model", "tiny-llama", "--prompt", REQ["prompt"], "--target", "Paris", "--device", "cpu",
-               "--save", str(tmp_path / "e")])
+    rc = main(
+        [
+            "edit",
+            "--model",
+            "tiny-llama",
+            "--prompt",
+            REQ["prompt"],
+            "--target",
+            "Paris",
+            "--device",
+            "cpu",
+            "--save",
+            str(tmp_path / "e"),
+        ]
+    )
     assert rc == 0 and "saved the edit" in capsys.readouterr().out
     model, _ = load_model("tiny-llama")
     before = params_of(model)

@@ -125,8 +125,19 @@ def test_bad_arguments_are_clear_errors(tiny_models, tmp_path):
 
 
 def _rows(method, ppl, eff, recs):
-    return [{"method": method, "round": t, "n_edits": 10 * t, "perplexity": p, "efficacy": e, "delta_fro": float(t),
-             "retention_neighborhood": 100.0, "records": recs[t]} for t, (p, e) in enumerate(zip(ppl, eff))]
+    return [
+        {
+            "method": method,
+            "round": t,
+            "n_edits": 10 * t,
+            "perplexity": p,
+            "efficacy": e,
+            "delta_fro": float(t),
+            "retention_neighborhood": 100.0,
+            "records": recs[t],
+        }
+        for t, (p, e) in enumerate(zip(ppl, eff))
+    ]
 
 
 def test_collapse_point_and_claims_follow_the_numbers():

@@ -1,4 +1,3 @@
-
 import pytest
 import torch
 
@@ -9,8 +8,9 @@ from pmet.stats import add_gram, corpus_token_windows, key_second_moments, mirro
 def test_streamed_statistic_equals_direct(tiny, tmp_cache):
     model, tok = tiny
     layers = [1, 2]
-    stats = key_second_moments(model, tok, layers, n_tokens=700, seq_len=64, batch_size=3,
-                               dtype="float64", progress=False)
+    stats = key_second_moments(
+        model, tok, layers, n_tokens=700, seq_len=64, batch_size=3, dtype="float64", progress=False
+    )
     from pmet.data import load_text_corpus
 
     windows = corpus_token_windows(tok, load_text_corpus("wikitext"), 64, 700)

@@ -66,7 +66,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == "open":
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state:
                 found = dfs(nxt)
                 if found:
@@ -99,10 +99,25 @@ def test_the_cycle_finder_finds_cycles():
 
 # --------------------------------------------------------------------------------------------- registry
 def test_registry_holds_every_editor_in_table_order():
-    assert editor_names() == ("ft", "mend", "rome", "memit", "memit-ffn", "pmet", "pmet-no-attn-delta",
-                              "pmet-with-attn-weights", "pmet-even-spread", "pmet-ns", "memit-ns")
+    assert editor_names() == (
+        "ft",
+        "mend",
+        "rome",
+        "memit",
+        "memit-ffn",
+        "pmet",
+        "pmet-no-attn-delta",
+        "pmet-with-attn-weights",
+        "pmet-even-spread",
+        "pmet-ns",
+        "memit-ns",
+    )
     assert [display_label(m) for m in ("none", "ft", "pmet", "memit-ffn")] == [
-        "Unedited", "FT-W", "PMET", "MEMIT (δ on m^L)"]
+        "Unedited",
+        "FT-W",
+        "PMET",
+        "MEMIT (δ on m^L)",
+    ]
     assert {n for n, s in EDITORS.items() if s.sequential} == {"rome"}
     assert {n for n, s in EDITORS.items() if s.artifact_id is not None} == {"mend"}
 
@@ -147,8 +162,11 @@ def test_hparams_ids_of_committed_configurations_are_unchanged(method, autocast)
 
 
 def test_misspelled_override_raises_naming_the_valid_fields():
-    with pytest.raises(ValueError, match=r"unknown hyperparameter\(s\) \['v_autocats'\].*valid fields of "
-                                         r"EditHparams: .*v_autocast"):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown hyperparameter\(s\) \['v_autocats'\].*valid fields of "
+        r"EditHparams: .*v_autocast",
+    ):
         load_hparams("pmet", "smollm2", v_autocats="bfloat16")
     # a misspelling raises even where overrides apply only where they exist (experiments' call)
     with pytest.raises(ValueError, match="v_autocats"):
@@ -158,14 +176,20 @@ def test_misspelled_override_raises_naming_the_valid_fields():
 
 
 def test_override_of_another_editor_raises_unless_only_where_present():
-    with pytest.raises(ValueError, match=r"\['v_autocast'\] for ft .*only_where_present.*valid fields of "
-                                         r"FTHparams: .*num_steps"):
+    with pytest.raises(
+        ValueError,
+        match=r"\['v_autocast'\] for ft .*only_where_present.*valid fields of "
+        r"FTHparams: .*num_steps",
+    ):
         load_hparams("ft", "smollm2", v_autocast="bfloat16")
-    ft = load_hparams("ft", "smollm2", "counterfact", {"v_autocast": "bfloat16", "num_steps": 3},
-                      only_where_present=True)
+    ft = load_hparams(
+        "ft", "smollm2", "counterfact", {"v_autocast": "bfloat16", "num_steps": 3}, only_where_present=True
+    )
     assert ft.num_steps == 3 and ft == load_hparams("ft", "smollm2", num_steps=3)
-    assert load_hparams("rome", "smollm2", "counterfact", {"v_autocast": "bfloat16"},
-                        only_where_present=True).v_autocast == "bfloat16"
+    assert (
+        load_hparams("rome", "smollm2", "counterfact", {"v_autocast": "bfloat16"}, only_where_present=True).v_autocast
+        == "bfloat16"
+    )
     # None-valued overrides are dropped by the experiments' call, as before
     assert method_hparams("pmet", "smollm2", "counterfact", {"v_autocast": None}) == load_hparams("pmet", "smollm2")
 

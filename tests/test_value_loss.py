@@ -19,8 +19,20 @@ def test_value_loss_matches_a_hand_computation():
     kl_ref = torch.tensor([[0.5, 0.5]]).log()
     delta = torch.tensor([[3.0, 4.0]])  # ||δ|| = 5
     init = torch.tensor([[0.0, 2.0]])  # ||init||² = 4
-    out = value_loss(target_logp, tokens, prompt, request, prompt_len, kl_logp, kl_ref, [delta], [init],
-                     phi=0.5, mu=2.0, weight_decay=0.1)
+    out = value_loss(
+        target_logp,
+        tokens,
+        prompt,
+        request,
+        prompt_len,
+        kl_logp,
+        kl_ref,
+        [delta],
+        [init],
+        phi=0.5,
+        mu=2.0,
+        weight_decay=0.1,
+    )
     nll0 = -(math.log(0.75) + math.log(0.4)) / 2  # mean over the target's tokens
     nll1 = -math.log(0.8)
     nll = (nll0 + nll1) / 2  # (1/P) Σ_j
@@ -33,8 +45,20 @@ def test_value_loss_matches_a_hand_computation():
     assert math.isclose(float(out.prob), (math.exp(-nll0) + 0.8) / 2, rel_tol=1e-6)
     assert not bool(out.fit)  # the second token of prompt 0's target (0.4 < 0.6) is not the argmax
     # the target is the argmax everywhere (a tie counts) -> fit; zero KL against itself
-    fit = value_loss(torch.tensor([[0.9, 0.1], [0.5, 0.5], [0.2, 0.8]]).log(), tokens, prompt, request,
-                     prompt_len, kl_ref, kl_ref, [delta], [init], phi=1.0, mu=1.0, weight_decay=0.0)
+    fit = value_loss(
+        torch.tensor([[0.9, 0.1], [0.5, 0.5], [0.2, 0.8]]).log(),
+        tokens,
+        prompt,
+        request,
+        prompt_len,
+        kl_ref,
+        kl_ref,
+        [delta],
+        [init],
+        phi=1.0,
+        mu=1.0,
+        weight_decay=0.0,
+    )
     assert bool(fit.fit) and float(fit.kl) == 0.0 and float(fit.weight_decay) == 0.0
 
 
@@ -42,9 +66,20 @@ def test_value_loss_sums_deltas_and_keeps_requests_apart():
     # B=2 requests, P=1 prompt each, one-token targets; two δ's (δ^a and δ^m) per request
     target_logp = torch.tensor([[0.5, 0.5], [0.25, 0.75]]).log()
     ones = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
-    out = value_loss(target_logp, torch.tensor([0, 1]), torch.tensor([0, 1]), torch.tensor([0, 1]),
-                     torch.tensor([1.0, 1.0]), torch.zeros(2, 2), torch.zeros(2, 2), [ones, 2 * ones],
-                     [ones, ones], phi=torch.tensor([1.0, 0.1]), mu=1.0, weight_decay=1.0)
+    out = value_loss(
+        target_logp,
+        torch.tensor([0, 1]),
+        torch.tensor([0, 1]),
+        torch.tensor([0, 1]),
+        torch.tensor([1.0, 1.0]),
+        torch.zeros(2, 2),
+        torch.zeros(2, 2),
+        [ones, 2 * ones],
+        [ones, ones],
+        phi=torch.tensor([1.0, 0.1]),
+        mu=1.0,
+        weight_decay=1.0,
+    )
     wd = torch.tensor([1.0 + 2.0, 2.0 / 4 + 4.0 / 4])  # ||δ^a||/||init||² + ||δ^m||/||init||²
     torch.testing.assert_close(out.weight_decay, wd)
     torch.testing.assert_close(out.nll, torch.tensor([math.log(2), -math.log(0.75)]))

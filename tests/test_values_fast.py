@@ -16,16 +16,24 @@ from pmet.editing.tokens import build_value_batch, pad_id_of, split_at_subject
 from pmet.editing.value_cache import value_cache_key
 from pmet.editing.values import optimize_batch
 
-REQS = [{"prompt": "The mother tongue of {}", "subject": "Danielle Darrieux", "target_new": "Paris"},
-        {"prompt": "{} plays the", "subject": "Toko Yasuda", "target_new": "basketball"}]
+REQS = [
+    {"prompt": "The mother tongue of {}", "subject": "Danielle Darrieux", "target_new": "Paris"},
+    {"prompt": "{} plays the", "subject": "Toko Yasuda", "target_new": "basketball"},
+]
 # tiny-llama, critical layers of the model, 6 steps, both requests in one batch: values[:, :4] and row norms
 BEFORE = {
-    ("pmet", "mlp"): ([-0.003873, 0.059496, -0.043172, -0.036398, -0.010222, 0.007509, 0.039982, 0.027457],
-                      [0.28838, 0.26444]),
-    ("pmet", "attn"): ([-0.038411, -0.046192, -0.15849, -0.157318, -0.089665, 0.024239, 0.053861, 0.135044],
-                       [1.03266, 1.22331]),
-    ("memit", "block"): ([-0.05084, -0.074047, -0.289215, -0.379893, -0.199938, -0.14861, 0.110201, 0.451727],
-                         [2.07443, 2.45202]),
+    ("pmet", "mlp"): (
+        [-0.003873, 0.059496, -0.043172, -0.036398, -0.010222, 0.007509, 0.039982, 0.027457],
+        [0.28838, 0.26444],
+    ),
+    ("pmet", "attn"): (
+        [-0.038411, -0.046192, -0.15849, -0.157318, -0.089665, 0.024239, 0.053861, 0.135044],
+        [1.03266, 1.22331],
+    ),
+    ("memit", "block"): (
+        [-0.05084, -0.074047, -0.289215, -0.379893, -0.199938, -0.14861, 0.110201, 0.451727],
+        [2.07443, 2.45202],
+    ),
 }
 
 
@@ -77,7 +85,7 @@ def test_split_at_subject_keeps_the_tokens(tiny_models):
         suf = sp.suffix.input_ids[i][sp.suffix.attention_mask[i].bool()].tolist()
         row = bt.input_ids[i][bt.attention_mask[i].bool()].tolist()
         assert len(pre) == int(bt.lookup[i]) and suf[0] == row[len(pre)]
-        assert pre + suf == (row[:len(pre) + 1] if i in bt.kl_rows.tolist() else row)
+        assert pre + suf == (row[: len(pre) + 1] if i in bt.kl_rows.tolist() else row)
     # every target is read at the same token
     assert torch.equal(sp.suffix.input_ids[bt.t_rows, sp.suffix.t_pos], bt.input_ids[bt.t_rows, bt.t_pos])
 
@@ -121,8 +129,10 @@ def test_fast_option_is_in_the_cache_key_only_when_set():
     # keys printed by the code before v_fast existed: existing caches stay valid
     assert value_cache_key(mid, hp, 2, ["{}", "A. {}"], req) == "f382c3e0d886eb536047e0640551263c"
     assert value_cache_key(mid, hp.with_method("memit"), 2, ["{}"], req) == "444dcc1b02a90a9627c7a7443956d6d3"
-    keys = {value_cache_key(mid, replace(hp, **kw), 2, ["{}"], req)
-            for kw in ({}, {"v_fast": True}, {"v_autocast": "bfloat16"}, {"v_autocast": "bfloat16", "v_fast": True})}
+    keys = {
+        value_cache_key(mid, replace(hp, **kw), 2, ["{}"], req)
+        for kw in ({}, {"v_fast": True}, {"v_autocast": "bfloat16"}, {"v_autocast": "bfloat16", "v_fast": True})
+    }
     assert len(keys) == 4
     assert "v_fast" not in hp.to_dict() and replace(hp, v_fast=True).to_dict()["v_fast"] is True
     with pytest.raises(ValueError, match="v_fast"):

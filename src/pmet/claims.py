@@ -52,33 +52,49 @@ def _row(*values):
 
 # Paper, Table 1 (10,000 CounterFact edits): GPT-J (6B) block and GPT-NeoX (20B) block
 PAPER_T1 = {
-    "GPT-J": {"none": _row(22.4, 15.2, 17.7, 83.5, 622.4, 29.4), "ft": _row(67.6, 99.4, 77.0, 46.9, 293.9, 15.9),
-              "mend": _row(23.1, 15.7, 18.5, 83.0, 618.4, 31.1), "rome": _row(50.3, 50.2, 50.4, 50.2, 589.6, 3.3),
-              "memit": _row(85.8, 98.9, 88.6, 73.7, 619.9, 40.1), "pmet": _row(86.2, 99.5, 92.8, 71.4, 620.0, 40.6)},
-    "GPT-NeoX": {"none": _row(23.7, 16.8, 18.3, 81.6, 620.4, 29.3),
-                 "memit": _row(82.0, 97.2, 82.2, 70.8, 606.4, 36.9), "pmet": _row(84.3, 98.4, 89.4, 70.3, 598.1, 38.9)},
+    "GPT-J": {
+        "none": _row(22.4, 15.2, 17.7, 83.5, 622.4, 29.4),
+        "ft": _row(67.6, 99.4, 77.0, 46.9, 293.9, 15.9),
+        "mend": _row(23.1, 15.7, 18.5, 83.0, 618.4, 31.1),
+        "rome": _row(50.3, 50.2, 50.4, 50.2, 589.6, 3.3),
+        "memit": _row(85.8, 98.9, 88.6, 73.7, 619.9, 40.1),
+        "pmet": _row(86.2, 99.5, 92.8, 71.4, 620.0, 40.6),
+    },
+    "GPT-NeoX": {
+        "none": _row(23.7, 16.8, 18.3, 81.6, 620.4, 29.3),
+        "memit": _row(82.0, 97.2, 82.2, 70.8, 606.4, 36.9),
+        "pmet": _row(84.3, 98.4, 89.4, 70.3, 598.1, 38.9),
+    },
 }
 # Paper, Table 2 (10,000 zsRE edits, GPT-J)
-PAPER_T2 = {"none": {"efficacy": 26.4, "generalization": 25.8, "specificity": 27.0},
-            "ft": {"efficacy": 69.6, "generalization": 64.8, "specificity": 24.1},
-            "mend": {"efficacy": 19.4, "generalization": 18.6, "specificity": 22.4},
-            "rome": {"efficacy": 21.0, "generalization": 19.6, "specificity": 0.9},
-            "memit": {"efficacy": 96.7, "generalization": 89.7, "specificity": 26.6},
-            "pmet": {"efficacy": 96.9, "generalization": 90.6, "specificity": 26.7}}
+PAPER_T2 = {
+    "none": {"efficacy": 26.4, "generalization": 25.8, "specificity": 27.0},
+    "ft": {"efficacy": 69.6, "generalization": 64.8, "specificity": 24.1},
+    "mend": {"efficacy": 19.4, "generalization": 18.6, "specificity": 22.4},
+    "rome": {"efficacy": 21.0, "generalization": 19.6, "specificity": 0.9},
+    "memit": {"efficacy": 96.7, "generalization": 89.7, "specificity": 26.6},
+    "pmet": {"efficacy": 96.9, "generalization": 90.6, "specificity": 26.7},
+}
 # Paper, Table 3 (GPT-J, CounterFact): rows at 1K, 5,623 and 10K edits
 PAPER_T3 = {
-    1000: {"pmet": _row(91.1, 99.8, 96.1, 80.1, 622.2, 41.7),
-           "pmet-no-attn-delta": _row(90.8, 99.6, 96.6, 79.1, 622.4, 42.2),
-           "pmet-with-attn-weights": _row(90.8, 99.8, 96.8, 78.9, 622.0, 42.1),
-           "pmet-even-spread": _row(88.9, 99.6, 86.7, 82.2, 622.3, 39.1)},
-    5623: {"pmet": _row(88.0, 99.7, 94.5, 74.2, 621.7, 41.3),
-           "pmet-no-attn-delta": _row(87.0, 99.3, 95.0, 72.0, 622.3, 41.6),
-           "pmet-with-attn-weights": _row(86.7, 99.6, 96.0, 70.8, 621.3, 41.6),
-           "pmet-even-spread": _row(85.8, 98.2, 82.2, 79.4, 621.8, 38.1)},
-    10000: {"pmet": _row(86.2, 99.5, 92.8, 71.4, 620.0, 40.6),
-            "pmet-no-attn-delta": _row(85.0, 98.9, 89.0, 71.6, 621.2, 40.0),
-            "pmet-with-attn-weights": _row(84.9, 99.5, 93.5, 68.6, 619.0, 40.5),
-            "pmet-even-spread": _row(83.3, 96.7, 78.4, 77.3, 621.8, 37.4)},
+    1000: {
+        "pmet": _row(91.1, 99.8, 96.1, 80.1, 622.2, 41.7),
+        "pmet-no-attn-delta": _row(90.8, 99.6, 96.6, 79.1, 622.4, 42.2),
+        "pmet-with-attn-weights": _row(90.8, 99.8, 96.8, 78.9, 622.0, 42.1),
+        "pmet-even-spread": _row(88.9, 99.6, 86.7, 82.2, 622.3, 39.1),
+    },
+    5623: {
+        "pmet": _row(88.0, 99.7, 94.5, 74.2, 621.7, 41.3),
+        "pmet-no-attn-delta": _row(87.0, 99.3, 95.0, 72.0, 622.3, 41.6),
+        "pmet-with-attn-weights": _row(86.7, 99.6, 96.0, 70.8, 621.3, 41.6),
+        "pmet-even-spread": _row(85.8, 98.2, 82.2, 79.4, 621.8, 38.1),
+    },
+    10000: {
+        "pmet": _row(86.2, 99.5, 92.8, 71.4, 620.0, 40.6),
+        "pmet-no-attn-delta": _row(85.0, 98.9, 89.0, 71.6, 621.2, 40.0),
+        "pmet-with-attn-weights": _row(84.9, 99.5, 93.5, 68.6, 619.0, 40.5),
+        "pmet-even-spread": _row(83.3, 96.7, 78.4, 77.3, 621.8, 37.4),
+    },
 }
 ABLATIONS = ["pmet-no-attn-delta", "pmet-with-attn-weights", "pmet-even-spread"]
 BASELINES = ["ft", "mend", "rome", "memit"]
@@ -117,26 +133,40 @@ def paper_claims() -> list[Claim]:
             for m in METRICS:
                 s = _sign(rows["pmet"][m] - rows[b][m])
                 if s:
-                    out.append(Claim("Table 1", block, "counterfact", "pmet", b, m, s,
-                                     f"{rows['pmet'][m]} vs {rows[b][m]}"))
+                    out.append(
+                        Claim("Table 1", block, "counterfact", "pmet", b, m, s, f"{rows['pmet'][m]} vs {rows[b][m]}")
+                    )
     for b in BASELINES:  # Table 2: "PMET outperforms existing methods in all three metrics"
         for m in PAPER_T2["pmet"]:
             s = _sign(PAPER_T2["pmet"][m] - PAPER_T2[b][m])
             if s:
-                out.append(Claim("Table 2", "GPT-J", "zsre", "pmet", b, m, s,
-                                 f"{PAPER_T2['pmet'][m]} vs {PAPER_T2[b][m]}"))
+                out.append(
+                    Claim("Table 2", "GPT-J", "zsre", "pmet", b, m, s, f"{PAPER_T2['pmet'][m]} vs {PAPER_T2[b][m]}")
+                )
     for size, rows in PAPER_T3.items():  # Table 3: each ablation's direction against PMET, per paper row
         for abl in ABLATIONS:
             for m in METRICS:
                 d = rows[abl][m] - rows["pmet"][m]
                 if _sign(d):
-                    out.append(Claim("Table 3", "GPT-J", "counterfact", abl, "pmet", m, _sign(d),
-                                     f"{rows[abl][m]} vs {rows['pmet'][m]} ({d:+.1f})", size))
+                    out.append(
+                        Claim(
+                            "Table 3",
+                            "GPT-J",
+                            "counterfact",
+                            abl,
+                            "pmet",
+                            m,
+                            _sign(d),
+                            f"{rows[abl][m]} vs {rows['pmet'][m]} ({d:+.1f})",
+                            size,
+                        )
+                    )
     for b in BASELINES:  # Fig. 3: "except slightly inferior to MEMIT in specificity, PMET outperforms all baselines"
         for m in METRICS:
             s = -1 if (b == "memit" and m == "specificity") else 1
-            out.append(Claim("Fig. 3", "GPT-J", "counterfact", "pmet", b, m, s, "figure: 1 to 10,000 edits",
-                             every_size=True))
+            out.append(
+                Claim("Fig. 3", "GPT-J", "counterfact", "pmet", b, m, s, "figure: 1 to 10,000 edits", every_size=True)
+            )
     return out
 
 
@@ -168,7 +198,7 @@ def _index_runs(runs) -> dict:
         own = r.spec.get("precision") or r.spec.get("value_autocast")
         # editors without value vectors (unedited, FT-W, MEND) are the same run at every value precision
         shared = own is None and not _has_values(r.spec.get("method"))
-        for precision in (precisions[r.spec.get("model", "?")] if shared else {own}):
+        for precision in precisions[r.spec.get("model", "?")] if shared else {own}:
             put(r, precision)
     return idx
 
@@ -237,16 +267,27 @@ def paired_claim_test(per_seed: dict, a: str, b: str, metric: str, n_resamples: 
         return {"measured": False}
     x, y = np.concatenate(xs), np.concatenate(ys)
     kind = "score" if metric == "score" else None
-    r = paired_comparison(x, y, kind=kind, strata=strata if len(seeds) > 1 else None, n_resamples=n_resamples,
-                          seed=seed)
+    r = paired_comparison(
+        x, y, kind=kind, strata=strata if len(seeds) > 1 else None, n_resamples=n_resamples, seed=seed
+    )
     per = []
     if len(seeds) > 1:
         for xi, yi in zip(xs, ys):
             q = paired_comparison(xi, yi, kind=kind, n_resamples=200, seed=seed)
             per.append(100 * q["diff"])
-    out = {"measured": r["n"] > 0, "test": r["test"], "n_pairs": r["n"], "seeds": seeds, "per_seed_diff": per,
-           "mean_a": 100 * r["mean_a"], "mean_b": 100 * r["mean_b"], "diff": 100 * r["diff"],
-           "diff_low": 100 * r["diff_ci"][0], "diff_high": 100 * r["diff_ci"][1], "p": r["pvalue"]}
+    out = {
+        "measured": r["n"] > 0,
+        "test": r["test"],
+        "n_pairs": r["n"],
+        "seeds": seeds,
+        "per_seed_diff": per,
+        "mean_a": 100 * r["mean_a"],
+        "mean_b": 100 * r["mean_b"],
+        "diff": 100 * r["diff"],
+        "diff_low": 100 * r["diff_ci"][0],
+        "diff_high": 100 * r["diff_ci"][1],
+        "p": r["pvalue"],
+    }
     return out
 
 
@@ -272,8 +313,11 @@ def detail_frame(results: str | Path, alpha: float = ALPHA, n_resamples: int = 9
     for c in paper_claims():
         groups = defaultdict(list)
         for (label, dataset, n), per_seed in idx.items():
-            if dataset == c.dataset and _block_applies(label, c.block) and \
-                    any(c.a in r and c.b in r for r in per_seed.values()):
+            if (
+                dataset == c.dataset
+                and _block_applies(label, c.block)
+                and any(c.a in r and c.b in r for r in per_seed.values())
+            ):
                 groups[label].append(n)
         for label, sizes in groups.items():
             for n in sorted(sizes):
@@ -282,23 +326,45 @@ def detail_frame(results: str | Path, alpha: float = ALPHA, n_resamples: int = 9
                     cache[key] = paired_claim_test(idx[(label, c.dataset, n)], c.a, c.b, c.metric, n_resamples)
                 t = cache[key]
                 if not t["measured"]:  # both editors ran, but without this metric (e.g. no generation)
-                    t = {"test": "not measured in these runs", "n_pairs": 0, "seeds": [], "per_seed_diff": [],
-                         "mean_a": np.nan, "mean_b": np.nan, "diff": np.nan, "diff_low": np.nan,
-                         "diff_high": np.nan, "p": np.nan, "measured": False}
+                    t = {
+                        "test": "not measured in these runs",
+                        "n_pairs": 0,
+                        "seeds": [],
+                        "per_seed_diff": [],
+                        "mean_a": np.nan,
+                        "mean_b": np.nan,
+                        "diff": np.nan,
+                        "diff_low": np.nan,
+                        "diff_high": np.nan,
+                        "p": np.nan,
+                        "measured": False,
+                    }
                 runs = idx[(label, c.dataset, n)]
                 used = [r for s in (t["seeds"] or runs) for r in runs[s].values()]
-                rows.append({"artifact": c.artifact, "block": c.block, "model": label, "n_edits": n,
-                             "paper_n_edits": c.paper_size,
-                             "claim": c.text.replace(c.metric, _metric_label(used, c.metric)),
-                             "metric": c.metric, "sign": c.sign, "paper": c.paper,
-                             "ledger": _in_ledger(c, n, sizes), **{k: v for k, v in t.items() if k != "measured"}})
+                rows.append(
+                    {
+                        "artifact": c.artifact,
+                        "block": c.block,
+                        "model": label,
+                        "n_edits": n,
+                        "paper_n_edits": c.paper_size,
+                        "claim": c.text.replace(c.metric, _metric_label(used, c.metric)),
+                        "metric": c.metric,
+                        "sign": c.sign,
+                        "paper": c.paper,
+                        "ledger": _in_ledger(c, n, sizes),
+                        **{k: v for k, v in t.items() if k != "measured"},
+                    }
+                )
     df = pd.DataFrame(rows)
     if len(df):
         df["p_holm"] = np.nan
         for _, g in df.groupby(["artifact", "block", "model", "n_edits", "paper_n_edits"]):
             df.loc[g.index, "p_holm"] = holm(g.p.to_numpy())
-        df["verdict"] = [_verdict(s, d, p, alpha) if n else "not measured in these runs"
-                         for s, d, p, n in zip(df.sign, df["diff"], df.p_holm, df.n_pairs)]
+        df["verdict"] = [
+            _verdict(s, d, p, alpha) if n else "not measured in these runs"
+            for s, d, p, n in zip(df.sign, df["diff"], df.p_holm, df.n_pairs)
+        ]
     return df
 
 
@@ -331,37 +397,68 @@ def descriptive_frame(results: str | Path) -> pd.DataFrame:
                 p = norms["pmet"]
                 ffn = sorted(lay for k, lay in p if k == "FFN")
                 checks = [
-                    ("‖Δ‖ of W_O^MHSA (w/ W_O^MHSA) < PMET's FFN ‖Δ‖, per layer",
-                     [norms["pmet-with-attn-weights"].get(("MHSA", lay), math.inf) < p[("FFN", lay)] for lay in ffn]),
-                    ("Even spread FFN ‖Δ‖ < PMET's FFN ‖Δ‖, per layer",
-                     [norms["pmet-even-spread"].get(("FFN", lay), math.inf) < p[("FFN", lay)] for lay in ffn]),
-                    ("PMET's FFN ‖Δ‖ smallest of PMET, w/o δ^a, w/ W_O^MHSA (FFN), per layer",
-                     [p[("FFN", lay)] <= min(norms[m].get(("FFN", lay), math.inf)
-                                             for m in ("pmet-no-attn-delta", "pmet-with-attn-weights"))
-                      for lay in ffn]),
+                    (
+                        "‖Δ‖ of W_O^MHSA (w/ W_O^MHSA) < PMET's FFN ‖Δ‖, per layer",
+                        [norms["pmet-with-attn-weights"].get(("MHSA", lay), math.inf) < p[("FFN", lay)] for lay in ffn],
+                    ),
+                    (
+                        "Even spread FFN ‖Δ‖ < PMET's FFN ‖Δ‖, per layer",
+                        [norms["pmet-even-spread"].get(("FFN", lay), math.inf) < p[("FFN", lay)] for lay in ffn],
+                    ),
+                    (
+                        "PMET's FFN ‖Δ‖ smallest of PMET, w/o δ^a, w/ W_O^MHSA (FFN), per layer",
+                        [
+                            p[("FFN", lay)]
+                            <= min(
+                                norms[m].get(("FFN", lay), math.inf)
+                                for m in ("pmet-no-attn-delta", "pmet-with-attn-weights")
+                            )
+                            for lay in ffn
+                        ],
+                    ),
                 ]
                 for text, ok in checks:
                     k = sum(ok)
-                    rows.append({"artifact": "Fig. 4 / App. A", "block": "GPT-J", "model": label, "n_edits": n,
-                                 "seed": s, "claim": text, "paper": "GPT-J figure (no numbers)",
-                                 "ours": f"{k} of {len(ok)} layers ({n} edits, seed {s})",
-                                 "verdict": ("holds" if k == len(ok) else "does not hold" if k == 0 else "partly")
-                                 + " (descriptive)"})
+                    rows.append(
+                        {
+                            "artifact": "Fig. 4 / App. A",
+                            "block": "GPT-J",
+                            "model": label,
+                            "n_edits": n,
+                            "seed": s,
+                            "claim": text,
+                            "paper": "GPT-J figure (no numbers)",
+                            "ours": f"{k} of {len(ok)} layers ({n} edits, seed {s})",
+                            "verdict": ("holds" if k == len(ok) else "does not hold" if k == 0 else "partly")
+                            + " (descriptive)",
+                        }
+                    )
             if "pmet" in by and "memit" in by:
                 tp, tm = by["pmet"].summary.get("edit_seconds"), by["memit"].summary.get("edit_seconds")
                 dp, dm = by["pmet"].summary.get("device"), by["memit"].summary.get("device")
                 if tp and tm:
                     ratio = tp / tm
                     cached = [by[m].summary.get("values_cached") for m in ("pmet", "memit")]
-                    v = ("not comparable (different devices)" if dp != dm else
-                         "not comparable (value vectors read from the cache, or cache use not recorded)"
-                         if any(c is None or c > 0 for c in cached) else
-                         ("holds" if 0.8 <= ratio <= 1.25 else "does not hold") + " (descriptive)")
-                    rows.append({"artifact": "Appendix D", "block": "GPT-J", "model": label, "n_edits": n, "seed": s,
-                                 "claim": f"PMET's edit time almost equivalent to MEMIT's ({dataset})",
-                                 "paper": "\"almost equivalent\" (no numbers)",
-                                 "ours": f"{tp:.1f} s vs {tm:.1f} s, ratio {ratio:.2f} ({n} edits, seed {s})",
-                                 "verdict": v})
+                    v = (
+                        "not comparable (different devices)"
+                        if dp != dm
+                        else "not comparable (value vectors read from the cache, or cache use not recorded)"
+                        if any(c is None or c > 0 for c in cached)
+                        else ("holds" if 0.8 <= ratio <= 1.25 else "does not hold") + " (descriptive)"
+                    )
+                    rows.append(
+                        {
+                            "artifact": "Appendix D",
+                            "block": "GPT-J",
+                            "model": label,
+                            "n_edits": n,
+                            "seed": s,
+                            "claim": f"PMET's edit time almost equivalent to MEMIT's ({dataset})",
+                            "paper": '"almost equivalent" (no numbers)',
+                            "ours": f"{tp:.1f} s vs {tm:.1f} s, ratio {ratio:.2f} ({n} edits, seed {s})",
+                            "verdict": v,
+                        }
+                    )
     return pd.DataFrame(rows)
 
 
@@ -375,13 +472,25 @@ def _fig2_rows(tables: Path) -> list[dict]:
         for metric in ("cosine", "jaccard"):
             ffn, att = late[late.component == "FFN"][metric], late[late.component == "MHSA"][metric]
             higher, steadier = ffn.mean() > att.mean(), ffn.std() < att.std()
-            rows.append({"artifact": "Fig. 2", "block": "GPT-J", "model": model,
-                         "claim": f"second half of the layers: FFN {metric} higher and steadier than MHSA's",
-                         "paper": "GPT-J: FFN stabilises after layer 15, MHSA keeps changing",
-                         "ours": f"FFN mean {ffn.mean():.3f} sd {ffn.std():.3f}; MHSA mean {att.mean():.3f} "
-                                 f"sd {att.std():.3f}",
-                         "verdict": ("holds" if higher and steadier else "does not hold" if not (higher or steadier)
-                                     else "partly (one of two)") + " (descriptive)"})
+            rows.append(
+                {
+                    "artifact": "Fig. 2",
+                    "block": "GPT-J",
+                    "model": model,
+                    "claim": f"second half of the layers: FFN {metric} higher and steadier than MHSA's",
+                    "paper": "GPT-J: FFN stabilises after layer 15, MHSA keeps changing",
+                    "ours": f"FFN mean {ffn.mean():.3f} sd {ffn.std():.3f}; MHSA mean {att.mean():.3f} "
+                    f"sd {att.std():.3f}",
+                    "verdict": (
+                        "holds"
+                        if higher and steadier
+                        else "does not hold"
+                        if not (higher or steadier)
+                        else "partly (one of two)"
+                    )
+                    + " (descriptive)",
+                }
+            )
     return rows
 
 
@@ -391,8 +500,12 @@ def marginal_summaries(tables: Path) -> dict:
     files ``tables/{table1,table2,table3,fig3_sweep}_*.json``; the precision is read from the runs' metadata
     (:func:`pmet.runspec.precision_of_runs`), not from the file name."""
     out: dict = defaultdict(dict)
-    for prefix, artifact in (("table1_", "Table 1"), ("table2_", "Table 2"), ("table3_", "Table 3"),
-                             ("fig3_sweep_", "Fig. 3")):
+    for prefix, artifact in (
+        ("table1_", "Table 1"),
+        ("table2_", "Table 2"),
+        ("table3_", "Table 3"),
+        ("fig3_sweep_", "Fig. 3"),
+    ):
         for path in sorted(tables.glob(f"{prefix}*.json")):
             data = json.loads(path.read_text())
             if artifact in ("Table 1", "Table 2"):
@@ -403,8 +516,9 @@ def marginal_summaries(tables: Path) -> dict:
                             out[(artifact, label)][(s.get("n_edits"), method)] = (s, path.name)
             else:
                 models = sorted({s.get("model") for s in data.values() if isinstance(s, dict) and s.get("model")})
-                label = model_label("/".join(models) or path.stem.removeprefix(prefix),
-                                    precision_of_runs(data.values()))
+                label = model_label(
+                    "/".join(models) or path.stem.removeprefix(prefix), precision_of_runs(data.values())
+                )
                 for key, s in data.items():
                     n, method = key.split("|", 1)
                     out[(artifact, label)][(int(n), method)] = (s, path.name)
@@ -418,8 +532,13 @@ def _marginal_rows(claims: list[Claim], done: set, tables: Path) -> list[dict]:
     for c in claims:
         models = [m for (art, m) in old if art == c.artifact and _block_applies(m, c.block)] or ["—"]
         for model in models:
-            if ((c.artifact, c.block, model, c.text) in done
-                    or (c.artifact, c.block, model, c.text, c.paper_size) in seen):
+            if (c.artifact, c.block, model, c.text) in done or (
+                c.artifact,
+                c.block,
+                model,
+                c.text,
+                c.paper_size,
+            ) in seen:
                 continue
             seen.add((c.artifact, c.block, model, c.text, c.paper_size))
             got = old.get((c.artifact, model), {})
@@ -430,11 +549,22 @@ def _marginal_rows(claims: list[Claim], done: set, tables: Path) -> list[dict]:
                 (sa, f), (sb, _) = got[(n, c.a)], got[(n, c.b)]
                 ka, kb = metric_key(sa, c.metric), metric_key(sb, c.metric)
                 if sa.get(ka) is not None and sb.get(kb) is not None:
-                    ours = (f"{sa[ka]:.1f} vs {sb[kb]:.1f} at {n} edits (marginal means from tables/{f}; "
-                            "not a paired test)")
-            rows.append({"artifact": c.artifact, "block": c.block, "model": model, "claim": c.text,
-                         "paper": _paper_text(c), "ours": ours, "difference [95% CI]": "", "p (Holm)": "",
-                         "verdict": "not yet run with per-record results"})
+                    ours = (
+                        f"{sa[ka]:.1f} vs {sb[kb]:.1f} at {n} edits (marginal means from tables/{f}; not a paired test)"
+                    )
+            rows.append(
+                {
+                    "artifact": c.artifact,
+                    "block": c.block,
+                    "model": model,
+                    "claim": c.text,
+                    "paper": _paper_text(c),
+                    "ours": ours,
+                    "difference [95% CI]": "",
+                    "p (Holm)": "",
+                    "verdict": "not yet run with per-record results",
+                }
+            )
     return rows
 
 
@@ -454,18 +584,36 @@ def ledger_frame(detail: pd.DataFrame, descriptive: pd.DataFrame, tables: Path) 
     if len(detail):
         for r in detail[detail.ledger].itertuples():
             if not r.n_pairs:
-                rows.append({"artifact": r.artifact, "block": r.block, "model": r.model, "claim": r.claim,
-                             "paper": _paper_text(_claim_like(r)), "ours": f"— ({r.n_edits} edits)",
-                             "difference [95% CI]": "", "p (Holm)": "", "verdict": r.verdict})
+                rows.append(
+                    {
+                        "artifact": r.artifact,
+                        "block": r.block,
+                        "model": r.model,
+                        "claim": r.claim,
+                        "paper": _paper_text(_claim_like(r)),
+                        "ours": f"— ({r.n_edits} edits)",
+                        "difference [95% CI]": "",
+                        "p (Holm)": "",
+                        "verdict": r.verdict,
+                    }
+                )
                 continue
             seeds = f", seeds {','.join(map(str, r.seeds))}" if len(r.seeds) > 1 else ""
             spread = (" (per seed " + " / ".join(f"{d:+.1f}" for d in r.per_seed_diff) + ")") if r.per_seed_diff else ""
             size = f"{r.n_edits} edits" + (f" vs paper row {r.paper_n_edits:,}" if r.artifact == "Table 3" else "")
-            rows.append({"artifact": r.artifact, "block": r.block, "model": r.model, "claim": r.claim,
-                         "paper": _paper_text(_claim_like(r)),
-                         "ours": f"{r.mean_a:.1f} vs {r.mean_b:.1f} ({size}, {r.n_pairs} paired records{seeds})",
-                         "difference [95% CI]": f"{r.diff:+.1f} [{r.diff_low:+.1f}, {r.diff_high:+.1f}]{spread}",
-                         "p (Holm)": f"{_fmt_p(r.p)} ({_fmt_p(r.p_holm)}); {r.test}", "verdict": r.verdict})
+            rows.append(
+                {
+                    "artifact": r.artifact,
+                    "block": r.block,
+                    "model": r.model,
+                    "claim": r.claim,
+                    "paper": _paper_text(_claim_like(r)),
+                    "ours": f"{r.mean_a:.1f} vs {r.mean_b:.1f} ({size}, {r.n_pairs} paired records{seeds})",
+                    "difference [95% CI]": f"{r.diff:+.1f} [{r.diff_low:+.1f}, {r.diff_high:+.1f}]{spread}",
+                    "p (Holm)": f"{_fmt_p(r.p)} ({_fmt_p(r.p_holm)}); {r.test}",
+                    "verdict": r.verdict,
+                }
+            )
     done = {(r["artifact"], r["block"], r["model"], r["claim"].replace(" (proxy)", "")) for r in rows}
     done |= {(a, b, m, c) for a, b, m, c in done}
     rows += _marginal_rows(paper_claims(), done, tables)
@@ -474,31 +622,61 @@ def ledger_frame(detail: pd.DataFrame, descriptive: pd.DataFrame, tables: Path) 
         largest = descriptive.groupby(["artifact", "model", "claim"]).n_edits.transform("max")
         for r in descriptive[descriptive.n_edits == largest].itertuples():
             present.add(r.claim)
-            rows.append({"artifact": r.artifact, "block": r.block, "model": r.model, "claim": r.claim,
-                         "paper": r.paper, "ours": r.ours, "difference [95% CI]": "", "p (Holm)": "",
-                         "verdict": r.verdict})
-    placeholders = [("Fig. 4 / App. A", text, "GPT-J figure (no numbers)")
-                    for text in ("‖Δ‖ of W_O^MHSA (w/ W_O^MHSA) and of Even spread smaller than PMET's FFN ‖Δ‖",
-                                 "PMET's FFN ‖Δ‖ smallest of PMET, w/o δ^a, w/ W_O^MHSA (FFN)")]
-    placeholders.append(("Appendix D", "PMET's edit time almost equivalent to MEMIT's", "\"almost equivalent\""))
+            rows.append(
+                {
+                    "artifact": r.artifact,
+                    "block": r.block,
+                    "model": r.model,
+                    "claim": r.claim,
+                    "paper": r.paper,
+                    "ours": r.ours,
+                    "difference [95% CI]": "",
+                    "p (Holm)": "",
+                    "verdict": r.verdict,
+                }
+            )
+    placeholders = [
+        ("Fig. 4 / App. A", text, "GPT-J figure (no numbers)")
+        for text in (
+            "‖Δ‖ of W_O^MHSA (w/ W_O^MHSA) and of Even spread smaller than PMET's FFN ‖Δ‖",
+            "PMET's FFN ‖Δ‖ smallest of PMET, w/o δ^a, w/ W_O^MHSA (FFN)",
+        )
+    ]
+    placeholders.append(("Appendix D", "PMET's edit time almost equivalent to MEMIT's", '"almost equivalent"'))
     for artifact, text, paper in placeholders:  # descriptive claims no committed run measures yet
         if not any(c.startswith(text) for c in present):
-            rows.append({"artifact": artifact, "block": "GPT-J", "model": "—", "claim": text, "paper": paper,
-                         "ours": "—", "difference [95% CI]": "", "p (Holm)": "",
-                         "verdict": "not yet run with per-record results"})
+            rows.append(
+                {
+                    "artifact": artifact,
+                    "block": "GPT-J",
+                    "model": "—",
+                    "claim": text,
+                    "paper": paper,
+                    "ours": "—",
+                    "difference [95% CI]": "",
+                    "p (Holm)": "",
+                    "verdict": "not yet run with per-record results",
+                }
+            )
     for r in _fig2_rows(tables):
         rows.append({**r, "difference [95% CI]": "", "p (Holm)": ""})
-    order = {a: i for i, a in enumerate(["Fig. 2", "Table 1", "Table 2", "Fig. 3", "Table 3", "Fig. 4 / App. A",
-                                         "Appendix D"])}
-    df = pd.DataFrame(rows, columns=["artifact", "block", "model", "claim", "paper", "ours", "difference [95% CI]",
-                                     "p (Holm)", "verdict"])
-    return df.sort_values(["artifact", "block", "model"], key=lambda s: s.map(order) if s.name == "artifact" else s,
-                          kind="stable").reset_index(drop=True)
+    order = {
+        a: i
+        for i, a in enumerate(["Fig. 2", "Table 1", "Table 2", "Fig. 3", "Table 3", "Fig. 4 / App. A", "Appendix D"])
+    }
+    df = pd.DataFrame(
+        rows,
+        columns=["artifact", "block", "model", "claim", "paper", "ours", "difference [95% CI]", "p (Holm)", "verdict"],
+    )
+    return df.sort_values(
+        ["artifact", "block", "model"], key=lambda s: s.map(order) if s.name == "artifact" else s, kind="stable"
+    ).reset_index(drop=True)
 
 
 def _claim_like(r) -> Claim:
-    return Claim(r.artifact, r.block, "", "", "", r.metric, r.sign, r.paper, int(r.paper_n_edits),
-                 r.artifact == "Fig. 3")
+    return Claim(
+        r.artifact, r.block, "", "", "", r.metric, r.sign, r.paper, int(r.paper_n_edits), r.artifact == "Fig. 3"
+    )
 
 
 HEADER = """# The paper's claims against our measurements
@@ -528,8 +706,9 @@ Rules:
 """
 
 
-def write_claims(out_dir: str | Path, results: str | Path | None = None, alpha: float = ALPHA,
-                 n_resamples: int = 9999) -> pd.DataFrame:
+def write_claims(
+    out_dir: str | Path, results: str | Path | None = None, alpha: float = ALPHA, n_resamples: int = 9999
+) -> pd.DataFrame:
     """Regenerate ``tables/claims.md`` and ``tables/claims_detail.csv`` under ``out_dir`` from the committed
     run files in ``results`` (default ``<out_dir>/results``) and ``tables/``; offline, no model. Returns the
     ledger."""
@@ -544,8 +723,10 @@ def write_claims(out_dir: str | Path, results: str | Path | None = None, alpha: 
     ledger = ledger_frame(detail, descriptive, tables)
     csv = detail.drop(columns=["ledger"]) if len(detail) else detail
     if len(csv):
-        csv = csv.assign(seeds=[",".join(map(str, s)) for s in csv.seeds],
-                         per_seed_diff=[" ".join(f"{d:.3f}" for d in s) for s in csv.per_seed_diff])
+        csv = csv.assign(
+            seeds=[",".join(map(str, s)) for s in csv.seeds],
+            per_seed_diff=[" ".join(f"{d:.3f}" for d in s) for s in csv.per_seed_diff],
+        )
     full = pd.concat([csv, descriptive], ignore_index=True) if len(descriptive) else csv
     full.to_csv(tables / "claims_detail.csv", index=False, float_format="%.6g")
     try:
@@ -560,9 +741,14 @@ def write_claims(out_dir: str | Path, results: str | Path | None = None, alpha: 
 def save_summaries(obj: dict, name: str, out_dir: str | Path) -> Path:
     """Raw run summaries of an artifact (``tables/<name>.json``; tuple keys become ``"a|b"``): the
     marginal numbers shown for claims not yet run with per-record results."""
+
     def norm(d):
-        return {("|".join(map(str, k)) if isinstance(k, tuple) else k): (norm(v) if isinstance(v, dict) and
-                not any(m in v for m in ("efficacy", "unavailable")) else v) for k, v in d.items()}
+        return {
+            ("|".join(map(str, k)) if isinstance(k, tuple) else k): (
+                norm(v) if isinstance(v, dict) and not any(m in v for m in ("efficacy", "unavailable")) else v
+            )
+            for k, v in d.items()
+        }
 
     path = Path(out_dir) / "tables" / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -88,8 +88,9 @@ def cmd_stats(args) -> int:
 
     model, tok = load_model(args.model, device=args.device)
     layers = args.layers or list(model.layout.critical_layers)
-    stats = key_second_moments(model, tok, layers, component=args.component, n_tokens=args.n_tokens,
-                               dtype=args.dtype, cache_dir=args.cache_dir)
+    stats = key_second_moments(
+        model, tok, layers, component=args.component, n_tokens=args.n_tokens, dtype=args.dtype, cache_dir=args.cache_dir
+    )
     for layer, mom2 in stats.items():
         print(f"layer {layer}: E[kk^T] {tuple(mom2.shape)} trace={float(mom2.trace()):.4g}")
     return 0
@@ -122,8 +123,16 @@ def cmd_report(args) -> int:
 def cmd_plan(args) -> int:
     from .plan import make_plan
 
-    print(make_plan(args.model, args.artifact, n_edits=_n_edits(args.n_edits), methods=args.methods,
-                    devices=args.devices, verify=args.verify))
+    print(
+        make_plan(
+            args.model,
+            args.artifact,
+            n_edits=_n_edits(args.n_edits),
+            methods=args.methods,
+            devices=args.devices,
+            verify=args.verify,
+        )
+    )
     return 0
 
 
@@ -169,8 +178,15 @@ def cmd_run(args) -> int:
     rank0 = distributed.rank() == 0
     opts = dict(cache=args.cache_dir, eval_batch_size=args.eval_batch_size, progress=rank0)
     for method in args.methods or spec["methods"]:
-        run = RunSpec(args.model, method, spec["dataset"], seed=args.seed, generation=generation,
-                      value_autocast=value_autocast, overrides=overrides)
+        run = RunSpec(
+            args.model,
+            method,
+            spec["dataset"],
+            seed=args.seed,
+            generation=generation,
+            value_autocast=value_autocast,
+            overrides=overrides,
+        )
         try:
             if args.artifact == "fig3":
                 if method == "none":
@@ -184,12 +200,16 @@ def cmd_run(args) -> int:
             continue
         if rank0:
             for n, s in result.items():
-                print(f"{method} n={n}: efficacy={s.get('efficacy', float('nan')):.1f} "
-                      f"generalization={s.get('generalization', float('nan')):.1f} "
-                      f"specificity={s.get('specificity', float('nan')):.1f} (world_size={s.get('world_size', 1)})")
+                print(
+                    f"{method} n={n}: efficacy={s.get('efficacy', float('nan')):.1f} "
+                    f"generalization={s.get('generalization', float('nan')):.1f} "
+                    f"specificity={s.get('specificity', float('nan')):.1f} (world_size={s.get('world_size', 1)})"
+                )
     if rank0:
-        print(f"done; render with `papermill {spec['notebook']} out.ipynb -p model {args.model}` (same sizes and "
-              "settings), which reads these runs from the cache")
+        print(
+            f"done; render with `papermill {spec['notebook']} out.ipynb -p model {args.model}` (same sizes and "
+            "settings), which reads these runs from the cache"
+        )
     return 0
 
 
@@ -204,24 +224,43 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_models)
 
     e = sub.add_parser("edit", help="edit one fact and show the top predictions before and after")
-    e.add_argument("--model", default=DEFAULT_MODEL, help="a name of `pmet models`, a Hugging Face id or a local "
-                   f"directory (default: {DEFAULT_MODEL})")
+    e.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"a name of `pmet models`, a Hugging Face id or a local directory (default: {DEFAULT_MODEL})",
+    )
     e.add_argument("--prompt", default="The mother tongue of {} is", help="template with {} for the subject")
     e.add_argument("--subject", default="Danielle Darrieux")
     e.add_argument("--target", default=" English", help="the new object (a leading space is added if missing)")
     e.add_argument("--target-true", default=None)
-    e.add_argument("--method", default="pmet", metavar="METHOD",
-                   help=f"the editor, one of: {', '.join(editor_names())} (default: pmet)")
-    e.add_argument("--dataset", default="counterfact", metavar="DATASET",
-                   help=f"which hyperparameter file to use, one of: {', '.join(DATASETS)} (default: counterfact)")
+    e.add_argument(
+        "--method",
+        default="pmet",
+        metavar="METHOD",
+        help=f"the editor, one of: {', '.join(editor_names())} (default: pmet)",
+    )
+    e.add_argument(
+        "--dataset",
+        default="counterfact",
+        metavar="DATASET",
+        help=f"which hyperparameter file to use, one of: {', '.join(DATASETS)} (default: counterfact)",
+    )
     e.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     e.add_argument("--cache-dir", default=None)
     e.add_argument("--top-k", type=int, default=5)
     e.add_argument("--restore", action="store_true", help="restore the weights afterwards (demonstration)")
-    e.add_argument("--save", metavar="DIR", default=None,
-                   help="write the edit (post-edit weights + manifest.json) to DIR, for pmet.load_edit(DIR)")
-    e.add_argument("--save-model", metavar="DIR", default=None,
-                   help="write the edited model and tokenizer to DIR with save_pretrained")
+    e.add_argument(
+        "--save",
+        metavar="DIR",
+        default=None,
+        help="write the edit (post-edit weights + manifest.json) to DIR, for pmet.load_edit(DIR)",
+    )
+    e.add_argument(
+        "--save-model",
+        metavar="DIR",
+        default=None,
+        help="write the edited model and tokenizer to DIR with save_pretrained",
+    )
     e.set_defaults(func=cmd_edit)
 
     s = sub.add_parser("stats", help="precompute key statistics E[kk^T] for a model's critical layers")
@@ -234,18 +273,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cache-dir", default=None)
     s.set_defaults(func=cmd_stats)
 
-    c = sub.add_parser("report", help="regenerate tables/claims.md (paired tests) and the figures from the committed "
-                                      "files (results/*.jsonl.gz, tables/*.csv); offline, no model")
-    c.add_argument("--out-dir", default=None,
-                   help="repository root holding results/ and tables/ (default: this checkout)")
+    c = sub.add_parser(
+        "report",
+        help="regenerate tables/claims.md (paired tests) and the figures from the committed "
+        "files (results/*.jsonl.gz, tables/*.csv); offline, no model",
+    )
+    c.add_argument(
+        "--out-dir", default=None, help="repository root holding results/ and tables/ (default: this checkout)"
+    )
     c.add_argument("--results", default=None, help="folder of committed run files (default <out-dir>/results)")
     c.add_argument("--no-figures", action="store_true", help="only the claims")
     c.set_defaults(func=cmd_report)
 
     from .plan import ARTIFACTS
 
-    pl = sub.add_parser("plan", help="dry run: what an artifact would run and need (data, hyperparameters, "
-                                     "memory and time estimates); runs nothing")
+    pl = sub.add_parser(
+        "plan",
+        help="dry run: what an artifact would run and need (data, hyperparameters, "
+        "memory and time estimates); runs nothing",
+    )
     pl.add_argument("--model", default=DEFAULT_MODEL)
     pl.add_argument("--artifact", default="table1", choices=list(ARTIFACTS))
     pl.add_argument("--n-edits", type=int, nargs="*", default=None, help="default: the paper's sizes on gptj/neox")
@@ -261,8 +307,13 @@ def build_parser() -> argparse.ArgumentParser:
     ru.add_argument("--methods", nargs="*", default=None)
     ru.add_argument("--generation", action=argparse.BooleanOptionalAction, default=None)
     ru.add_argument("--value-autocast", default=None, choices=["bfloat16", "float16"])
-    ru.add_argument("--set", nargs="*", default=None, metavar="KEY=VALUE",
-                    help="hyperparameter overrides for the editors that have them, e.g. v_batch_size=8")
+    ru.add_argument(
+        "--set",
+        nargs="*",
+        default=None,
+        metavar="KEY=VALUE",
+        help="hyperparameter overrides for the editors that have them, e.g. v_batch_size=8",
+    )
     ru.add_argument("--seed", type=int, default=0)
     ru.add_argument("--eval-batch-size", type=int, default=32)
     ru.add_argument("--device", default="auto", help="auto: cuda where present (cuda:LOCAL_RANK under torchrun)")
@@ -285,8 +336,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (UsageError, ModelUnavailableError, DataNotFoundError, InvalidRecordError, MethodUnavailable,
-            SavedEditError) as exc:
+    except (
+        UsageError,
+        ModelUnavailableError,
+        DataNotFoundError,
+        InvalidRecordError,
+        MethodUnavailable,
+        SavedEditError,
+    ) as exc:
         print(f"pmet: error: {exc}", file=sys.stderr)
         return 2
 

@@ -36,11 +36,27 @@ from .paths import data_dir as default_data_dir
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "KNOWN_FILES", "DataNotFoundError", "DataIntegrityError", "InvalidRecordError", "is_fixture_folder",
-    "ensure_file", "verify_known_file", "parse_error", "read_json", "request_label", "validate_request",
-    "CounterFactRecord", "load_counterfact",
-    "ZsreRecord", "load_zsre", "KnownFact", "load_known_facts", "CORPORA",
-    "load_text_corpus", "corpus_id", "as_dataset",
+    "KNOWN_FILES",
+    "DataNotFoundError",
+    "DataIntegrityError",
+    "InvalidRecordError",
+    "is_fixture_folder",
+    "ensure_file",
+    "verify_known_file",
+    "parse_error",
+    "read_json",
+    "request_label",
+    "validate_request",
+    "CounterFactRecord",
+    "load_counterfact",
+    "ZsreRecord",
+    "load_zsre",
+    "KnownFact",
+    "load_known_facts",
+    "CORPORA",
+    "load_text_corpus",
+    "corpus_id",
+    "as_dataset",
 ]
 
 
@@ -64,60 +80,92 @@ KNOWN_FILES: dict[str, RemoteFile] = {
     # Files hosted by the ROME/MEMIT authors (not present in the shared data snapshot).
     # The complete CounterFact (21,919 records) and zsRE eval (19,086) files; only their git blob ids are known
     # (kmeng01/rome history, SOURCES.md), so a download is checked with `git hash-object`'s hash.
-    "counterfact.json": RemoteFile(_ROME + "counterfact.json", None,
-                                   git_blob="34be0e5617d9d4b884fddb197e0f7769d1a31ad3"),
-    "zsre_mem_eval.json": RemoteFile(_ROME + "zsre_mem_eval.json", None,
-                                     git_blob="8546c90abc10b77ebc9fd69de178cf7837ff86dc"),
+    "counterfact.json": RemoteFile(
+        _ROME + "counterfact.json", None, git_blob="34be0e5617d9d4b884fddb197e0f7769d1a31ad3"
+    ),
+    "zsre_mem_eval.json": RemoteFile(
+        _ROME + "zsre_mem_eval.json", None, git_blob="8546c90abc10b77ebc9fd69de178cf7837ff86dc"
+    ),
     "attribute_snippets.json": RemoteFile(_ROME + "attribute_snippets.json", None),
     "idf.npy": RemoteFile(_ROME + "idf.npy", None),
     "tfidf_vocab.json": RemoteFile(_ROME + "tfidf_vocab.json", None),
     "known_1000.json": RemoteFile(
-        _ROME + "known_1000.json", "61daca55318bb5260c1e62e133debef9102c7b278bbc7b19dd2ac655543f333a", size=343_229),
+        _ROME + "known_1000.json", "61daca55318bb5260c1e62e133debef9102c7b278bbc7b19dd2ac655543f333a", size=343_229
+    ),
     # CounterFact: derived merge of public subsets (no host) and its inputs.
     "counterfact/counterfact_subset_merged.json": RemoteFile(
-        None, "568b4d321e035a616e7c0394c38d8fcdad640cc77f6254c7a690596a33edf79a", size=3_380_818),
+        None, "568b4d321e035a616e7c0394c38d8fcdad640cc77f6254c7a690596a33edf79a", size=3_380_818
+    ),
     "counterfact/counterfact_subset_merged.provenance.json": RemoteFile(
-        None, "f12b5f42a23392333c3b0ea0a5ae930d442a41c2cf01f27077b500fa6d8c5c3c", size=371_115),
+        None, "f12b5f42a23392333c3b0ea0a5ae930d442a41c2cf01f27077b500fa6d8c5c3c", size=371_115
+    ),
     "counterfact/raw/counterfact_portability_gpt4.json": RemoteFile(
         _INSTRUCTED + "One_Hop/counterfact_portability_gpt4.json",
-        "9633c56054870e7356f6ba484d11d338f1511fd1aba1a06525ab167ccf72a15e", size=2_711_206),
+        "9633c56054870e7356f6ba484d11d338f1511fd1aba1a06525ab167ccf72a15e",
+        size=2_711_206,
+    ),
     "counterfact/raw/counterfact_subject_replace.json": RemoteFile(
         _INSTRUCTED + "Subject%20Replace/counterfact_subject_replace.json",
-        "36a81b8dd513680743347d94acd00fd5f3e25baafbe6ebe951e16ff0f36f9b9d", size=517_115),
+        "36a81b8dd513680743347d94acd00fd5f3e25baafbe6ebe951e16ff0f36f9b9d",
+        size=517_115,
+    ),
     "counterfact/raw/counterfact_500.json": RemoteFile(
         _GH + "furonglegend/Met/3cafe6f48801444aae7bb353367821671967782a/data/counterfact_500.json",
-        "99a455fe1b99dc332ec1fa921e69fd9297606e9c51d4f108522782f6ad125803", size=1_023_024),
+        "99a455fe1b99dc332ec1fa921e69fd9297606e9c51d4f108522782f6ad125803",
+        size=1_023_024,
+    ),
     "counterfact/raw/multi_counterfact-50.json": RemoteFile(
         _GH + "LINs-lab/CollabEdit/6e4ac0b7007a66947b2d9d9ec82b84899461f147/data/multi_counterfact-50.json",
-        "6422597c432addcf07ef82e5493834d3056b993f378611f8c569276e16a3f9ba", size=96_814),
+        "6422597c432addcf07ef82e5493834d3056b993f378611f8c569276e16a3f9ba",
+        size=96_814,
+    ),
     "counterfact/raw/counterfact_EleutherAI_gpt-j-6B_known_toxicity_flash.json": RemoteFile(
         _WILKE + "counterfact_EleutherAI_gpt-j-6B_known_toxicity_flash.json",
-        "67ef5c496c6ca898823782148c3d93da2bd2e5cf965dcbe7d2e732af03444dec", size=21_025),
+        "67ef5c496c6ca898823782148c3d93da2bd2e5cf965dcbe7d2e732af03444dec",
+        size=21_025,
+    ),
     "counterfact/raw/counterfact_gpt2-xl_known_toxicity_flash.json": RemoteFile(
         _WILKE + "counterfact_gpt2-xl_known_toxicity_flash.json",
-        "939dd6defdaf7286a221fde0f3914ad758dfa3d9fa3d3913927ad8b02862c6d9", size=25_964),
+        "939dd6defdaf7286a221fde0f3914ad758dfa3d9fa3d3913927ad8b02862c6d9",
+        size=25_964,
+    ),
     "counterfact/easyedit_mend_format/counterfact-train.json": RemoteFile(
         _KSPREAD + "counterfact/counterfact-train.json",
-        "bb40e12c7b740d6859e521674cf438f063c7c3e444bc1b449e74cdd0900772d0", size=3_849_872),
+        "bb40e12c7b740d6859e521674cf438f063c7c3e444bc1b449e74cdd0900772d0",
+        size=3_849_872,
+    ),
     "counterfact/easyedit_mend_format/counterfact-val.json": RemoteFile(
         _KSPREAD + "counterfact/counterfact-val.json",
-        "4feb68cc1f85dcf3b285252a28f2b2193ff69971947619356236953be60ecd1f", size=741_112),
+        "4feb68cc1f85dcf3b285252a28f2b2193ff69971947619356236953be60ecd1f",
+        size=741_112,
+    ),
     "counterfact/easyedit_mend_format/counterfact-edit.json": RemoteFile(
         _KSPREAD + "counterfact/counterfact-edit.json",
-        "20c225e6299b3c5b2c569bd9103aa212806e0d1e6e0c307de5c379773979b967", size=3_850_773),
+        "20c225e6299b3c5b2c569bd9103aa212806e0d1e6e0c307de5c379773979b967",
+        size=3_850_773,
+    ),
     "zsre/zsre_mend_eval_portability_gpt4.json": RemoteFile(
         _INSTRUCTED + "One_Hop/zsre_mend_eval_portability_gpt4.json",
-        "0cf155da229b2eccae19fcfe5f7a09523363d357f5f15508d1521f495ad5ecd9", size=842_861),
+        "0cf155da229b2eccae19fcfe5f7a09523363d357f5f15508d1521f495ad5ecd9",
+        size=842_861,
+    ),
     "zsre/zsre_mend_train-1k.json": RemoteFile(
         _KSPREAD + "zsre/zsre_mend_train-1k.json",
-        "09dbb446f4afa1e500e051806430d286ef260fa6dd89e3590a9756f8b060a229", size=524_937),
+        "09dbb446f4afa1e500e051806430d286ef260fa6dd89e3590a9756f8b060a229",
+        size=524_937,
+    ),
     "wikitext/wikitext-2-raw/wiki.valid.raw.txt": RemoteFile(
-        _WT2 + "wiki.valid.raw", "4cd0f6876d07a413aa911261ff6d363c72d757d47f0fdd6015702014c89cb9c7", size=1_146_846),
+        _WT2 + "wiki.valid.raw", "4cd0f6876d07a413aa911261ff6d363c72d757d47f0fdd6015702014c89cb9c7", size=1_146_846
+    ),
     "wikitext/wikitext-2-raw/wiki.test.raw.txt": RemoteFile(
-        _WT2 + "wiki.test.raw", "173c87a53759e0201f33e0ccf978e510c2042d7f2cb78229d9a50d79b9e7dd08", size=1_290_590),
+        _WT2 + "wiki.test.raw", "173c87a53759e0201f33e0ccf978e510c2042d7f2cb78229d9a50d79b9e7dd08", size=1_290_590
+    ),
     "wikitext/wikitext-103-train-head/wiki.train.tokens.head.txt": RemoteFile(
         _GH + "Hongcheng-Gao/RobTest-Demo/2541445ee4850076b885b2ba5df0b51e57e35ccc/data/wiki.train.tokens",
-        "404a35153f7425a473fbca5cb6b5aa500a9dc8800dd0d28a6656c82436feaae5", size=2_883_584, max_bytes=2_883_584),
+        "404a35153f7425a473fbca5cb6b5aa500a9dc8800dd0d28a6656c82436feaae5",
+        size=2_883_584,
+        max_bytes=2_883_584,
+    ),
 }
 
 DOWNLOAD_TIMEOUT_S = 30.0
@@ -170,8 +218,7 @@ def checksum_ok(path: Path, known: RemoteFile | None) -> bool:
     return checksum_mismatch(path, known) is None
 
 
-def _download(url: str, dest: Path, max_bytes: int | None = None,
-              timeout: float = DOWNLOAD_TIMEOUT_S) -> None:
+def _download(url: str, dest: Path, max_bytes: int | None = None, timeout: float = DOWNLOAD_TIMEOUT_S) -> None:
     """Fetch ``url`` into ``dest`` atomically (temp file in the same folder + os.replace)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
@@ -203,10 +250,14 @@ def _fix_hint(rel: str, path: Path) -> str:
     """How to get a good copy of data file ``rel`` back."""
     known = KNOWN_FILES.get(rel)
     if known is not None and known.url is not None:
-        return (f"Fix: delete {path} and pmet downloads it again from {known.url} (unless PMET_OFFLINE is "
-                f"set), or copy a good '{rel}' there (see SOURCES.md in the shared data folder).")
-    return (f"Fix: copy a good '{rel}' to {path} again (see SOURCES.md in the shared data folder), or set "
-            "PMET_DATA_DIR to a folder that holds one.")
+        return (
+            f"Fix: delete {path} and pmet downloads it again from {known.url} (unless PMET_OFFLINE is "
+            f"set), or copy a good '{rel}' there (see SOURCES.md in the shared data folder)."
+        )
+    return (
+        f"Fix: copy a good '{rel}' to {path} again (see SOURCES.md in the shared data folder), or set "
+        "PMET_DATA_DIR to a folder that holds one."
+    )
 
 
 def _expected(known: RemoteFile) -> str:
@@ -274,13 +325,15 @@ def verify_known_file(rel: str, path: Path, force: bool = False) -> None:
     if wrong:
         raise DataIntegrityError(
             f"Data file '{rel}' at {path} is corrupt: expected {_expected(known)}, found {st.st_size:,} bytes "
-            f"with another {wrong}. {_fix_hint(rel, path)}")
+            f"with another {wrong}. {_fix_hint(rel, path)}"
+        )
     _VERIFIED[key] = sig
     _remember_verified(Path(key), sig, checksum)
 
 
-def ensure_file(rel: str, data_dir: os.PathLike | None = None, *, verify: bool | None = None,
-                download: bool | None = None) -> Path:
+def ensure_file(
+    rel: str, data_dir: os.PathLike | None = None, *, verify: bool | None = None, download: bool | None = None
+) -> Path:
     """Return the local path of data file ``rel``, downloading it if needed.
 
     ``verify=None`` (default) checks a known file's sha256 on first use when it has the recorded size
@@ -300,14 +353,18 @@ def ensure_file(rel: str, data_dir: os.PathLike | None = None, *, verify: bool |
         return path
     if download is None:
         download = not os.environ.get("PMET_OFFLINE")
-    fix = (f"Fix: copy the file to {path}, or set PMET_DATA_DIR to a folder that holds "
-           f"'{rel}' (see SOURCES.md in the shared data folder).")
+    fix = (
+        f"Fix: copy the file to {path}, or set PMET_DATA_DIR to a folder that holds "
+        f"'{rel}' (see SOURCES.md in the shared data folder)."
+    )
     if known is None or known.url is None:
         why = "it has no public download URL" if known else "it is not a known data file"
         raise DataNotFoundError(f"Data file '{rel}' not found at {path}; {why}. {fix}")
     if not download:
-        raise DataNotFoundError(f"Data file '{rel}' not found at {path}; downloads are disabled "
-                                f"(PMET_OFFLINE), URL would be {known.url}. {fix}")
+        raise DataNotFoundError(
+            f"Data file '{rel}' not found at {path}; downloads are disabled "
+            f"(PMET_OFFLINE), URL would be {known.url}. {fix}"
+        )
     log.info("downloading %s -> %s", known.url, path)
     try:
         _download(known.url, path, known.max_bytes)
@@ -316,8 +373,10 @@ def ensure_file(rel: str, data_dir: os.PathLike | None = None, *, verify: bool |
             path.unlink()
             raise ValueError(f"downloaded content has the wrong {wrong}")
     except Exception as exc:  # noqa: BLE001 - every failure becomes one clear error
-        raise DataNotFoundError(f"Data file '{rel}' not found at {path}, and downloading it from "
-                                f"{known.url} failed ({type(exc).__name__}: {exc}). {fix}") from None
+        raise DataNotFoundError(
+            f"Data file '{rel}' not found at {path}, and downloading it from "
+            f"{known.url} failed ({type(exc).__name__}: {exc}). {fix}"
+        ) from None
     return path
 
 
@@ -326,7 +385,7 @@ def _known_rel(path: Path) -> str | None:
     parts = path.parts
     for rel in KNOWN_FILES:
         rp = Path(rel).parts
-        if parts[-len(rp):] == rp:
+        if parts[-len(rp) :] == rp:
             return rel
     return None
 
@@ -342,9 +401,11 @@ def parse_error(path: Path, exc: Exception, kind: str = "JSON") -> DataIntegrity
     if known is not None and (known.sha256 or known.git_blob):
         return DataIntegrityError(
             f"Data file '{rel}' at {path} cannot be read ({what}); it has {size:,} bytes, the published file "
-            f"has {_expected(known)}, so it is probably truncated or damaged. {_fix_hint(rel, path)}")
-    return DataIntegrityError(f"Data file {path} ({size:,} bytes) is not valid {kind} ({what}); check or "
-                              "re-create the file.")
+            f"has {_expected(known)}, so it is probably truncated or damaged. {_fix_hint(rel, path)}"
+        )
+    return DataIntegrityError(
+        f"Data file {path} ({size:,} bytes) is not valid {kind} ({what}); check or re-create the file."
+    )
 
 
 def read_json(path: os.PathLike) -> Any:
@@ -457,8 +518,13 @@ class CounterFactRecord:
 
     def as_request(self) -> dict:
         """``{"case_id", "prompt", "subject", "target_new", "target_true"}`` with raw target strings."""
-        return {"case_id": self.case_id, "prompt": self.prompt, "subject": self.subject,
-                "target_new": self.target_new, "target_true": self.target_true}
+        return {
+            "case_id": self.case_id,
+            "prompt": self.prompt,
+            "subject": self.subject,
+            "target_new": self.target_new,
+            "target_true": self.target_true,
+        }
 
 
 _CF_FULL = "counterfact/counterfact_subset_merged.json"
@@ -477,17 +543,25 @@ def _validate_cf(rec: CounterFactRecord) -> CounterFactRecord:
 
 def _parse_original(r: dict) -> CounterFactRecord:
     rw = r["requested_rewrite"]
-    return _validate_cf(CounterFactRecord(
-        case_id=int(r["case_id"]), subject=rw["subject"], prompt=rw["prompt"],
-        target_new=rw["target_new"]["str"], target_true=rw["target_true"]["str"],
-        relation_id=rw.get("relation_id"),
-        paraphrase_prompts=tuple(r["paraphrase_prompts"]),
-        neighborhood_prompts=tuple(r["neighborhood_prompts"]),
-        attribute_prompts=tuple(r["attribute_prompts"]),
-        generation_prompts=tuple(r["generation_prompts"]),
-        neighborhood_target=rw["target_true"]["str"],
-        target_new_id=rw["target_new"].get("id"), target_true_id=rw["target_true"].get("id"),
-        pararel_idx=r.get("pararel_idx"), schema="original"))
+    return _validate_cf(
+        CounterFactRecord(
+            case_id=int(r["case_id"]),
+            subject=rw["subject"],
+            prompt=rw["prompt"],
+            target_new=rw["target_new"]["str"],
+            target_true=rw["target_true"]["str"],
+            relation_id=rw.get("relation_id"),
+            paraphrase_prompts=tuple(r["paraphrase_prompts"]),
+            neighborhood_prompts=tuple(r["neighborhood_prompts"]),
+            attribute_prompts=tuple(r["attribute_prompts"]),
+            generation_prompts=tuple(r["generation_prompts"]),
+            neighborhood_target=rw["target_true"]["str"],
+            target_new_id=rw["target_new"].get("id"),
+            target_true_id=rw["target_true"].get("id"),
+            pararel_idx=r.get("pararel_idx"),
+            schema="original",
+        )
+    )
 
 
 def _parse_reduced(r: dict) -> CounterFactRecord:
@@ -496,11 +570,19 @@ def _parse_reduced(r: dict) -> CounterFactRecord:
     if not isinstance(subject, str) or not subject.strip() or subject not in filled:
         raise InvalidRecordError(f"{where}: subject {subject!r} does not occur in prompt {filled!r}")
     template = filled.replace(subject, "{}", 1)
-    rec = _validate_cf(CounterFactRecord(
-        case_id=case_id, subject=subject, prompt=template, target_new=r["target_new"],
-        target_true=r["ground_truth"], paraphrase_prompts=(r["rephrase_prompt"],),
-        neighborhood_prompts=(r["locality_prompt"],),
-        neighborhood_target=r["locality_ground_truth"], schema="reduced"))
+    rec = _validate_cf(
+        CounterFactRecord(
+            case_id=case_id,
+            subject=subject,
+            prompt=template,
+            target_new=r["target_new"],
+            target_true=r["ground_truth"],
+            paraphrase_prompts=(r["rephrase_prompt"],),
+            neighborhood_prompts=(r["locality_prompt"],),
+            neighborhood_target=r["locality_ground_truth"],
+            schema="reduced",
+        )
+    )
     if rec.filled_prompt != filled:
         raise InvalidRecordError(f"{where}: template {template!r} does not format back to {filled!r}")
     return rec
@@ -518,9 +600,12 @@ def _load_cf_file(rel: str, base: os.PathLike | None, reduced: bool) -> tuple[Co
     return _cf_file(str(path), st.st_mtime_ns, st.st_size, reduced)
 
 
-def load_counterfact(split: CounterFactSplit = "full", full_fields_only: bool = False,
-                     limit: int | None = None,
-                     data_dir: os.PathLike | None = None) -> list[CounterFactRecord]:
+def load_counterfact(
+    split: CounterFactSplit = "full",
+    full_fields_only: bool = False,
+    limit: int | None = None,
+    data_dir: os.PathLike | None = None,
+) -> list[CounterFactRecord]:
     """Load CounterFact records (every record is validated; bad ones raise InvalidRecordError).
 
     * ``"full"``: the 1,653 original-schema records of ``counterfact_subset_merged.json``.
@@ -601,12 +686,20 @@ class ZsreRecord:
             new, true = self.answer, self.true_answers[0]
         else:
             raise ValueError(f"target must be 'memit' or 'alt', got {target!r}")
-        return {"case_id": self.case_id, "prompt": self.prompt, "subject": self.subject,
-                "target_new": new, "target_true": true}
+        return {
+            "case_id": self.case_id,
+            "prompt": self.prompt,
+            "subject": self.subject,
+            "target_new": new,
+            "target_true": true,
+        }
 
 
-_ZSRE = {"eval": "zsre/zsre_mend_eval_portability_gpt4.json", "train": "zsre/zsre_mend_train-1k.json",
-         "mem_eval": "zsre_mem_eval.json"}
+_ZSRE = {
+    "eval": "zsre/zsre_mend_eval_portability_gpt4.json",
+    "train": "zsre/zsre_mend_train-1k.json",
+    "mem_eval": "zsre_mem_eval.json",
+}
 
 
 def _parse_zsre(i: int, r: dict) -> ZsreRecord:
@@ -622,15 +715,29 @@ def _parse_zsre(i: int, r: dict) -> ZsreRecord:
     alt = (r.get("alt") or "").strip()
     if not alt:
         raise InvalidRecordError(f"{where}: 'alt' (new target) is empty")
-    rec = ZsreRecord(case_id=i, subject=subject, src=src, rephrase=r["rephrase"], answer=alt,
-                     true_answers=answers, loc=r["loc"], loc_ans=r["loc_ans"].strip(),
-                     pred=r.get("pred", ""), cond=r.get("cond"))
+    rec = ZsreRecord(
+        case_id=i,
+        subject=subject,
+        src=src,
+        rephrase=r["rephrase"],
+        answer=alt,
+        true_answers=answers,
+        loc=r["loc"],
+        loc_ans=r["loc_ans"].strip(),
+        pred=r.get("pred", ""),
+        cond=r.get("cond"),
+    )
     _check_template(rec.prompt, subject, where)
     return rec
 
 
-def load_zsre(split: Literal["eval", "train", "mem_eval"] = "eval", limit: int | None = None, *,
-              strict: bool = False, data_dir: os.PathLike | None = None) -> list[ZsreRecord]:
+def load_zsre(
+    split: Literal["eval", "train", "mem_eval"] = "eval",
+    limit: int | None = None,
+    *,
+    strict: bool = False,
+    data_dir: os.PathLike | None = None,
+) -> list[ZsreRecord]:
     """Load zsRE records: ``"eval"`` = EasyEdit's 1,037-record subset of the MEND eval split,
     ``"train"`` = 1,000 MEND train records, ``"mem_eval"`` = ROME/MEMIT's complete ``zsre_mem_eval.json``
     (19,086 records, the paper's Table 2 set; downloaded and checked against its git blob id when missing).
@@ -648,8 +755,11 @@ def load_zsre(split: Literal["eval", "train", "mem_eval"] = "eval", limit: int |
             records.append(_parse_zsre(i, raw))
         except (InvalidRecordError, KeyError, AttributeError) as exc:
             if strict:
-                raise exc if isinstance(exc, InvalidRecordError) else InvalidRecordError(
-                    f"zsRE case_id={i}: malformed record ({exc!r})") from None
+                raise (
+                    exc
+                    if isinstance(exc, InvalidRecordError)
+                    else InvalidRecordError(f"zsRE case_id={i}: malformed record ({exc!r})")
+                ) from None
             bad.append(i)
     if bad:
         log.warning("zsRE %s: skipped %d invalid record(s): case_ids %s", split, len(bad), bad[:20])
@@ -683,11 +793,12 @@ def load_known_facts(data_dir: os.PathLike | None = None) -> list[KnownFact]:
 
 # --------------------------------------------------------------------- text corpus
 CORPORA: dict[str, tuple[str, ...]] = {
-    "wikitext": ("wikitext/wikitext-103-train-head/wiki.train.tokens.head.txt",
-                 "wikitext/wikitext-2-raw/wiki.valid.raw.txt",
-                 "wikitext/wikitext-2-raw/wiki.test.raw.txt"),
-    "wikitext-2-raw": ("wikitext/wikitext-2-raw/wiki.valid.raw.txt",
-                       "wikitext/wikitext-2-raw/wiki.test.raw.txt"),
+    "wikitext": (
+        "wikitext/wikitext-103-train-head/wiki.train.tokens.head.txt",
+        "wikitext/wikitext-2-raw/wiki.valid.raw.txt",
+        "wikitext/wikitext-2-raw/wiki.test.raw.txt",
+    ),
+    "wikitext-2-raw": ("wikitext/wikitext-2-raw/wiki.valid.raw.txt", "wikitext/wikitext-2-raw/wiki.test.raw.txt"),
     "wikitext-103-train-head": ("wikitext/wikitext-103-train-head/wiki.train.tokens.head.txt",),
 }
 
@@ -749,8 +860,9 @@ def _wikipedia_paragraphs(max_chars: int | None) -> list[str]:
                 out.append(text)
                 total += len(text)
     except Exception as exc:  # noqa: BLE001 - network / hub errors become one clear error
-        raise DataNotFoundError(f"streaming {WIKIPEDIA[0]} ({WIKIPEDIA[1]}) failed: {type(exc).__name__}: "
-                                f"{str(exc).splitlines()[0][:200]}") from None
+        raise DataNotFoundError(
+            f"streaming {WIKIPEDIA[0]} ({WIKIPEDIA[1]}) failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        ) from None
     return out
 
 
@@ -760,8 +872,9 @@ def _corpus_files(name: str, data_dir: os.PathLike | None) -> list[Path]:
     return [ensure_file(rel, data_dir) for rel in CORPORA[name]]
 
 
-def load_text_corpus(name: str = "wikitext", max_chars: int | None = None, *,
-                     drop_unk: bool = False, data_dir: os.PathLike | None = None) -> list[str]:
+def load_text_corpus(
+    name: str = "wikitext", max_chars: int | None = None, *, drop_unk: bool = False, data_dir: os.PathLike | None = None
+) -> list[str]:
     """Non-empty paragraphs (stripped lines) of a text corpus, files in :data:`CORPORA` order.
 
     Heading lines (`` = Title = ``, `` = = Section = = ``) and blank lines are skipped.

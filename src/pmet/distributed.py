@@ -137,8 +137,9 @@ def precompute_values(model, tok, requests, hp, cache=None, progress: bool = Tru
 
     reqs = normalize_requests(requests, tok)
     layers = tuple(sorted(hp.layers if hp.layers is not None else model.layout.critical_layers))
-    templates = _rank0(get_context_templates, model, tok, hp.context_length, hp.context_n_per_start,
-                       hp.context_seed, cache_dir=cache)
+    templates = _rank0(
+        get_context_templates, model, tok, hp.context_length, hp.context_n_per_start, hp.context_seed, cache_dir=cache
+    )
     flat, _ = flatten(templates)
     mine = shard_batches(len(reqs), hp.v_batch_size, rank(), world_size())
     for batch in tqdm(mine, desc=f"values rank {rank()}/{world_size()}", disable=not progress or not mine):
@@ -180,14 +181,23 @@ def _evaluate_shard(model, tok, records, dataset, out: Path, meta, generation, e
     mine = [todo[i] for b in shard_batches(len(todo), eval_batch_size, rank(), world_size()) for i in b]
     path = out / f"records.rank{rank()}of{world_size()}.jsonl"
     if dataset == "counterfact":
-        evaluate_counterfact(model, tok, mine, batch_size=eval_batch_size, generation=generation, out_path=path,
-                             progress=progress, meta=meta)
+        evaluate_counterfact(
+            model,
+            tok,
+            mine,
+            batch_size=eval_batch_size,
+            generation=generation,
+            out_path=path,
+            progress=progress,
+            meta=meta,
+        )
     else:
         evaluate_zsre(model, tok, mine, batch_size=eval_batch_size, out_path=path, progress=progress, meta=meta)
 
 
-def run_edit_eval_sharded(model, tok, spec, hparams=None, runs_dir=None, cache=None, eval_batch_size: int = 32,
-                          progress: bool = True) -> dict:
+def run_edit_eval_sharded(
+    model, tok, spec, hparams=None, runs_dir=None, cache=None, eval_batch_size: int = 32, progress: bool = True
+) -> dict:
     """:func:`pmet.experiments.run_edit_eval` of the run ``spec`` over the ranks of the group (module docstring);
     every rank returns the summary, which is the one a single process writes (plus ``world_size`` and the
     timings)."""
@@ -225,8 +235,16 @@ def run_edit_eval_sharded(model, tok, spec, hparams=None, runs_dir=None, cache=N
                 def _edit():
                     t1 = time.perf_counter()
                     extra = {"checkpoint": trajectory} if trajectory is not None else {}
-                    result = edit(model, tok, [x.as_request() for x in records], method=method, hparams=hp,
-                                  cache_dir=cache, progress=progress, **extra)
+                    result = edit(
+                        model,
+                        tok,
+                        [x.as_request() for x in records],
+                        method=method,
+                        hparams=hp,
+                        cache_dir=cache,
+                        progress=progress,
+                        **extra,
+                    )
                     result.timings["values_sharded"] = values_s  # the ranks' value optimisation before the edit
                     return saved.save(result, values_s + time.perf_counter() - t1)
 
@@ -242,8 +260,9 @@ def run_edit_eval_sharded(model, tok, spec, hparams=None, runs_dir=None, cache=N
         try:
             error = None
             try:
-                _evaluate_shard(model, tok, records, spec.dataset, out, run.meta, spec.generation, eval_batch_size,
-                                progress)
+                _evaluate_shard(
+                    model, tok, records, spec.dataset, out, run.meta, spec.generation, eval_batch_size, progress
+                )
             except Exception as exc:  # tell the others, then fail everywhere
                 error = f"rank {r}: {type(exc).__name__}: {exc}"
             errors = [None] * k

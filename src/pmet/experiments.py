@@ -59,8 +59,9 @@ def _pool_kind(dataset: str, n: int | None, subset_size: int, full: bool | None)
     return POOL_FULL
 
 
-def table_selection(dataset: str, n: int | None = None, seed: int = 0, full_fields_only: bool = True,
-                    full: bool | None = None) -> tuple[list, str]:
+def table_selection(
+    dataset: str, n: int | None = None, seed: int = 0, full_fields_only: bool = True, full: bool | None = None
+) -> tuple[list, str]:
     """``(records, pool)``: the records a table edits and evaluates (module docstring) and the pool they come
     from, ``"subset"`` or ``"full"`` (see :func:`_pool_kind`). The full CounterFact pool is ROME's complete
     ``counterfact.json`` (21,919 records) minus the ``counterfact-val`` case ids; the full zsRE pool is
@@ -87,13 +88,16 @@ def table_selection(dataset: str, n: int | None = None, seed: int = 0, full_fiel
     order = list(range(len(pool)))
     random.Random(seed).shuffle(order)
     if n is not None and n > len(pool):
-        raise ValueError(f"{dataset}: asked for {n} records, only {len(pool)} available "
-                         f"({kind} pool, full_fields_only={full_fields_only})")
+        raise ValueError(
+            f"{dataset}: asked for {n} records, only {len(pool)} available "
+            f"({kind} pool, full_fields_only={full_fields_only})"
+        )
     return [pool[i] for i in order[: n if n is not None else len(pool)]], kind
 
 
-def table_records(dataset: str, n: int | None = None, seed: int = 0, full_fields_only: bool = True,
-                  full: bool | None = None) -> list:
+def table_records(
+    dataset: str, n: int | None = None, seed: int = 0, full_fields_only: bool = True, full: bool | None = None
+) -> list:
     """The records a table edits and evaluates (see :func:`table_selection`); ``n=None`` means all of them."""
     return table_selection(dataset, n, seed, full_fields_only, full)[0]
 
@@ -162,8 +166,7 @@ def run_hparams(model, spec: RunSpec, hparams=None):
     spec's overrides and precision; None for the unedited model."""
     if spec.method == UNEDITED:
         return None
-    return hparams if hparams is not None else method_hparams(spec.method, model, spec.dataset,
-                                                              spec.hparam_overrides())
+    return hparams if hparams is not None else method_hparams(spec.method, model, spec.dataset, spec.hparam_overrides())
 
 
 def spec_records(spec: RunSpec, model=None) -> tuple[list, str]:
@@ -189,9 +192,11 @@ def locate(model, spec: RunSpec, hp, runs_dir=None, cache=None, pool: str | None
     name = getattr(model, "pmet_name", None)
     if name is not None and name != spec.model:
         raise ValueError(f"the run is for model {spec.model!r} but the loaded model is {name!r}")
-    ran = spec.replace(value_autocast=getattr(hp, "v_autocast", None) if hp is not None else None,
-                       pool=pool or spec.pool or POOL_SUBSET,
-                       overrides={k: v for k, v in spec.overrides if _has_field(hp, k)})
+    ran = spec.replace(
+        value_autocast=getattr(hp, "v_autocast", None) if hp is not None else None,
+        pool=pool or spec.pool or POOL_SUBSET,
+        overrides={k: v for k, v in spec.overrides if _has_field(hp, k)},
+    )
     hp_id = _hparams_id(hp) + _artifact_id(spec.method, model, hp, cache) + _c0_fallback_id(hp)
     meta = {"model": spec.model, "method": spec.method, "n_edits": spec.n_edits, "seed": spec.seed, "hparams": hp_id}
     if ran.pool != POOL_SUBSET:
@@ -203,21 +208,39 @@ def _stage(progress: bool, spec: RunSpec, what: str) -> None:
     """One line on stderr per stage of a run, so a long job shows where it is (also through papermill)."""
     if progress:
         extra = ("" if spec.value_autocast is None else f" values {spec.value_autocast}") + (
-            " +generation" if spec.generation and spec.dataset == "counterfact" else "")
-        print(f"[pmet {time.strftime('%H:%M:%S')}] {spec.model} {spec.dataset} {spec.method} n={spec.n_edits} "
-              f"seed={spec.seed}{extra}: {what}", file=sys.stderr, flush=True)
+            " +generation" if spec.generation and spec.dataset == "counterfact" else ""
+        )
+        print(
+            f"[pmet {time.strftime('%H:%M:%S')}] {spec.model} {spec.dataset} {spec.method} n={spec.n_edits} "
+            f"seed={spec.seed}{extra}: {what}",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def _completed(summary: dict, run: SimpleNamespace) -> dict:
     """A summary read back from the cache; one written before specs were recorded gets its spec."""
     if "hparams" in summary and "spec" not in summary:
-        summary = {**summary, "spec": run.spec.to_dict(), "dataset": run.spec.dataset,
-                   "generation": run.spec.generation}
+        summary = {
+            **summary,
+            "spec": run.spec.to_dict(),
+            "dataset": run.spec.dataset,
+            "generation": run.spec.generation,
+        }
     return summary
 
 
-def run_edit_eval(model, tok, spec: RunSpec, *, hparams=None, runs_dir: str | Path | None = None,
-                  cache: str | Path | None = None, eval_batch_size: int = 32, progress: bool = True) -> dict:
+def run_edit_eval(
+    model,
+    tok,
+    spec: RunSpec,
+    *,
+    hparams=None,
+    runs_dir: str | Path | None = None,
+    cache: str | Path | None = None,
+    eval_batch_size: int = 32,
+    progress: bool = True,
+) -> dict:
     """Run ``spec`` (edit its ``n_edits`` records with its method, ``"none"`` = unedited; evaluate; restore) on
     the loaded ``model``/``tok``; return the summary.
 
@@ -238,8 +261,16 @@ def run_edit_eval(model, tok, spec: RunSpec, *, hparams=None, runs_dir: str | Pa
     from .editing import edit
 
     if distributed.world_size() > 1:  # torchrun: values and evaluation shard over the ranks
-        return distributed.run_edit_eval_sharded(model, tok, spec, hparams=hparams, runs_dir=runs_dir, cache=cache,
-                                                 eval_batch_size=eval_batch_size, progress=progress)
+        return distributed.run_edit_eval_sharded(
+            model,
+            tok,
+            spec,
+            hparams=hparams,
+            runs_dir=runs_dir,
+            cache=cache,
+            eval_batch_size=eval_batch_size,
+            progress=progress,
+        )
     records, pool = spec_records(spec, model)
     hp = run_hparams(model, spec, hparams)
     run = locate(model, spec, hp, runs_dir, cache, pool)
@@ -262,8 +293,16 @@ def run_edit_eval(model, tok, spec: RunSpec, *, hparams=None, runs_dir: str | Pa
             _stage(progress, run.spec, f"editing {len(records)} records")
             t0 = time.perf_counter()
             extra = {"checkpoint": trajectory} if trajectory is not None else {}
-            result = edit(model, tok, [r.as_request() for r in records], method=spec.method, hparams=hp,
-                          cache_dir=cache, progress=progress, **extra)
+            result = edit(
+                model,
+                tok,
+                [r.as_request() for r in records],
+                method=spec.method,
+                hparams=hp,
+                cache_dir=cache,
+                progress=progress,
+                **extra,
+            )
             edited = saved.save(result, time.perf_counter() - t0)
         _stage(progress, run.spec, f"evaluating {len(records)} edited records")
         try:
@@ -274,8 +313,9 @@ def run_edit_eval(model, tok, spec: RunSpec, *, hparams=None, runs_dir: str | Pa
         return summary
 
 
-def _evaluate_and_save(model, tok, records, run: SimpleNamespace, eval_batch_size: int, progress: bool,
-                       edited=None) -> dict:
+def _evaluate_and_save(
+    model, tok, records, run: SimpleNamespace, eval_batch_size: int, progress: bool, edited=None
+) -> dict:
     """Evaluate the (edited) model on ``records``, write ``records.jsonl`` + ``summary.json``; the summary.
     ``edited``: what the edit reported (``seconds``, ``timings``, ``delta_norms``), None when unedited."""
     from .evaluation import evaluate_counterfact, evaluate_zsre, summarize_counterfact, summarize_zsre
@@ -284,13 +324,28 @@ def _evaluate_and_save(model, tok, records, run: SimpleNamespace, eval_batch_siz
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     if spec.dataset == "counterfact":
-        rows = evaluate_counterfact(model, tok, records, batch_size=eval_batch_size, generation=spec.generation,
-                                    out_path=out / "records.jsonl", progress=progress, meta=run.meta)
+        rows = evaluate_counterfact(
+            model,
+            tok,
+            records,
+            batch_size=eval_batch_size,
+            generation=spec.generation,
+            out_path=out / "records.jsonl",
+            progress=progress,
+            meta=run.meta,
+        )
         summary = summarize_counterfact(rows)
         summary.update(_portability(model, tok, records, out))
     else:
-        rows = evaluate_zsre(model, tok, records, batch_size=eval_batch_size, out_path=out / "records.jsonl",
-                             progress=progress, meta=run.meta)
+        rows = evaluate_zsre(
+            model,
+            tok,
+            records,
+            batch_size=eval_batch_size,
+            out_path=out / "records.jsonl",
+            progress=progress,
+            meta=run.meta,
+        )
         summary = summarize_zsre(rows)
     summary.update(run.meta)
     summary["spec"] = spec.to_dict()
@@ -327,8 +382,9 @@ def _portability(model, tok, records, out: Path) -> dict:
 SEQUENTIAL = sequential_methods()  # editors that apply the requests one after another (the registry)
 
 
-def run_sweep(model, tok, spec: RunSpec, sizes, *, runs_dir=None, cache=None, eval_batch_size: int = 32,
-              progress: bool = True) -> dict[int, dict]:
+def run_sweep(
+    model, tok, spec: RunSpec, sizes, *, runs_dir=None, cache=None, eval_batch_size: int = 32, progress: bool = True
+) -> dict[int, dict]:
     """:func:`run_edit_eval` of ``spec`` at every size of ``sizes`` (Fig. 3; the spec's own ``n_edits`` is
     replaced by each size); ``{n: summary}``.
 
@@ -362,14 +418,26 @@ def run_sweep(model, tok, spec: RunSpec, sizes, *, runs_dir=None, cache=None, ev
         def at_step(k: int, current) -> None:  # called by the editor after its k-th edit (its timings exclude these)
             if k not in missing or k in out:
                 return
-            edited = SimpleNamespace(seconds=current.timings["total"], timings=current.timings,
-                                     delta_norms={n: float(torch.linalg.norm(d)) for n, d in current.deltas.items()})
+            edited = SimpleNamespace(
+                seconds=current.timings["total"],
+                timings=current.timings,
+                delta_norms={n: float(torch.linalg.norm(d)) for n, d in current.deltas.items()},
+            )
             _stage(progress, where[k].spec, f"evaluating after {k} sequential edits")
             out[k] = _evaluate_and_save(model, tok, records[:k], where[k], eval_batch_size, progress, edited)
 
         _stage(progress, where[max(missing)].spec, f"editing {max(missing)} records one after another")
-        result = edit(model, tok, [r.as_request() for r in records[:max(missing)]], method=spec.method, hparams=hp,
-                      cache_dir=cache, progress=progress, on_step=at_step, checkpoint=trajectory)
+        result = edit(
+            model,
+            tok,
+            [r.as_request() for r in records[: max(missing)]],
+            method=spec.method,
+            hparams=hp,
+            cache_dir=cache,
+            progress=progress,
+            on_step=at_step,
+            checkpoint=trajectory,
+        )
         result.restore()
     return {n: out[n] for n in sizes}
 
@@ -388,8 +456,9 @@ def resolve_n_edits(model_name: str, n_edits: int | dict | None, default: int) -
     return PAPER_SIZES.get(model_name, default)
 
 
-def train_mend_if_missing(model, tok, dataset: str = "counterfact", cache=None, progress: bool = True,
-                          overrides: dict | None = None) -> None:
+def train_mend_if_missing(
+    model, tok, dataset: str = "counterfact", cache=None, progress: bool = True, overrides: dict | None = None
+) -> None:
     """Train MEND's editor for ``model`` (hyperparameters with ``overrides``, e.g. fewer ``steps``) when the
     cache has none (as ``python -m pmet.editing.mend train``: its own progress bar with ETA, checkpoints,
     resumable); a no-op when it is trained."""
@@ -399,14 +468,29 @@ def train_mend_if_missing(model, tok, dataset: str = "counterfact", cache=None, 
     if (editor_dir(model, hp, cache) / "editor.safetensors").exists():
         return
     if progress:
-        print(f"[pmet {time.strftime('%H:%M:%S')}] {getattr(model, 'pmet_name', 'model')}: training MEND's editor "
-              f"({hp.steps} steps, once per model and cache)", file=sys.stderr, flush=True)
+        print(
+            f"[pmet {time.strftime('%H:%M:%S')}] {getattr(model, 'pmet_name', 'model')}: training MEND's editor "
+            f"({hp.steps} steps, once per model and cache)",
+            file=sys.stderr,
+            flush=True,
+        )
     train(model, tok, hp, cache_dir=cache, progress=progress)
 
 
-def run_grid(model_names, methods, dataset: str = "counterfact", n_edits: int | dict | None = None,
-             default_n: int = 1000, seed: int = 0, generation: bool = False, value_autocast: str | None = None,
-             overrides: dict | None = None, device: str = "cpu", train_mend: bool = False, **options) -> dict:
+def run_grid(
+    model_names,
+    methods,
+    dataset: str = "counterfact",
+    n_edits: int | dict | None = None,
+    default_n: int = 1000,
+    seed: int = 0,
+    generation: bool = False,
+    value_autocast: str | None = None,
+    overrides: dict | None = None,
+    device: str = "cpu",
+    train_mend: bool = False,
+    **options,
+) -> dict:
     """Run :func:`run_edit_eval` for every (model, method); returns ``{model: {method: summary}}``.
 
     ``methods`` is a list, or a ``{model: [methods]}`` dict when the blocks differ (e.g. a second model
@@ -428,12 +512,25 @@ def run_grid(model_names, methods, dataset: str = "counterfact", n_edits: int | 
         if train_mend and "mend" in chosen:
             train_mend_if_missing(model, tok, dataset, options.get("cache"), options.get("progress", True), overrides)
         for method in chosen:
-            spec = RunSpec(model=name, method=method, dataset=dataset, n_edits=n, seed=seed, generation=generation,
-                           value_autocast=value_autocast, overrides=tuple((overrides or {}).items()))
+            spec = RunSpec(
+                model=name,
+                method=method,
+                dataset=dataset,
+                n_edits=n,
+                seed=seed,
+                generation=generation,
+                value_autocast=value_autocast,
+                overrides=tuple((overrides or {}).items()),
+            )
             try:
                 out[name][method] = run_edit_eval(model, tok, spec, **options)
             except MethodUnavailable as exc:
-                out[name][method] = {"unavailable": str(exc), "method": method, "model": name, "n_edits": n,
-                                     "spec": spec.to_dict()}
+                out[name][method] = {
+                    "unavailable": str(exc),
+                    "method": method,
+                    "model": name,
+                    "n_edits": n,
+                    "spec": spec.to_dict(),
+                }
         del model
     return out

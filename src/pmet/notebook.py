@@ -59,8 +59,11 @@ def configure(params: dict, small: dict | None = None, names: list[str] | None =
     committed test fixtures (:func:`pmet.paths.fixtures_data_dir`), so CI needs no data beside the checkout.
     """
     simple = (str, int, float, bool, list, tuple, dict, type(None))
-    keys = names or [k for k, v in params.items() if not k.startswith("_") and k.islower() and isinstance(v, simple)
-                     and k not in ("In", "Out")]
+    keys = names or [
+        k
+        for k, v in params.items()
+        if not k.startswith("_") and k.islower() and isinstance(v, simple) and k not in ("In", "Out")
+    ]
     cfg = {k: _literal(params[k]) for k in keys if k in params}
     if os.environ.get(SMALL_ENV) == "1":
         cfg.update(small or {})
@@ -90,8 +93,10 @@ def _literal(value):
         try:
             return json.loads(value)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"a notebook parameter looks like a JSON list/dict but is not one: {value!r} ({exc}); "
-                             "write it as JSON, or pass it with papermill's -y as YAML") from None
+            raise ValueError(
+                f"a notebook parameter looks like a JSON list/dict but is not one: {value!r} ({exc}); "
+                "write it as JSON, or pass it with papermill's -y as YAML"
+            ) from None
     return value
 
 
@@ -130,8 +135,10 @@ def setup(params: dict, notebook: str, small: dict | None = None, names: list[st
     torch.manual_seed(int(getattr(cfg, "seed", 0) or 0))
     nb = Notebook(notebook, vars(cfg))
     print("configuration:", ", ".join(f"{k}={v!r}" for k, v in vars(cfg).items() if k != "out_dir"))
-    print(f"outputs go to {nb.out_dir}" + (" (overwrite=True: replacing committed artifacts)"
-                                           if nb.writes_repository else ""))
+    print(
+        f"outputs go to {nb.out_dir}"
+        + (" (overwrite=True: replacing committed artifacts)" if nb.writes_repository else "")
+    )
     return nb
 
 
@@ -149,9 +156,11 @@ class Notebook(SimpleNamespace):
         self.notebook = notebook
         self.out_dir = str(resolve_out_dir(params.get("out_dir"), params.get("overwrite", False), notebook))
         if self.writes_repository and not self.overwrite:
-            raise OutputExists(f"out_dir {self.out_dir} is the repository: its committed artifacts are regenerated "
-                               "only with -p overwrite True (or ./run.sh rerender); write elsewhere with "
-                               "-p out_dir DIR")
+            raise OutputExists(
+                f"out_dir {self.out_dir} is the repository: its committed artifacts are regenerated "
+                "only with -p overwrite True (or ./run.sh rerender); write elsewhere with "
+                "-p out_dir DIR"
+            )
 
     @property
     def writes_repository(self) -> bool:
@@ -159,11 +168,11 @@ class Notebook(SimpleNamespace):
 
     def config(self) -> dict:
         """The parameters that decide what is computed (everything but :data:`RUNTIME`)."""
-        return config_of(**{k: v for k, v in vars(self).items()
-                            if k not in RUNTIME and k != "notebook"})
+        return config_of(**{k: v for k, v in vars(self).items() if k not in RUNTIME and k != "notebook"})
 
-    def artifact(self, kind: str, models, precision: str | None = None, seed: int = 0, parts=("",),
-                 **config) -> Artifact:
+    def artifact(
+        self, kind: str, models, precision: str | None = None, seed: int = 0, parts=("",), **config
+    ) -> Artifact:
         """Declare an output: its name from :func:`pmet.runspec.artifact_name`, its configuration = the
         notebook's parameters updated with ``config`` (resolved sizes etc.). Checked at once (before any run):
         an existing file of this artifact made with another configuration raises :class:`OutputExists` unless
@@ -236,8 +245,9 @@ class Artifact:
 
     def _paths(self, part: str) -> list[Path]:
         out = Path(self.nb.out_dir)
-        return ([out / "tables" / f"{self.name}{part}{e}" for e in self.TABLE_EXT]
-                + [out / "figures" / f"{self.name}{part}{e}" for e in self.FIGURE_EXT])
+        return [out / "tables" / f"{self.name}{part}{e}" for e in self.TABLE_EXT] + [
+            out / "figures" / f"{self.name}{part}{e}" for e in self.FIGURE_EXT
+        ]
 
     def check(self, part: str = "", paths=None) -> None:
         """Raise :class:`OutputExists` if a file of this artifact exists, made with another configuration."""
@@ -250,7 +260,8 @@ class Artifact:
             if entry.get("config") != self.config:
                 raise OutputExists(
                     f"{path} exists and was made with another configuration; write elsewhere with "
-                    f"-p out_dir DIR (default: a fresh out/ folder), or replace it with -p overwrite True")
+                    f"-p out_dir DIR (default: a fresh out/ folder), or replace it with -p overwrite True"
+                )
 
     def meta(self, extra: dict | None = None) -> dict:
         return {"notebook": self.nb.notebook, "config": self.config, **(extra or {})}

@@ -26,13 +26,24 @@ PAPER_TABLE3_SIZES = [1000, 5623, 10_000]  # the paper's Table 3 on GPT-J
 
 # artifact -> dataset, editors, generation, default size(s) off the paper's models, notebook (defaults as there)
 ARTIFACTS: dict[str, dict] = {
-    "table1": dict(dataset="counterfact", methods=EDITORS, generation=True, default=1000,
-                   notebook="notebooks/table1.ipynb"),
+    "table1": dict(
+        dataset="counterfact", methods=EDITORS, generation=True, default=1000, notebook="notebooks/table1.ipynb"
+    ),
     "table2": dict(dataset="zsre", methods=EDITORS, generation=False, default=1000, notebook="notebooks/table2.ipynb"),
-    "table3": dict(dataset="counterfact", methods=ABLATIONS, generation=True, default=[100, 316, 1000],
-                   notebook="notebooks/table3.ipynb"),
-    "fig3": dict(dataset="counterfact", methods=["ft", "mend", "rome", "memit", "pmet"], generation=False,
-                 default=1000, notebook="notebooks/fig3_sweep.ipynb"),
+    "table3": dict(
+        dataset="counterfact",
+        methods=ABLATIONS,
+        generation=True,
+        default=[100, 316, 1000],
+        notebook="notebooks/table3.ipynb",
+    ),
+    "fig3": dict(
+        dataset="counterfact",
+        methods=["ft", "mend", "rome", "memit", "pmet"],
+        generation=False,
+        default=1000,
+        notebook="notebooks/fig3_sweep.ipynb",
+    ),
 }
 
 # What a plan needs to know of models it cannot load offline (from their Hugging Face configs).
@@ -44,7 +55,7 @@ KNOWN_SHAPES = {
 }
 BENCH_MODEL = "smollm2"
 BENCH_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
-GIB = 1024 ** 3
+GIB = 1024**3
 
 
 def artifact_sizes(artifact: str, model: str, n_edits=None) -> list[int]:
@@ -92,12 +103,24 @@ def _file_status(rel: str, verify: bool) -> str:
     path = data_dir() / rel
     check = ""
     if known is not None:
-        check = f"sha256 {known.sha256[:12]}..." if known.sha256 else (
-            f"git blob {known.git_blob}" if known.git_blob else "no checksum recorded")
+        check = (
+            f"sha256 {known.sha256[:12]}..."
+            if known.sha256
+            else (f"git blob {known.git_blob}" if known.git_blob else "no checksum recorded")
+        )
     if path.is_file():
         size = f"{path.stat().st_size / 1e6:.1f} MB"
-        ok = "" if not verify else (" test fixture, not checksummed" if is_fixture_folder(data_dir()) else
-                                    " checksum OK" if checksum_ok(path, known) else " CHECKSUM MISMATCH")
+        ok = (
+            ""
+            if not verify
+            else (
+                " test fixture, not checksummed"
+                if is_fixture_folder(data_dir())
+                else " checksum OK"
+                if checksum_ok(path, known)
+                else " CHECKSUM MISMATCH"
+            )
+        )
         return f"{rel}: present ({path}, {size}){ok}"
     url = known.url if known is not None and known.url else "no public URL"
     return f"{rel}: MISSING, would be downloaded from {url} ({check}) into {path}"
@@ -114,8 +137,7 @@ def _shape(model: str) -> tuple[dict, str]:
     cfg = m.config
     d_model = getattr(cfg, "hidden_size", None) or cfg.n_embd
     d_ff = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * d_model
-    shape = dict(params=sum(p.numel() for p in m.parameters()), n_layers=m.layout.n_layers, d_model=d_model,
-                 d_ff=d_ff)
+    shape = dict(params=sum(p.numel() for p in m.parameters()), n_layers=m.layout.n_layers, d_model=d_model, d_ff=d_ff)
     return shape, "counted on the loaded model"
 
 
@@ -127,8 +149,9 @@ def _bench() -> tuple[dict, dict]:
     return read("latest.json"), read("scale.json")
 
 
-def make_plan(model: str, artifact: str, n_edits=None, methods=None, devices: int | None = None,
-              verify: bool = False) -> Plan:
+def make_plan(
+    model: str, artifact: str, n_edits=None, methods=None, devices: int | None = None, verify: bool = False
+) -> Plan:
     """What ``artifact`` on ``model`` would run and need (see the module docstring); runs nothing."""
     import torch
 
@@ -149,11 +172,20 @@ def make_plan(model: str, artifact: str, n_edits=None, methods=None, devices: in
     plan.add("model", f"{model}: {desc}; weights {'available' if ok else 'NOT available'} ({where})")
     gpus = torch.cuda.device_count()
     k = devices or max(gpus, 1)
-    plan.add("device", (f"{gpus} CUDA GPU(s): `torchrun --nproc_per_node={k} -m pmet run ...` shards values and "
-                        "evaluation" if gpus else "CPU (no CUDA device here)"))
+    plan.add(
+        "device",
+        (
+            f"{gpus} CUDA GPU(s): `torchrun --nproc_per_node={k} -m pmet run ...` shards values and evaluation"
+            if gpus
+            else "CPU (no CUDA device here)"
+        ),
+    )
     paper = model in PAPER_SIZES
-    plan.add("runs", f"{len(methods)} editor(s) {methods} x edit count(s) {sizes} on {dataset}"
-                     f"{', with generation' if spec['generation'] else ''}; notebook {spec['notebook']}")
+    plan.add(
+        "runs",
+        f"{len(methods)} editor(s) {methods} x edit count(s) {sizes} on {dataset}"
+        f"{', with generation' if spec['generation'] else ''}; notebook {spec['notebook']}",
+    )
 
     # data
     subset = {"counterfact": 1590, "zsre": 1037}[dataset]  # table pools without the complete files
@@ -166,9 +198,16 @@ def make_plan(model: str, artifact: str, n_edits=None, methods=None, devices: in
     except FileNotFoundError:
         present = False
     uses_full = paper or present or max(sizes) > subset
-    plan.add("pool", (f"complete {full_rel} (minus counterfact-val ids)" if dataset == "counterfact" and uses_full
-                      else f"complete {full_rel}" if uses_full else
-                      f"the local subset ({subset} records; the complete {full_rel} is used when present)"))
+    plan.add(
+        "pool",
+        (
+            f"complete {full_rel} (minus counterfact-val ids)"
+            if dataset == "counterfact" and uses_full
+            else f"complete {full_rel}"
+            if uses_full
+            else f"the local subset ({subset} records; the complete {full_rel} is used when present)"
+        ),
+    )
     files = [full_rel] if uses_full else []
     if dataset == "counterfact":
         files += ["counterfact/easyedit_mend_format/counterfact-val.json"]
@@ -198,8 +237,11 @@ def make_plan(model: str, artifact: str, n_edits=None, methods=None, devices: in
         used, note = resolve_corpus(c)
         plan.add("C0 corpus", note or f"{used} (local files)")
     if "mend" in methods:
-        plan.add("MEND", "needs its trained hypernetwork for this model (trained on first use where a "
-                         "mend_<model>.json exists, else the row says unavailable)")
+        plan.add(
+            "MEND",
+            "needs its trained hypernetwork for this model (trained on first use where a "
+            "mend_<model>.json exists, else the row says unavailable)",
+        )
 
     # estimate
     shape, how = _shape(model)
@@ -219,26 +261,41 @@ def _estimate(plan: Plan, shape: dict, how: str, bench: dict, scale: dict, metho
     n_c0 = 6 if model == "gptj" else 5
     c0 = n_c0 * shape["d_ff"] ** 2 * 4 / GIB if value_methods else 0.0
     plan.estimate.update(params=P, weights_gib=weights, c0_gib=c0)
-    plan.add("size", f"{P:,} parameters, {shape['n_layers']} layers, d_model {shape['d_model']}, "
-                     f"d_ff {shape['d_ff']} ({how})")
-    plan.add("memory", f"ESTIMATE: weights {_gib(weights)} (float32) + C0 {_gib(c0)} (E[kk^T] of ~{n_c0} critical "
-                       f"layers, float32, kept on the CPU) + activations; per process under torchrun (each rank "
-                       f"holds a copy); one process with device='auto' spreads the weights over all GPUs")
+    plan.add(
+        "size",
+        f"{P:,} parameters, {shape['n_layers']} layers, d_model {shape['d_model']}, d_ff {shape['d_ff']} ({how})",
+    )
+    plan.add(
+        "memory",
+        f"ESTIMATE: weights {_gib(weights)} (float32) + C0 {_gib(c0)} (E[kk^T] of ~{n_c0} critical "
+        f"layers, float32, kept on the CPU) + activations; per process under torchrun (each rank "
+        f"holds a copy); one process with device='auto' spreads the weights over all GPUs",
+    )
     if not bench:
         plan.add("time", "no benchmark figures (benchmarks/results/latest.json missing)")
         return
     ratio = P / KNOWN_SHAPES[BENCH_MODEL]["params"]
     n_total = sum(sizes) * len([m for m in methods])
     v_rate = bench.get("values_batched_req_per_h")  # requests per hour, smollm2, 2 threads
-    e_rate = bench.get("eval_counterfact_generation_rec_per_s" if spec["generation"] else
-                       ("eval_zsre_rec_per_s" if spec["dataset"] == "zsre" else "eval_counterfact_rec_per_s"))
+    e_rate = bench.get(
+        "eval_counterfact_generation_rec_per_s"
+        if spec["generation"]
+        else ("eval_zsre_rec_per_s" if spec["dataset"] == "zsre" else "eval_counterfact_rec_per_s")
+    )
     values_h = sum(sizes) * len(value_methods) / v_rate * ratio if v_rate else float("nan")
     eval_h = n_total / e_rate / 3600 * ratio if e_rate else float("nan")
     solve = next((r for r in scale.get("rows", []) if r.get("model_shape") == model), None)
-    solve_txt = (f"; Eq. 9 solve ~{solve['solve_s_6_layers_est'] / 3600:.1f} h per 10,000-edit run on 1 CPU thread "
-                 "(benchmarks/results/scale.json)" if solve else "")
+    solve_txt = (
+        f"; Eq. 9 solve ~{solve['solve_s_6_layers_est'] / 3600:.1f} h per 10,000-edit run on 1 CPU thread "
+        "(benchmarks/results/scale.json)"
+        if solve
+        else ""
+    )
     plan.estimate.update(values_cpu_hours=values_h, eval_cpu_hours=eval_h, scale_ratio=ratio)
-    plan.add("time", f"ESTIMATE on a CPU like the benchmark's ({bench.get('threads', '?')} threads): value "
-                     f"optimisation ~{values_h:,.1f} h, evaluation ~{eval_h:,.1f} h in all (CPU rates measured on "
-                     f"{BENCH_MODEL} in benchmarks/results/latest.json x {ratio:,.3g}, the ratio of parameter "
-                     f"counts){solve_txt}; with K processes both parts divide by ~K. GPU rates are not benchmarked.")
+    plan.add(
+        "time",
+        f"ESTIMATE on a CPU like the benchmark's ({bench.get('threads', '?')} threads): value "
+        f"optimisation ~{values_h:,.1f} h, evaluation ~{eval_h:,.1f} h in all (CPU rates measured on "
+        f"{BENCH_MODEL} in benchmarks/results/latest.json x {ratio:,.3g}, the ratio of parameter "
+        f"counts){solve_txt}; with K processes both parts divide by ~K. GPU rates are not benchmarked.",
+    )

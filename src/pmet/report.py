@@ -93,15 +93,24 @@ def interval_note(summaries) -> str:
         from .evaluation.stats import CI_METHOD_NOTE
 
         return CI_METHOD_NOTE + "."
-    names = {"normal": "normal approximation (mean ± 1.96·s/√n; older summary)", "bootstrap": "BCa bootstrap",
-             "auto": "per metric (Wilson / percentile bootstrap)"}
+    names = {
+        "normal": "normal approximation (mean ± 1.96·s/√n; older summary)",
+        "bootstrap": "BCa bootstrap",
+        "auto": "per metric (Wilson / percentile bootstrap)",
+    }
     return "95% intervals: " + "; ".join(names.get(m, m) for m in sorted(methods)) + "."
 
 
 # ---- the paper's tables and figures from run summaries (see pmet.experiments) --------------------------
 DISPLAY = display_labels()  # {method: table label}, in the paper's row order (pmet.editing.registry)
-CF_COLUMNS = [("Score", "score"), ("Efficacy", "efficacy"), ("Generalization", "generalization"),
-              ("Specificity", "specificity"), ("Fluency", "fluency"), ("Consistency", "consistency")]
+CF_COLUMNS = [
+    ("Score", "score"),
+    ("Efficacy", "efficacy"),
+    ("Generalization", "generalization"),
+    ("Specificity", "specificity"),
+    ("Fluency", "fluency"),
+    ("Consistency", "consistency"),
+]
 ZSRE_COLUMNS = [("Efficacy", "efficacy"), ("Generalization", "generalization"), ("Specificity", "specificity")]
 
 
@@ -131,18 +140,25 @@ def grid_table(grid: dict, dataset: str = "counterfact") -> pd.DataFrame:
     rows = []
     for model, runs in grid.items():
         for method, s in runs.items():
-            row = {"Model": model, "Editor": model if method == "none" else DISPLAY.get(method, method),
-                   "Edits": s.get("n_edits")}
+            row = {
+                "Model": model,
+                "Editor": model if method == "none" else DISPLAY.get(method, method),
+                "Edits": s.get("n_edits"),
+            }
             for head, key in columns:
                 if key == "consistency":
                     key = metric_key(s, key)
                     head = "Consistency (proxy)" if proxy else head
                 row[head] = "n/a" if "unavailable" in s else fmt_interval(s.get(key), s.get(f"{key}_ci"))
-            row["n records"] = ("-" if "unavailable" in s else
-                                "/".join(str(s.get(f"{metric_key(s, k)}_n", 0)) for _, k in columns if k != "score"))
+            row["n records"] = (
+                "-"
+                if "unavailable" in s
+                else "/".join(str(s.get(f"{metric_key(s, k)}_n", 0)) for _, k in columns if k != "score")
+            )
             if portability:  # EasyEdit's one-hop questions, where records have one (pmet.evaluation.portability)
-                row["Portability"] = "n/a" if "unavailable" in s else fmt_interval(s.get("portability"),
-                                                                                   s.get("portability_ci"))
+                row["Portability"] = (
+                    "n/a" if "unavailable" in s else fmt_interval(s.get("portability"), s.get("portability_ci"))
+                )
                 row["n portability"] = s.get("portability_n", 0)
             if "unavailable" in s:
                 row["note"] = s["unavailable"]
@@ -205,17 +221,34 @@ def sweep_frame(summaries: dict) -> pd.DataFrame:
             if s.get(key) is None:
                 continue
             ci = s.get(f"{key}_ci") or (None, None)
-            rows.append({"method": DISPLAY.get(method, method), "n_edits": n, "metric": head, "value": s[key],
-                         "low": ci[0], "high": ci[1]})
+            rows.append(
+                {
+                    "method": DISPLAY.get(method, method),
+                    "n_edits": n,
+                    "metric": head,
+                    "value": s[key],
+                    "low": ci[0],
+                    "high": ci[1],
+                }
+            )
     df = pd.DataFrame(rows, columns=["method", "n_edits", "metric", "value", "low", "high"])
     df.attrs["interval_note"] = interval_note(summaries.values())
     return df
 
 
 # one fixed, clearly distinct colour per editor in every figure (PMET red, MEMIT blue)
-METHOD_COLORS = {"PMET": "#d62728", "MEMIT": "#1f77b4", "ROME": "#2ca02c", "MEND": "#9467bd", "FT-W": "#7f7f7f",
-                 "MEMIT (δ on m^L)": "#17becf", "w/o δ^a": "#ff7f0e", "w/ W_O^MHSA": "#8c564b",
-                 "Even spread": "#bcbd22", "Unedited": "#000000"}
+METHOD_COLORS = {
+    "PMET": "#d62728",
+    "MEMIT": "#1f77b4",
+    "ROME": "#2ca02c",
+    "MEND": "#9467bd",
+    "FT-W": "#7f7f7f",
+    "MEMIT (δ on m^L)": "#17becf",
+    "w/o δ^a": "#ff7f0e",
+    "w/ W_O^MHSA": "#8c564b",
+    "Even spread": "#bcbd22",
+    "Unedited": "#000000",
+}
 
 
 def method_colors(methods) -> dict:
@@ -242,13 +275,27 @@ def plot_sweep(frame: pd.DataFrame, title: str = ""):
         sub = frame[frame.metric == metric]
         for method, g in sub.groupby("method"):
             g = g.sort_values("n_edits")
-            ax.plot(g.n_edits, g.value, marker="o", ms=3, label=method, color=palette[method],
-                    ls=styles.get(method, "-"), lw=1.8 if method in styles else 1.2)
+            ax.plot(
+                g.n_edits,
+                g.value,
+                marker="o",
+                ms=3,
+                label=method,
+                color=palette[method],
+                ls=styles.get(method, "-"),
+                lw=1.8 if method in styles else 1.2,
+            )
             low, high = g.low.astype(float).to_numpy(), g.high.astype(float).to_numpy()
             ok = ~(np.isnan(low) | np.isnan(high))
             if ok.any():
-                ax.fill_between(g.n_edits.to_numpy(dtype=float), np.where(ok, low, np.nan), np.where(ok, high, np.nan),
-                                alpha=0.15, color=palette[method], lw=0)
+                ax.fill_between(
+                    g.n_edits.to_numpy(dtype=float),
+                    np.where(ok, low, np.nan),
+                    np.where(ok, high, np.nan),
+                    alpha=0.15,
+                    color=palette[method],
+                    lw=0,
+                )
         ax.set_xscale("log")
         ax.set_title(metric)
         ax.set_xlabel("number of edits")
@@ -270,8 +317,15 @@ def delta_norm_frame(summaries: dict) -> pd.DataFrame:
         for name, norm in (s.get("delta_norms") or {}).items():
             layer = int(re.search(r"\.(\d+)\.", name).group(1))
             kind = "MHSA" if any(k in name for k in ("attn", "attention")) else "FFN"
-            rows.append({"method": DISPLAY.get(method, method), "weight": kind, "layer": layer, "norm": norm,
-                         "label": f"{DISPLAY.get(method, method)} ({kind})"})
+            rows.append(
+                {
+                    "method": DISPLAY.get(method, method),
+                    "weight": kind,
+                    "layer": layer,
+                    "norm": norm,
+                    "label": f"{DISPLAY.get(method, method)} ({kind})",
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -285,8 +339,15 @@ def plot_delta_norms(frame: pd.DataFrame, title: str = ""):
     palette = method_colors(frame.method)
     for (method, weight), g in frame.groupby(["method", "weight"]):
         g = g.sort_values("layer")
-        ax.plot(g.layer, g.norm, marker="o" if weight == "FFN" else "s", ms=4, ls="-" if weight == "FFN" else "--",
-                color=palette[method], label=f"{method} ({weight})")
+        ax.plot(
+            g.layer,
+            g.norm,
+            marker="o" if weight == "FFN" else "s",
+            ms=4,
+            ls="-" if weight == "FFN" else "--",
+            color=palette[method],
+            label=f"{method} ({weight})",
+        )
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("‖Δ‖_F")
     ax.set_xlabel("edited layer")
@@ -349,16 +410,22 @@ def redraw_causal_trace(out_dir: str | Path, model: str) -> list[Path]:
 
     wide = pd.read_csv(Path(out_dir) / "tables" / f"causal_trace_{model}_curve.csv")
     kinds = [c for c in ("block", "mlp", "attn") if c in wide.columns]
-    avg = pd.concat([pd.DataFrame({"layer": wide.layer, "kind": k, "effect": wide[k], "sem": wide[f"{k}_sem"]})
-                     for k in kinds], ignore_index=True)
+    avg = pd.concat(
+        [pd.DataFrame({"layer": wide.layer, "kind": k, "effect": wide[k], "sem": wide[f"{k}_sem"]}) for k in kinds],
+        ignore_index=True,
+    )
     spec = MODEL_SPECS.get(model)
     critical = list(spec.critical_layers) if spec is not None and spec.critical_layers else None
     manifest = Path(out_dir) / "tables" / "manifest.json"
     meta = json.loads(manifest.read_text()).get(f"causal_trace_{model}_curve.csv", {}) if manifest.exists() else {}
     n = f" (n={meta['n_facts']})" if "n_facts" in meta else ""
-    fig = plot_effect_curves(avg, critical=critical, window=meta.get("window"),
-                             title=f"{model}: causal tracing at the subject's last token{n}",
-                             critical_label="critical layers R used by the editors")
+    fig = plot_effect_curves(
+        avg,
+        critical=critical,
+        window=meta.get("window"),
+        title=f"{model}: causal tracing at the subject's last token{n}",
+        critical_label="critical layers R used by the editors",
+    )
     return _save_redrawn(fig, f"causal_trace_{model}", out_dir, {"shaded_layers": critical})
 
 
@@ -369,8 +436,9 @@ def _save_redrawn(fig, name: str, out_dir, extra: dict | None = None) -> list[Pa
     manifest = Path(out_dir) / "figures" / "manifest.json"
     old = json.loads(manifest.read_text()).get(f"{name}.png", {}) if manifest.exists() else {}
     old = {k: v for k, v in old.items() if k not in ("written", "pmet")}
-    paths = save_figure(fig, name, out_dir, {**old, "redrawn_by": "pmet.report.redraw_figures (python -m pmet report)",
-                                             **(extra or {})})
+    paths = save_figure(
+        fig, name, out_dir, {**old, "redrawn_by": "pmet.report.redraw_figures (python -m pmet report)", **(extra or {})}
+    )
     plt.close(fig)
     return paths
 
@@ -395,14 +463,20 @@ def plot_grid(grid: dict, metrics=("efficacy", "generalization", "specificity"),
     (unavailable editors are left out)."""
     import matplotlib.pyplot as plt
 
-    bars = [(f"{DISPLAY.get(m, m)}" + (f"\n{model}" if len(grid) > 1 else ""), s) for model, runs in grid.items()
-            for m, s in runs.items() if "unavailable" not in s]
+    bars = [
+        (f"{DISPLAY.get(m, m)}" + (f"\n{model}" if len(grid) > 1 else ""), s)
+        for model, runs in grid.items()
+        for m, s in runs.items()
+        if "unavailable" not in s
+    ]
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.4 * len(metrics), 3.2), squeeze=False, sharey=True)
     for ax, metric in zip(axes[0], metrics):
         means = [s.get(metric) if s.get(metric) is not None else float("nan") for _, s in bars]
         cis = [s.get(f"{metric}_ci") or (None, None) for _, s in bars]
-        err = [[0 if lo is None else m - lo for m, (lo, _) in zip(means, cis)],
-               [0 if hi is None else hi - m for m, (_, hi) in zip(means, cis)]]
+        err = [
+            [0 if lo is None else m - lo for m, (lo, _) in zip(means, cis)],
+            [0 if hi is None else hi - m for m, (_, hi) in zip(means, cis)],
+        ]
         ax.bar(range(len(bars)), means, yerr=err, capsize=3, color="#4c72b0")
         ax.set_xticks(range(len(bars)), [b for b, _ in bars], rotation=45, ha="right", fontsize=8)
         ax.set_title(metric.capitalize())

@@ -29,8 +29,9 @@ def notebook_kernel(name: str = KERNEL) -> str:
         KernelSpecManager().get_kernel_spec(name)
         return name
     except NoSuchKernel:
-        print(f"Jupyter kernel {name!r} is not registered (./run.sh setup registers it); using 'python3'",
-              file=sys.stderr)
+        print(
+            f"Jupyter kernel {name!r} is not registered (./run.sh setup registers it); using 'python3'", file=sys.stderr
+        )
         return "python3"
 
 
@@ -79,7 +80,13 @@ def rerender(paths=None, dry_run: bool = False, progress: bool = True) -> list[t
         if not dry_run:
             import papermill
 
-            papermill.execute_notebook(str(source), str(rendered), parameters=params, cwd=str(source.parent),
-                                       progress_bar=progress, kernel_name=notebook_kernel())
+            papermill.execute_notebook(
+                str(source),
+                str(rendered),
+                parameters=params,
+                cwd=str(source.parent),
+                progress_bar=progress,
+                kernel_name=notebook_kernel(),
+            )
         done.append((source, rendered, params))
     return done

@@ -37,8 +37,13 @@ def trajectory_path(spec: RunSpec, hparams_id: str, runs_dir=None) -> Path:
     One file serves every run size: a run of ``n`` edits edits a prefix of a longer run's records, so Table 1's
     run and Fig. 3's sweep (any N) replay and extend the same trajectory."""
     full = "_full" if spec.pool == "full" else ""
-    return (runs_root(runs_dir) / spec.model / spec.dataset / spec.method
-            / f"trajectory_seed{spec.seed}_hp{hparams_id}{full}.safetensors")
+    return (
+        runs_root(runs_dir)
+        / spec.model
+        / spec.dataset
+        / spec.method
+        / f"trajectory_seed{spec.seed}_hp{hparams_id}{full}.safetensors"
+    )
 
 
 @contextlib.contextmanager
@@ -102,10 +107,13 @@ class EditedWeights:
         from .tensor_cache import save_entry
 
         names = list(result._originals)
-        info = {"seconds": seconds, "timings": dict(getattr(result, "timings", {})),
-                # value vectors read from the cache cost nothing: edit times are comparable only without them
-                "values_cached": sum(1 for i in getattr(result, "value_info", None) or [] if i.get("cached")),
-                "delta_norms": {k: float(torch.linalg.norm(v.float())) for k, v in result.deltas.items()}}
+        info = {
+            "seconds": seconds,
+            "timings": dict(getattr(result, "timings", {})),
+            # value vectors read from the cache cost nothing: edit times are comparable only without them
+            "values_cached": sum(1 for i in getattr(result, "value_info", None) or [] if i.get("cached")),
+            "delta_norms": {k: float(torch.linalg.norm(v.float())) for k, v in result.deltas.items()},
+        }
         save_entry(self.path, {n: self.model.get_parameter(n).detach() for n in names}, self.key, info)
         return SimpleNamespace(restore=result.restore, **info)
 

@@ -82,8 +82,11 @@ class RunSpec:
     def run_tag(self, hparams_id: str) -> str:
         """The run folder's name: ``n{n}_seed{seed}_hp{hparams_id}``, plus ``_gen`` with generation and ``_full``
         for the complete files' pool."""
-        return (f"n{self.n_edits}_seed{self.seed}_hp{hparams_id}" + ("_gen" if self.generation else "")
-                + ("_full" if self.pool == "full" else ""))
+        return (
+            f"n{self.n_edits}_seed{self.seed}_hp{hparams_id}"
+            + ("_gen" if self.generation else "")
+            + ("_full" if self.pool == "full" else "")
+        )
 
     def label(self) -> str:
         return model_label(self.model, self.precision)
@@ -110,9 +113,16 @@ def spec_of(summary: dict) -> dict:
     if isinstance(summary.get("spec"), dict):
         return dict(summary["spec"])
     hp = summary.get("hparams_values") or {}
-    return {"model": summary.get("model"), "method": summary.get("method"), "dataset": summary.get("dataset"),
-            "n_edits": summary.get("n_edits"), "seed": summary.get("seed"), "generation": summary.get("generation"),
-            "value_autocast": hp.get("v_autocast") or (hp.get("values") or {}).get("v_autocast"), "overrides": {}}
+    return {
+        "model": summary.get("model"),
+        "method": summary.get("method"),
+        "dataset": summary.get("dataset"),
+        "n_edits": summary.get("n_edits"),
+        "seed": summary.get("seed"),
+        "generation": summary.get("generation"),
+        "value_autocast": hp.get("v_autocast") or (hp.get("values") or {}).get("v_autocast"),
+        "overrides": {},
+    }
 
 
 def precision_of(summary: dict) -> str:

@@ -69,8 +69,10 @@ def read_run(path: str | os.PathLike) -> StoredRun:
         rows = [json.loads(line) for line in lines[1:]]
         return StoredRun(spec=head["spec"], summary=head["summary"], rows=rows, path=path)
     except (OSError, EOFError, IndexError, KeyError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: not a readable committed run file ({type(exc).__name__}: {exc}); "
-                         "restore it with `git checkout -- <file>` or regenerate the run") from exc
+        raise ValueError(
+            f"{path}: not a readable committed run file ({type(exc).__name__}: {exc}); "
+            "restore it with `git checkout -- <file>` or regenerate the run"
+        ) from exc
 
 
 def iter_runs(folder: str | os.PathLike, **match) -> Iterator[StoredRun]:

@@ -58,8 +58,17 @@ from .paths import cache_dir
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["collapse_point", "null_space_dims", "perplexity", "plot_sequential", "run_sequential",
-           "sequential_claims", "sequential_frame", "top_tokens", "weight_stats"]
+__all__ = [
+    "collapse_point",
+    "null_space_dims",
+    "perplexity",
+    "plot_sequential",
+    "run_sequential",
+    "sequential_claims",
+    "sequential_frame",
+    "top_tokens",
+    "weight_stats",
+]
 
 FORMAT_VERSION = 1
 
@@ -74,7 +83,7 @@ def top_tokens(model, tok, prompts: list[str], batch_size: int = 32) -> list[int
     device = next(model.parameters()).device
     out: list[int] = []
     for start in range(0, len(prompts), batch_size):
-        ids = [prompt_ids(tok, p) for p in prompts[start:start + batch_size]]
+        ids = [prompt_ids(tok, p) for p in prompts[start : start + batch_size]]
         x, mask = pad_right(ids, pad_id_of(tok), device)
         last = mask.sum(1) - 1
         logits = model(input_ids=x, attention_mask=mask).logits
@@ -97,10 +106,11 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 8) -> float:
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for start in range(0, len(windows), batch_size):
-        x = windows[start:start + batch_size].to(device)
+        x = windows[start : start + batch_size].to(device)
         logits = model(input_ids=x).logits[:, :-1].float()
-        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
-                                                reduction="sum")
+        nll = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum"
+        )
         total += float(nll)
         count += x[:, 1:].numel()
     return math.exp(total / count)
@@ -113,8 +123,11 @@ def weight_stats(w0: torch.Tensor, w: torch.Tensor) -> dict:
     d = w - w0
     s_delta = torch.linalg.svdvals(d)
     s = torch.linalg.svdvals(w)
-    return {"delta_fro": float(torch.linalg.norm(d)), "delta_sigma_max": float(s_delta[0]),
-            "cond": float(s[0] / s[-1]) if float(s[-1]) > 0 else math.inf}
+    return {
+        "delta_fro": float(torch.linalg.norm(d)),
+        "delta_sigma_max": float(s_delta[0]),
+        "cond": float(s[0] / s[-1]) if float(s[-1]) > 0 else math.inf,
+    }
 
 
 # ---------------------------------------------------------------------------------------------- the run
@@ -125,12 +138,14 @@ def _retention_prompts(dataset: str, n_retention: int, n_known: int, seed: int) 
     from .data import load_known_facts
 
     pool = table_records(dataset, None, seed)
-    held_out = pool[len(pool) - n_retention:] if n_retention else []
+    held_out = pool[len(pool) - n_retention :] if n_retention else []
     known = load_known_facts()
     picks = sorted(random.Random(seed).sample(range(len(known)), min(n_known, len(known))))
-    return {"neighborhood": [p for r in held_out for p in r.neighborhood_prompts],
-            "known": [known[i].prompt for i in picks],
-            "held_out_ids": [r.case_id for r in held_out]}
+    return {
+        "neighborhood": [p for r in held_out for p in r.neighborhood_prompts],
+        "known": [known[i].prompt for i in picks],
+        "held_out_ids": [r.case_id for r in held_out],
+    }
 
 
 def _measure(model, tok, past, prompts, reference, windows, originals, first_ids, eval_batch_size) -> dict:
@@ -145,8 +160,9 @@ def _measure(model, tok, past, prompts, reference, windows, originals, first_ids
             out[m] = 100.0 * sum(vals) / len(vals) if vals else None
         first = [r["efficacy"] for r in rows if r["case_id"] in first_ids and r.get("efficacy") is not None]
         out["efficacy_first_round"] = 100.0 * sum(first) / len(first) if first else None
-        out["records"] = {str(r["case_id"]): [r.get("efficacy"), r.get("generalization"), r.get("specificity")]
-                          for r in rows}
+        out["records"] = {
+            str(r["case_id"]): [r.get("efficacy"), r.get("generalization"), r.get("specificity")] for r in rows
+        }
     for kind in ("neighborhood", "known"):
         ps = prompts[kind]
         if ps:
@@ -184,10 +200,24 @@ def _edited_weight_names(model, hp) -> list[str]:
     return [layout.weight_name(c, l) for l in sorted(layers) for c in comps]
 
 
-def run_sequential(model, tok, method: str, rounds: int, batch: int, dataset: str = "counterfact", seed: int = 0,
-                   hparams=None, overrides: dict | None = None, n_retention: int = 50, n_known: int = 50,
-                   ppl_tokens: int = 4096, runs_dir: str | Path | None = None, cache: str | Path | None = None,
-                   eval_batch_size: int = 32, progress: bool = True) -> list[dict]:
+def run_sequential(
+    model,
+    tok,
+    method: str,
+    rounds: int,
+    batch: int,
+    dataset: str = "counterfact",
+    seed: int = 0,
+    hparams=None,
+    overrides: dict | None = None,
+    n_retention: int = 50,
+    n_known: int = 50,
+    ppl_tokens: int = 4096,
+    runs_dir: str | Path | None = None,
+    cache: str | Path | None = None,
+    eval_batch_size: int = 32,
+    progress: bool = True,
+) -> list[dict]:
     """``rounds`` rounds of ``batch`` edits with ``method`` on the already edited model (module docstring);
     returns one dict per round, round 0 (unedited) first. The model is left unedited afterwards.
 
@@ -207,15 +237,23 @@ def run_sequential(model, tok, method: str, rounds: int, batch: int, dataset: st
     get_editor(method)  # an unknown method is one clear error
     pool_size = len(table_records(dataset, None, seed))
     if rounds * batch + n_retention > pool_size:
-        raise ValueError(f"{rounds} rounds x {batch} edits + {n_retention} held-out records need "
-                         f"{rounds * batch + n_retention} CounterFact records; the table pool has {pool_size}")
+        raise ValueError(
+            f"{rounds} rounds x {batch} edits + {n_retention} held-out records need "
+            f"{rounds * batch + n_retention} CounterFact records; the table pool has {pool_size}"
+        )
     hp = hparams or method_hparams(method, model, dataset, overrides)
     ns = bool(getattr(hp, "null_space", False))
     name = getattr(model, "pmet_name", "model")
     runs_dir = Path(runs_dir) if runs_dir is not None else cache_dir() / "runs"
     hp_id = _hparams_id(hp) + _artifact_id(method, model, hp, cache)
-    out = (runs_dir / name / dataset / "sequential" / method /
-           f"b{batch}_seed{seed}_hp{hp_id}_ret{n_retention}_known{n_known}_ppl{ppl_tokens}")
+    out = (
+        runs_dir
+        / name
+        / dataset
+        / "sequential"
+        / method
+        / f"b{batch}_seed{seed}_hp{hp_id}_ret{n_retention}_known{n_known}_ppl{ppl_tokens}"
+    )
     records = table_records(dataset, rounds * batch, seed)
     fp0 = model_fingerprint(model)
     originals = {n: model.get_parameter(n).detach().clone() for n in _edited_weight_names(model, hp)}
@@ -241,7 +279,7 @@ def run_sequential(model, tok, method: str, rounds: int, batch: int, dataset: st
             results.append(json.loads(p.read_text()))
         done = len(results) - 1  # rounds finished (-1: not even round 0)
         if done >= rounds:
-            return results[:rounds + 1]
+            return results[: rounds + 1]
         prior: dict[str, torch.Tensor] = {}
         if done >= 1:
             hit = load_entry(out / f"weights_{done:03d}.safetensors", key)
@@ -259,18 +297,40 @@ def run_sequential(model, tok, method: str, rounds: int, batch: int, dataset: st
                 prior = {n.removeprefix("prior::"): v for n, v in tensors.items() if n.startswith("prior::")}
         if done < 0:
             r0 = _measure(model, tok, [], prompts, reference, windows, originals, first_ids, eval_batch_size)
-            r0.update(round=0, n_edits=0, method=method, model=name, batch=batch, seed=seed, hparams=hp_id,
-                      edit_seconds=0.0, eval_seconds=0.0)
+            r0.update(
+                round=0,
+                n_edits=0,
+                method=method,
+                model=name,
+                batch=batch,
+                seed=seed,
+                hparams=hp_id,
+                edit_seconds=0.0,
+                eval_seconds=0.0,
+            )
             _write_json(out / "round_000.json", r0)
             results, done = [r0], 0
-        bar = tqdm(total=rounds, initial=min(done, rounds), desc=f"{method}: sequential rounds of {batch}",
-                   unit="round", disable=not progress)
+        bar = tqdm(
+            total=rounds,
+            initial=min(done, rounds),
+            desc=f"{method}: sequential rounds of {batch}",
+            unit="round",
+            disable=not progress,
+        )
         for t in range(done + 1, rounds + 1):
-            chunk = records[(t - 1) * batch:t * batch]
+            chunk = records[(t - 1) * batch : t * batch]
             t0 = time.perf_counter()
             options = {"prior_keys": dict(prior) or None} if ns else {}
-            result = edit(model, tok, [r.as_request() for r in chunk], method=method, hparams=hp, cache_dir=cache,
-                          progress=False, **options)
+            result = edit(
+                model,
+                tok,
+                [r.as_request() for r in chunk],
+                method=method,
+                hparams=hp,
+                cache_dir=cache,
+                progress=False,
+                **options,
+            )
             for n, w0 in result._originals.items():  # weights first changed in this round (W_0 before it)
                 originals.setdefault(n, w0.detach().clone())
             if ns:
@@ -279,12 +339,24 @@ def run_sequential(model, tok, method: str, rounds: int, batch: int, dataset: st
                     prior[n] = prior[n] + g if n in prior else g
             t1 = time.perf_counter()
             if model_fingerprint(model) != fp0:
-                raise RuntimeError(f"the fingerprint of {name} changed after an edit (it reads an edited weight): "
-                                   "later rounds would load statistics of the edited model; not supported")
-            row = _measure(model, tok, records[:t * batch], prompts, reference, windows, originals, first_ids,
-                           eval_batch_size)
-            row.update(round=t, n_edits=t * batch, method=method, model=name, batch=batch, seed=seed, hparams=hp_id,
-                       edit_seconds=t1 - t0, eval_seconds=time.perf_counter() - t1)
+                raise RuntimeError(
+                    f"the fingerprint of {name} changed after an edit (it reads an edited weight): "
+                    "later rounds would load statistics of the edited model; not supported"
+                )
+            row = _measure(
+                model, tok, records[: t * batch], prompts, reference, windows, originals, first_ids, eval_batch_size
+            )
+            row.update(
+                round=t,
+                n_edits=t * batch,
+                method=method,
+                model=name,
+                batch=batch,
+                seed=seed,
+                hparams=hp_id,
+                edit_seconds=t1 - t0,
+                eval_seconds=time.perf_counter() - t1,
+            )
             tensors = {n: model.get_parameter(n).detach() for n in originals}
             tensors.update({f"prior::{n}": g for n, g in prior.items()})
             save_entry(out / f"weights_{t:03d}.safetensors", tensors, key, {"round": t})
@@ -351,12 +423,17 @@ def sequential_claims(runs: dict[str, list[dict]], ppl_factor: float = 2.0, effi
     out = [f"Collapse rule: {rule}."]
     for m, rs in runs.items():
         last = rs[-1]
-        when = f"collapses after {cp[m]} edits" if cp[m] is not None else \
-            f"does not collapse within {last['n_edits']} edits"
-        out.append(f"{m}: {when}; after {last['n_edits']} edits efficacy "
-                   f"{last['efficacy']:.1f}%, retention (neighbourhood) {last.get('retention_neighborhood', 0):.1f}%, "
-                   f"perplexity {last['perplexity']:.2f} (unedited {rs[0]['perplexity']:.2f}), "
-                   f"total ||dW||_F {last['delta_fro']:.3g}.")
+        when = (
+            f"collapses after {cp[m]} edits"
+            if cp[m] is not None
+            else f"does not collapse within {last['n_edits']} edits"
+        )
+        out.append(
+            f"{m}: {when}; after {last['n_edits']} edits efficacy "
+            f"{last['efficacy']:.1f}%, retention (neighbourhood) {last.get('retention_neighborhood', 0):.1f}%, "
+            f"perplexity {last['perplexity']:.2f} (unedited {rs[0]['perplexity']:.2f}), "
+            f"total ||dW||_F {last['delta_fro']:.3g}."
+        )
 
     def order(a: str, b: str) -> str:
         na, nb = cp[a], cp[b]
@@ -370,8 +447,10 @@ def sequential_claims(runs: dict[str, list[dict]], ppl_factor: float = 2.0, effi
 
     def test(a: str, b: str) -> str:
         t = _paired_last_round(runs[a], runs[b])
-        return (f"efficacy of the same {t['n']} edits after {t['n_edits']}: {100 * t['mean_a']:.1f}% vs "
-                f"{100 * t['mean_b']:.1f}% (paired permutation test p = {t['pvalue']:.3g})")
+        return (
+            f"efficacy of the same {t['n']} edits after {t['n_edits']}: {100 * t['mean_a']:.1f}% vs "
+            f"{100 * t['mean_b']:.1f}% (paired permutation test p = {t['pvalue']:.3g})"
+        )
 
     for a, b in (("pmet", "memit"), ("pmet-ns", "pmet"), ("memit-ns", "memit")):
         if a in runs and b in runs:
@@ -384,8 +463,12 @@ def plot_sequential(frame, title: str = ""):
     of the neighbourhood prompts, perplexity, and the total ``‖ΔW‖_F``."""
     import matplotlib.pyplot as plt
 
-    panels = [("efficacy", "efficacy of all past edits (%)"), ("retention_neighborhood", "retention (%)"),
-              ("perplexity", "WikiText-2 perplexity"), ("delta_fro", "total ‖ΔW‖_F")]
+    panels = [
+        ("efficacy", "efficacy of all past edits (%)"),
+        ("retention_neighborhood", "retention (%)"),
+        ("perplexity", "WikiText-2 perplexity"),
+        ("delta_fro", "total ‖ΔW‖_F"),
+    ]
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
     for ax, (col, label) in zip(axes, panels):
         for method, g in frame.groupby("method", sort=False):
@@ -414,8 +497,17 @@ def null_space_dims(model, tok, hp, cache: str | Path | None = None) -> dict[str
     comps = (["attn_out"] if hp.update_attn_weights else []) + ["mlp_out"]
     out = {}
     for comp in comps:
-        mom2 = key_second_moments(model, tok, layers, component=KEY_SITE[comp], n_tokens=hp.mom2_n_tokens,
-                                  dtype=hp.mom2_dtype, corpus=hp.mom2_corpus, cache_dir=cache, progress=False)
+        mom2 = key_second_moments(
+            model,
+            tok,
+            layers,
+            component=KEY_SITE[comp],
+            n_tokens=hp.mom2_n_tokens,
+            dtype=hp.mom2_dtype,
+            corpus=hp.mom2_corpus,
+            cache_dir=cache,
+            progress=False,
+        )
         for l in layers:
             P = null_space_projector(mom2[l], hp.null_space_threshold)
             out[layout.weight_name(comp, l)] = (round(float(P.trace())), P.shape[0])

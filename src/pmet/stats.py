@@ -77,8 +77,9 @@ def mirror_upper(acc: torch.Tensor, n_blocks: int = 4) -> torch.Tensor:
     return acc
 
 
-def _cache_path(root: Path, fingerprint: str, component: str, layer: int, corpus: str, n_tokens: int,
-                dtype: str, seq_len: int) -> Path:
+def _cache_path(
+    root: Path, fingerprint: str, component: str, layer: int, corpus: str, n_tokens: int, dtype: str, seq_len: int
+) -> Path:
     return root / "stats" / fingerprint / f"{component}_l{layer}_{corpus}_n{n_tokens}_s{seq_len}_{dtype}.safetensors"
 
 
@@ -115,8 +116,15 @@ def key_second_moments(
     results: dict[int, torch.Tensor] = {}
     paths = {}
     for layer in layers:
-        key = {"model": fp, "component": component, "layer": layer, "corpus": cid, "n_tokens": n_tokens,
-               "dtype": dtype, "seq_len": seq_len}
+        key = {
+            "model": fp,
+            "component": component,
+            "layer": layer,
+            "corpus": cid,
+            "n_tokens": n_tokens,
+            "dtype": dtype,
+            "seq_len": seq_len,
+        }
         path = _cache_path(root, fp, component, layer, cid, n_tokens, dtype, seq_len)
         hit = load_entry(path, json.dumps(key, sort_keys=True), ["mom2"])
         if hit is not None:
@@ -133,10 +141,14 @@ def key_second_moments(
     device = next(model.parameters()).device
     acc = {l: None for l in todo}
     count = 0
-    bar = tqdm(total=min(n_tokens, windows.numel()), desc=f"E[kk^T] {component} layers {todo}",
-               unit="tok", disable=not progress)
+    bar = tqdm(
+        total=min(n_tokens, windows.numel()),
+        desc=f"E[kk^T] {component} layers {todo}",
+        unit="tok",
+        disable=not progress,
+    )
     for start in range(0, len(windows), batch_size):
-        ids = windows[start:start + batch_size].to(device)
+        ids = windows[start : start + batch_size].to(device)
         with Trace(model, record=sites, stop_after=sites[-1]) as tr:
             model(input_ids=ids, use_cache=False)
         take = min(ids.numel(), n_tokens - count)
@@ -154,4 +166,3 @@ def key_second_moments(
         save_entry(path, {"mom2": mom2}, json.dumps(key, sort_keys=True), {"count": count})
         results[l] = mom2
     return results
-

@@ -70,8 +70,9 @@ def save_entry(path: Path, tensors: dict[str, torch.Tensor], key: str, info: dic
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         stored = {n: t.detach().cpu().contiguous() for n, t in tensors.items()}
-        save_file(stored, str(tmp),
-                  metadata={"key": key, "info": json.dumps(info or {}), "sha256": tensors_checksum(stored)})
+        save_file(
+            stored, str(tmp), metadata={"key": key, "info": json.dumps(info or {}), "sha256": tensors_checksum(stored)}
+        )
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)

@@ -19,8 +19,17 @@ import time
 from pathlib import Path
 
 
-def grid_search(model, tok, method: str, grid: dict, n: int = 10, seed: int = 0, out_csv: str | Path | None = None,
-                base: dict | None = None, progress: bool = False) -> list[dict]:
+def grid_search(
+    model,
+    tok,
+    method: str,
+    grid: dict,
+    n: int = 10,
+    seed: int = 0,
+    out_csv: str | Path | None = None,
+    base: dict | None = None,
+    progress: bool = False,
+) -> list[dict]:
     """One row per configuration of ``grid`` (a dict of lists, product taken) on ``n`` val requests."""
     import random
 
@@ -49,13 +58,19 @@ def grid_search(model, tok, method: str, grid: dict, n: int = 10, seed: int = 0,
         t0 = time.perf_counter()
         result = edit(model, tok, [r.as_request() for r in records], method=method, hparams=hp, progress=progress)
         try:
-            summary = summarize_counterfact(evaluate_counterfact(model, tok, records, generation=False,
-                                                                 progress=False))
+            summary = summarize_counterfact(evaluate_counterfact(model, tok, records, generation=False, progress=False))
         finally:
             result.restore()
-        row = {"config": tag, "n": len(records), "seed": seed, "seconds": round(time.perf_counter() - t0, 1),
-               **{m: round(summary.get(m, float("nan")), 2)
-                  for m in ("score", "efficacy", "generalization", "specificity")}}
+        row = {
+            "config": tag,
+            "n": len(records),
+            "seed": seed,
+            "seconds": round(time.perf_counter() - t0, 1),
+            **{
+                m: round(summary.get(m, float("nan")), 2)
+                for m in ("score", "efficacy", "generalization", "specificity")
+            },
+        }
         rows.append(row)
         new = not out_csv.exists()
         with open(out_csv, "a", newline="") as f:
@@ -70,13 +85,19 @@ def grid_search(model, tok, method: str, grid: dict, n: int = 10, seed: int = 0,
 def main(argv=None) -> int:
     from .models import load_model
 
-    p = argparse.ArgumentParser(prog="python -m pmet.tuning", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m pmet.tuning", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", default="smollm2")
     p.add_argument("--method", default="pmet")
     p.add_argument("--n", type=int, default=10)
-    p.add_argument("--seed", type=int, nargs="+", default=[0],
-                   help="one or more seeds; with --n 1 each seed is a different single edit")
+    p.add_argument(
+        "--seed",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="one or more seeds; with --n 1 each seed is a different single edit",
+    )
     p.add_argument("--grid", required=True, help="JSON dict of lists")
     p.add_argument("--base", default="{}", help="JSON dict of fixed overrides")
     p.add_argument("--out", default=None)
@@ -84,6 +105,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.threads:
         import torch
+
         torch.set_num_threads(a.threads)
     model, tok = load_model(a.model)
     for seed in a.seed:

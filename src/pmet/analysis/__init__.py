@@ -7,19 +7,30 @@
 """
 
 from .causal_trace import (
-                           average_effects,
-                           choose_critical_layers,
-                           embedding_noise_std,
-                           select_facts,
-                           subject_token_range,
-                           subsample,
-                           trace_fact,
-                           trace_facts,
+    average_effects,
+    choose_critical_layers,
+    embedding_noise_std,
+    select_facts,
+    subject_token_range,
+    subsample,
+    trace_fact,
+    trace_facts,
 )
 from .similarity import claim_summary, claim_verdict, component_similarity, jaccard, plot_similarity, topk_jaccard
 
 __all__ = [
-    "component_similarity", "plot_similarity", "claim_summary", "claim_verdict", "jaccard", "topk_jaccard",
-    "trace_fact", "trace_facts", "select_facts", "embedding_noise_std", "subject_token_range", "subsample",
-    "average_effects", "choose_critical_layers",
+    "component_similarity",
+    "plot_similarity",
+    "claim_summary",
+    "claim_verdict",
+    "jaccard",
+    "topk_jaccard",
+    "trace_fact",
+    "trace_facts",
+    "select_facts",
+    "embedding_noise_std",
+    "subject_token_range",
+    "subsample",
+    "average_effects",
+    "choose_critical_layers",
 ]

@@ -100,7 +100,7 @@ def predict_next(model: nn.Module, tok, prompts: Sequence[str], batch_size: int 
     norm, unembed = lens_modules(model)
     ids, probs = [], []
     for s in range(0, len(prompts), batch_size):
-        batch = _tokenize(tok, prompts[s:s + batch_size], device)
+        batch = _tokenize(tok, prompts[s : s + batch_size], device)
         with Trace(model, record=[("block", n - 1)], stop_after=("block", n - 1)) as tr:
             model(**batch, use_cache=False)
         last = batch["attention_mask"].sum(1) - 1
@@ -112,8 +112,9 @@ def predict_next(model: nn.Module, tok, prompts: Sequence[str], batch_size: int 
     return np.concatenate(ids), np.concatenate(probs)
 
 
-def select_facts(model: nn.Module, tok, facts: Sequence, only_correct: bool = True, batch_size: int = 64
-                 ) -> pd.DataFrame:
+def select_facts(
+    model: nn.Module, tok, facts: Sequence, only_correct: bool = True, batch_size: int = 64
+) -> pd.DataFrame:
     """One row per fact with the model's greedy next token: ``known_id, prompt, subject, attribute,
     answer_id, answer, p_top1, correct`` (``correct``: the greedy token is the first token of
     ``" " + attribute``). With ``only_correct`` only correct facts are kept (the answer is then the
@@ -122,9 +123,18 @@ def select_facts(model: nn.Module, tok, facts: Sequence, only_correct: bool = Tr
     rows = []
     for f, t, q in zip(facts, top, p):
         gold = answer_token(tok, f.attribute)
-        rows.append({"known_id": f.known_id, "prompt": f.prompt, "subject": f.subject, "attribute": f.attribute,
-                     "answer_id": int(t), "answer": tok.decode([int(t)]), "p_top1": float(q),
-                     "correct": bool(int(t) == gold)})
+        rows.append(
+            {
+                "known_id": f.known_id,
+                "prompt": f.prompt,
+                "subject": f.subject,
+                "attribute": f.attribute,
+                "answer_id": int(t),
+                "answer": tok.decode([int(t)]),
+                "p_top1": float(q),
+                "correct": bool(int(t) == gold),
+            }
+        )
     df = pd.DataFrame(rows)
     return df[df.correct].reset_index(drop=True) if only_correct else df
 
@@ -206,7 +216,7 @@ def trace_fact(
     per_chunk = max(1, max_batch // n_samples)
     probs = np.empty((len(configs), n_samples))
     for c0 in range(0, len(configs), per_chunk):
-        chunk = configs[c0:c0 + per_chunk]
+        chunk = configs[c0 : c0 + per_chunk]
         rows_total = len(chunk) * n_samples
         spec: dict[tuple[str, int], list[tuple[int, int]]] = defaultdict(list)  # site -> (row, pos)
         for j, cfg in enumerate(chunk):
@@ -233,13 +243,14 @@ def trace_fact(
                 h = h.clone()
                 h[rows, poss] = values.to(h.dtype)
                 return h
+
             return fn
 
         add = {("embed", 0): corrupt, **{site: restorer(site, pairs) for site, pairs in spec.items()}}
         with Trace(model, add=add):
             out = model(input_ids=x.expand(rows_total, T), use_cache=False, **extra).logits[:, -1]
         p = out.float().softmax(-1)[:, answer_id].reshape(len(chunk), n_samples)
-        probs[c0:c0 + len(chunk)] = p.cpu().numpy()
+        probs[c0 : c0 + len(chunk)] = p.cpu().numpy()
 
     p_corr_samples = probs[0]
     p_corrupted = float(p_corr_samples.mean())
@@ -247,15 +258,25 @@ def trace_fact(
     means = probs.mean(1)
     i = 1
     for k in kinds:
-        arr = means[i:i + len(pos_list) * n_layers].reshape(len(pos_list), n_layers)
+        arr = means[i : i + len(pos_list) * n_layers].reshape(len(pos_list), n_layers)
         i += len(pos_list) * n_layers
         restored[k] = arr
         effect[k] = arr - p_corrupted
     return {
-        "tokens": [tok.decode([t]) for t in ids], "subject_range": (b, e), "positions": np.array(pos_list),
-        "answer_id": answer_id, "answer": tok.decode([answer_id]), "p_clean": p_clean,
-        "p_corrupted": p_corrupted, "p_corrupted_samples": p_corr_samples, "restored": restored,
-        "effect": effect, "window": window, "noise": noise, "seed": seed, "n_samples": n_samples,
+        "tokens": [tok.decode([t]) for t in ids],
+        "subject_range": (b, e),
+        "positions": np.array(pos_list),
+        "answer_id": answer_id,
+        "answer": tok.decode([answer_id]),
+        "p_clean": p_clean,
+        "p_corrupted": p_corrupted,
+        "p_corrupted_samples": p_corr_samples,
+        "restored": restored,
+        "effect": effect,
+        "window": window,
+        "noise": noise,
+        "seed": seed,
+        "n_samples": n_samples,
     }
 
 
@@ -283,8 +304,10 @@ def trace_facts(
     if isinstance(facts, pd.DataFrame):
         recs = facts.to_dict("records")
     else:
-        recs = [{"known_id": getattr(f, "known_id", i), "prompt": f.prompt, "subject": f.subject}
-                for i, f in enumerate(facts)]
+        recs = [
+            {"known_id": getattr(f, "known_id", i), "prompt": f.prompt, "subject": f.subject}
+            for i, f in enumerate(facts)
+        ]
     if noise is None:
         noise = 3 * embedding_noise_std(model, tok, [r["subject"] for r in recs])
     it = recs
@@ -294,19 +317,38 @@ def trace_facts(
         it = tqdm(recs, desc="causal tracing")
     rows = []
     for r in it:
-        res = trace_fact(model, tok, r["prompt"], r["subject"], answer=r.get("answer_id"), kinds=kinds,
-                         noise=noise, n_samples=n_samples, window=window, positions=positions, seed=seed,
-                         max_batch=max_batch)
+        res = trace_fact(
+            model,
+            tok,
+            r["prompt"],
+            r["subject"],
+            answer=r.get("answer_id"),
+            kinds=kinds,
+            noise=noise,
+            n_samples=n_samples,
+            window=window,
+            positions=positions,
+            seed=seed,
+            max_batch=max_batch,
+        )
         n_tok = len(res["tokens"])
         names = {res["subject_range"][1] - 1: "subject_last", n_tok - 1: "last"}
         for k in kinds:
             for pi, pos in enumerate(res["positions"]):
                 for layer in range(res["effect"][k].shape[1]):
-                    rows.append({"fact": r.get("known_id"), "kind": k, "layer": layer,
-                                 "position": names.get(int(pos), str(int(pos))), "token_index": int(pos),
-                                 "effect": float(res["effect"][k][pi, layer]),
-                                 "restored": float(res["restored"][k][pi, layer]),
-                                 "p_clean": res["p_clean"], "p_corrupted": res["p_corrupted"]})
+                    rows.append(
+                        {
+                            "fact": r.get("known_id"),
+                            "kind": k,
+                            "layer": layer,
+                            "position": names.get(int(pos), str(int(pos))),
+                            "token_index": int(pos),
+                            "effect": float(res["effect"][k][pi, layer]),
+                            "restored": float(res["restored"][k][pi, layer]),
+                            "p_clean": res["p_clean"],
+                            "p_corrupted": res["p_corrupted"],
+                        }
+                    )
     df = pd.DataFrame(rows)
     df.attrs.update(noise=noise, n_samples=n_samples, window=window, seed=seed)
     return df
@@ -319,11 +361,12 @@ def average_effects(df: pd.DataFrame, position: str = "subject_last") -> pd.Data
     Columns: ``kind, layer, effect (mean), std, sem, n``, plus ``effect_rel`` = mean of
     ``effect / (p_clean − p_corrupted)`` (the share of the clean-vs-corrupted gap that is recovered)."""
     d = df[df.position == position].copy()
-    gap = (d.p_clean - d.p_corrupted)
+    gap = d.p_clean - d.p_corrupted
     d["effect_rel"] = np.where(gap.abs() > 1e-12, d.effect / gap.where(gap.abs() > 1e-12, 1.0), np.nan)
     g = d.groupby(["kind", "layer"])
-    out = g.agg(effect=("effect", "mean"), std=("effect", "std"), n=("effect", "size"),
-                effect_rel=("effect_rel", "mean")).reset_index()
+    out = g.agg(
+        effect=("effect", "mean"), std=("effect", "std"), n=("effect", "size"), effect_rel=("effect_rel", "mean")
+    ).reset_index()
     out["sem"] = out["std"] / np.sqrt(out["n"])
     return out[["kind", "layer", "effect", "std", "sem", "n", "effect_rel"]]
 
@@ -333,8 +376,14 @@ def effect_table(avg: pd.DataFrame) -> pd.DataFrame:
     return avg.pivot(index="layer", columns="kind", values="effect").reset_index().rename_axis(None, axis=1)
 
 
-def choose_critical_layers(avg: pd.DataFrame, size: int = 5, kind: str = "mlp", search_fraction: float = 2 / 3,
-                           window: int = 1, exclude: Sequence[int] = ()) -> dict:
+def choose_critical_layers(
+    avg: pd.DataFrame,
+    size: int = 5,
+    kind: str = "mlp",
+    search_fraction: float = 2 / 3,
+    window: int = 1,
+    exclude: Sequence[int] = (),
+) -> dict:
     """The critical layers ``R`` from the average MLP indirect effect at the subject's last token.
 
     Rule (MEMIT's choice for GPT-J, R = 3..8: where the MLP effect is high in the early/mid network, ending
@@ -356,20 +405,28 @@ def choose_critical_layers(avg: pd.DataFrame, size: int = 5, kind: str = "mlp", 
     lowest = min(l for l in range(n) if l not in excl)
     start = max(lowest, peak - size + 1)
     layers = tuple(range(start, start + size))
-    skipped = (f", skipping centres whose {window}-layer window contains layer(s) {sorted(excl)}"
-               if excl else "")
+    skipped = f", skipping centres whose {window}-layer window contains layer(s) {sorted(excl)}" if excl else ""
     return {
-        "layers": layers, "peak": peak, "peak_effect": float(s.loc[peak]),
+        "layers": layers,
+        "peak": peak,
+        "peak_effect": float(s.loc[peak]),
         "window_mean_effect": float(s.loc[list(layers)].mean()),
-        "rule": (f"peak L = argmax of the mean {kind.upper()} indirect effect at the subject's last token over "
-                 f"layers 0..{limit - 1} (first {search_fraction:.2g} of the {n} layers){skipped}; R = the {size} "
-                 f"contiguous layers ending at L"),
+        "rule": (
+            f"peak L = argmax of the mean {kind.upper()} indirect effect at the subject's last token over "
+            f"layers 0..{limit - 1} (first {search_fraction:.2g} of the {n} layers){skipped}; R = the {size} "
+            f"contiguous layers ending at L"
+        ),
     }
 
 
 # ------------------------------------------------------------------------------------------ plots
-def plot_effect_curves(avg: pd.DataFrame, critical: Sequence[int] | None = None, title: str | None = None,
-                       window: int | None = None, critical_label: str = "critical layers"):
+def plot_effect_curves(
+    avg: pd.DataFrame,
+    critical: Sequence[int] | None = None,
+    title: str | None = None,
+    window: int | None = None,
+    critical_label: str = "critical layers",
+):
     """ROME-style summary: mean indirect effect at the subject's last token per layer, one line per kind
     (shaded: ± 1.96 SEM), the chosen critical layers shaded grey. Returns the figure."""
     import matplotlib.pyplot as plt
@@ -378,14 +435,20 @@ def plot_effect_curves(avg: pd.DataFrame, critical: Sequence[int] | None = None,
     sns.set_theme(style="whitegrid", context="paper")
     fig, ax = plt.subplots(figsize=(6, 3.2))
     if critical:
-        ax.axvspan(min(critical) - 0.5, max(critical) + 0.5, color="0.85", zorder=0,
-                   label=f"{critical_label} {min(critical)}-{max(critical)}")
+        ax.axvspan(
+            min(critical) - 0.5,
+            max(critical) + 0.5,
+            color="0.85",
+            zorder=0,
+            label=f"{critical_label} {min(critical)}-{max(critical)}",
+        )
     for k in [k for k in KINDS if k in set(avg.kind)]:
         s = avg[avg.kind == k].sort_values("layer")
         lab = KIND_LABELS[k] + ("" if k == "block" or not window else f" (window {window})")
         ax.plot(s.layer, s.effect, marker="o", ms=3, color=KIND_COLORS[k], label=lab)
-        ax.fill_between(s.layer, s.effect - 1.96 * s["sem"], s.effect + 1.96 * s["sem"],
-                        color=KIND_COLORS[k], alpha=0.2, lw=0)
+        ax.fill_between(
+            s.layer, s.effect - 1.96 * s["sem"], s.effect + 1.96 * s["sem"], color=KIND_COLORS[k], alpha=0.2, lw=0
+        )
     ax.set_xlabel("layer (centre of the restored window for MLP/attention)")
     ax.set_ylabel("average indirect effect\n$P_{restored} - P_{corrupted}$")
     ax.set_title(title or "Causal tracing at the subject's last token")
@@ -429,9 +492,17 @@ def subsample(items: Sequence, n: int | None, seed: int = 0) -> list:
     return [items[i] for i in keep]
 
 
-def critical_layers_report(per_fact: pd.DataFrame, model_name: str, size: int = 5, search_fraction: float = 2 / 3,
-                           window: int = 1, exclude: Sequence[int] = (), n_correct: int | None = None,
-                           n_total: int | None = None, **settings) -> str:
+def critical_layers_report(
+    per_fact: pd.DataFrame,
+    model_name: str,
+    size: int = 5,
+    search_fraction: float = 2 / 3,
+    window: int = 1,
+    exclude: Sequence[int] = (),
+    n_correct: int | None = None,
+    n_total: int | None = None,
+    **settings,
+) -> str:
     """Markdown evidence for a critical-layer choice from :func:`trace_facts`' long frame (or its CSV):
     the rule, the settings, the chosen layers and the per-layer table of mean indirect effects."""
     avg = average_effects(per_fact, position="subject_last")
@@ -445,13 +516,23 @@ def critical_layers_report(per_fact: pd.DataFrame, model_name: str, size: int = 
         "",
         f"* Rule: {crit['rule']}.",
         f"* Peak MLP indirect effect {crit['peak_effect']:.4f} at layer {crit['peak']} (window centre).",
-        f"* Facts: {n_facts} traced" + (f" (seeded random subset of the {n_correct} of {n_total} known facts the model "
-                                          f"answers correctly)" if n_correct is not None else "") + ".",
+        f"* Facts: {n_facts} traced"
+        + (
+            f" (seeded random subset of the {n_correct} of {n_total} known facts the model answers correctly)"
+            if n_correct is not None
+            else ""
+        )
+        + ".",
     ]
     lines += [f"* {k}: {v}" for k, v in settings.items()]
-    lines += ["", "Mean indirect effect P_restored(answer) - P_corrupted(answer) at the subject's last token "
-              "(± SEM over facts; MLP/attention: window centred on the layer):", "",
-              "| layer | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
+    lines += [
+        "",
+        "Mean indirect effect P_restored(answer) - P_corrupted(answer) at the subject's last token "
+        "(± SEM over facts; MLP/attention: window centred on the layer):",
+        "",
+        "| layer | " + " | ".join(kinds) + " |",
+        "|---|" + "---|" * len(kinds),
+    ]
     for layer in wide.index:
         mark = " **(R)**" if layer in crit["layers"] else ""
         cells = [f"{wide.loc[layer, k]:+.4f} ± {sem.loc[layer, k]:.4f}" for k in kinds]

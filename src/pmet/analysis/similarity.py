@@ -77,7 +77,7 @@ def logit_lens_topk(model: nn.Module, vectors: torch.Tensor, k: int = 50, chunk:
     """Top-``k`` token ids ``T(v)`` of each row of ``vectors [n, d]`` under the logit lens."""
     out = []
     for i in range(0, vectors.shape[0], chunk):
-        out.append(logit_lens(model, vectors[i:i + chunk]).topk(k, dim=-1).indices)
+        out.append(logit_lens(model, vectors[i : i + chunk]).topk(k, dim=-1).indices)
     return torch.cat(out) if out else torch.empty(0, k, dtype=torch.long)
 
 
@@ -126,8 +126,9 @@ def _tokenize(tok, prompts: Sequence[str], device) -> dict:
 
 
 @torch.no_grad()
-def similarity_per_prompt(model: nn.Module, tok, prompts: Sequence[str], k: int = 50, batch_size: int = 32,
-                          progress: bool = True) -> dict[str, np.ndarray]:
+def similarity_per_prompt(
+    model: nn.Module, tok, prompts: Sequence[str], k: int = 50, batch_size: int = 32, progress: bool = True
+) -> dict[str, np.ndarray]:
     """Per-prompt measures: ``cosine`` and ``jaccard``, each ``{"MHSA"|"FFN": array [n_prompts, n_layers]}``."""
     device = next(model.parameters()).device
     n_layers = model.layout.n_layers
@@ -138,7 +139,7 @@ def similarity_per_prompt(model: nn.Module, tok, prompts: Sequence[str], k: int 
 
         starts = tqdm(starts, desc="Fig. 2 similarity", total=math.ceil(len(prompts) / batch_size))
     for s in starts:
-        batch = _tokenize(tok, prompts[s:s + batch_size], device)
+        batch = _tokenize(tok, prompts[s : s + batch_size], device)
         st = _last_token_states(model, batch)
         b, d = st["h_in"].shape[0], st["h_in"].shape[-1]
         top = {key: logit_lens_topk(model, st[key].reshape(b * n_layers, d).float(), k) for key in st}
@@ -147,12 +148,14 @@ def similarity_per_prompt(model: nn.Module, tok, prompts: Sequence[str], k: int 
             jac = topk_jaccard(top["h_in"], top[key]).reshape(b, n_layers)
             res["cosine"][comp].append(cos.cpu().numpy())
             res["jaccard"][comp].append(jac.cpu().numpy())
-    return {m: {c: np.concatenate(v[c]) if v[c] else np.zeros((0, n_layers)) for c in COMPONENTS}
-            for m, v in res.items()}
+    return {
+        m: {c: np.concatenate(v[c]) if v[c] else np.zeros((0, n_layers)) for c in COMPONENTS} for m, v in res.items()
+    }
 
 
-def component_similarity(model: nn.Module, tok, prompts: Sequence[str], k: int = 50, batch_size: int = 32,
-                         progress: bool = True) -> pd.DataFrame:
+def component_similarity(
+    model: nn.Module, tok, prompts: Sequence[str], k: int = 50, batch_size: int = 32, progress: bool = True
+) -> pd.DataFrame:
     """Fig. 2's data: one row per ``(layer, component)`` with the mean (and std, n) over prompts of the
     cosine similarity and the top-``k`` Jaccard similarity between ``h^{l-1}`` and ``a^l`` (MHSA) or ``m^l`` (FFN).
 
@@ -163,13 +166,17 @@ def component_similarity(model: nn.Module, tok, prompts: Sequence[str], k: int =
     for comp in COMPONENTS:
         cos, jac = raw["cosine"][comp], raw["jaccard"][comp]
         for layer in range(cos.shape[1]):
-            rows.append({
-                "layer": layer, "component": comp,
-                "cosine": float(cos[:, layer].mean()), "jaccard": float(jac[:, layer].mean()),
-                "cosine_std": float(cos[:, layer].std(ddof=1)) if len(cos) > 1 else 0.0,
-                "jaccard_std": float(jac[:, layer].std(ddof=1)) if len(jac) > 1 else 0.0,
-                "n": int(cos.shape[0]),
-            })
+            rows.append(
+                {
+                    "layer": layer,
+                    "component": comp,
+                    "cosine": float(cos[:, layer].mean()),
+                    "jaccard": float(jac[:, layer].mean()),
+                    "cosine_std": float(cos[:, layer].std(ddof=1)) if len(cos) > 1 else 0.0,
+                    "jaccard_std": float(jac[:, layer].std(ddof=1)) if len(jac) > 1 else 0.0,
+                    "n": int(cos.shape[0]),
+                }
+            )
     return pd.DataFrame(rows).sort_values(["component", "layer"], ignore_index=True)
 
 
@@ -192,12 +199,17 @@ def claim_summary(df: pd.DataFrame, split: int | None = None) -> pd.DataFrame:
             for part, sub in (("early", s[s.index < split]), ("late", s[s.index >= split])):
                 x = sub.index.to_numpy(dtype=float)
                 slope = float(np.polyfit(x, sub.to_numpy(), 1)[0]) if len(sub) > 1 else float("nan")
-                rows.append({
-                    "measure": measure, "component": comp, "layers": f"{int(x.min())}-{int(x.max())}",
-                    "part": part, "mean": float(sub.mean()),
-                    "mean_abs_change": float(sub.diff().abs().mean()) if len(sub) > 1 else float("nan"),
-                    "slope": slope,
-                })
+                rows.append(
+                    {
+                        "measure": measure,
+                        "component": comp,
+                        "layers": f"{int(x.min())}-{int(x.max())}",
+                        "part": part,
+                        "mean": float(sub.mean()),
+                        "mean_abs_change": float(sub.diff().abs().mean()) if len(sub) > 1 else float("nan"),
+                        "slope": slope,
+                    }
+                )
     return pd.DataFrame(rows)
 
 
@@ -225,10 +237,23 @@ def plot_similarity(df: pd.DataFrame, title: str | None = None, split: int | Non
     sns.set_theme(style="whitegrid", context="paper")
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2), sharex=True)
     palette = {"MHSA": "tab:red", "FFN": "tab:green"}
-    for ax, measure, label in ((axes[0], "cosine", "cosine similarity"),
-                               (axes[1], "jaccard", "Jaccard similarity (top-k)")):
-        sns.lineplot(data=df, x="layer", y=measure, hue="component", style="component", markers=True,
-                     dashes=False, palette=palette, ax=ax, hue_order=list(COMPONENTS), style_order=list(COMPONENTS))
+    for ax, measure, label in (
+        (axes[0], "cosine", "cosine similarity"),
+        (axes[1], "jaccard", "Jaccard similarity (top-k)"),
+    ):
+        sns.lineplot(
+            data=df,
+            x="layer",
+            y=measure,
+            hue="component",
+            style="component",
+            markers=True,
+            dashes=False,
+            palette=palette,
+            ax=ax,
+            hue_order=list(COMPONENTS),
+            style_order=list(COMPONENTS),
+        )
         if split is not None:
             ax.axvline(split - 0.5, color="grey", ls=":", lw=1)
         ax.set_ylabel(f"mean {label}")

@@ -14,14 +14,23 @@ from .tokens import target_text
 
 
 # --------------------------------------------------------------------------------------- result type
-def make_result(method: str, model: nn.Module, originals: dict[str, torch.Tensor], deltas, *, hparams,
-                layers, requests, **fields_) -> EditResult:
+def make_result(
+    method: str, model: nn.Module, originals: dict[str, torch.Tensor], deltas, *, hparams, layers, requests, **fields_
+) -> EditResult:
     """The shared :class:`pmet.editing.result.EditResult` for a baseline. Fields given in ``fields_``
     (``values``, ``keys``, ``stats``, ``value_info``, ``timings`` ...) are set; the other required fields
     the baseline has no use for are left empty (``{}``, ``[]`` or ``()`` by their annotation), so the
     result type may grow without breaking the baselines."""
-    kw = dict(method=method, hparams=hparams, layers=tuple(layers), requests=list(requests), deltas=deltas,
-              _model=model, _originals=originals, **fields_)
+    kw = dict(
+        method=method,
+        hparams=hparams,
+        layers=tuple(layers),
+        requests=list(requests),
+        deltas=deltas,
+        _model=model,
+        _originals=originals,
+        **fields_,
+    )
     for f in fields(EditResult):
         if f.name in kw or f.default is not MISSING or f.default_factory is not MISSING:
             continue

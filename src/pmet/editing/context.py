@@ -28,8 +28,9 @@ STARTS = ("The", "Therefore", "Because", "I", "You")
 
 
 @torch.no_grad()
-def generate_prefixes(model: nn.Module, tok, starts=STARTS, length: int = 10, n_per_start: int = 1,
-                      seed: int = 0, top_k: int = 5) -> list[str]:
+def generate_prefixes(
+    model: nn.Module, tok, starts=STARTS, length: int = 10, n_per_start: int = 1, seed: int = 0, top_k: int = 5
+) -> list[str]:
     """``n_per_start`` seeded top-k samples of ``length`` tokens (start included) per start word."""
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
@@ -48,12 +49,19 @@ def generate_prefixes(model: nn.Module, tok, starts=STARTS, length: int = 10, n_
     return texts
 
 
-def get_context_templates(model: nn.Module, tok, length: int = 10, n_per_start: int = 1, seed: int = 0,
-                          cache_dir: str | Path | None = None) -> list[list[str]]:
+def get_context_templates(
+    model: nn.Module, tok, length: int = 10, n_per_start: int = 1, seed: int = 0, cache_dir: str | Path | None = None
+) -> list[list[str]]:
     """``[["{}"], ["<gen>. {}", ...]]`` for ``model``, cached on disk (JSON, atomic write)."""
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    settings = {"starts": list(STARTS), "length": length, "n_per_start": n_per_start, "seed": seed,
-                "top_k": 5, "format": "{gen}. {{}}"}
+    settings = {
+        "starts": list(STARTS),
+        "length": length,
+        "n_per_start": n_per_start,
+        "seed": seed,
+        "top_k": 5,
+        "format": "{gen}. {{}}",
+    }
     tag = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     path = root / "context_templates" / f"{model_fingerprint(model)}_{tag}.json"
     if path.exists():

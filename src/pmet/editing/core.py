@@ -53,8 +53,9 @@ def spread_residual(R: torch.Tensor, L: int, l: int, mode: str = "sqrt") -> torc
     return R / spread_factor(L, l, mode)
 
 
-def compute_keys(prompt_keys: torch.Tensor, group_sizes: Sequence[int] | None = None,
-                 averaging: str = "groups") -> torch.Tensor:
+def compute_keys(
+    prompt_keys: torch.Tensor, group_sizes: Sequence[int] | None = None, averaging: str = "groups"
+) -> torch.Tensor:
     """Eq. 12: average ``prev(W, pref_j ⊕ S)`` over the ``P`` context-prefixed prompts of each request.
 
     ``prompt_keys``: ``[n, P, d_in]`` (request, prompt, key). ``averaging="uniform"`` is Eq. 12 as
@@ -74,7 +75,7 @@ def compute_keys(prompt_keys: torch.Tensor, group_sizes: Sequence[int] | None = 
         raise ValueError(f"group sizes {list(group_sizes)} do not add up to the {P} prompts")
     means, start = [], 0
     for g in group_sizes:
-        means.append(prompt_keys[:, start:start + g].mean(1))
+        means.append(prompt_keys[:, start : start + g].mean(1))
         start += g
     return torch.stack(means, 1).mean(1)
 
@@ -108,8 +109,9 @@ def null_space_projector(C0: torch.Tensor, threshold: float) -> torch.Tensor:
     return U @ U.T
 
 
-def solve_update_null_space(R: torch.Tensor, K1: torch.Tensor, P: torch.Tensor, alpha: float,
-                            prior_gram: torch.Tensor | None = None) -> torch.Tensor:
+def solve_update_null_space(
+    R: torch.Tensor, K1: torch.Tensor, P: torch.Tensor, alpha: float, prior_gram: torch.Tensor | None = None
+) -> torch.Tensor:
     """AlphaEdit's closed form in place of Eq. 9: ``Δ = R K1ᵀ P (Kp Kpᵀ P + K1 K1ᵀ P + αI)^{-1}``.
 
     ``P`` is :func:`null_space_projector` of ``C0``; ``prior_gram = Kp Kpᵀ`` the keys of earlier edits of a

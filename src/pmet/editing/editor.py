@@ -48,8 +48,9 @@ KEY_SITE = {"mlp_out": "mlp_key", "attn_out": "attn_key"}
 
 
 @torch.no_grad()
-def _at_subject(model: nn.Module, tok, templates: list[str], subjects: list[str], sites: list[tuple[str, int]],
-                batch_rows: int = 64) -> dict[tuple[str, int], torch.Tensor]:
+def _at_subject(
+    model: nn.Module, tok, templates: list[str], subjects: list[str], sites: list[tuple[str, int]], batch_rows: int = 64
+) -> dict[tuple[str, int], torch.Tensor]:
     """The tensors at ``sites`` at the subject's last token of each ``template`` filled with its subject:
     ``{site: [n, d]}`` (float32, model device). The forward pass stops after the deepest site's block."""
     device = next(model.parameters()).device
@@ -57,7 +58,7 @@ def _at_subject(model: nn.Module, tok, templates: list[str], subjects: list[str]
     stop = ("block", max(l for _, l in sites))
     out = {s: [] for s in sites}
     for start in range(0, len(encoded), batch_rows):
-        chunk = encoded[start:start + batch_rows]
+        chunk = encoded[start : start + batch_rows]
         ids, mask = pad_right([c[0] for c in chunk], pad_id_of(tok), device)
         look = torch.tensor([c[1] for c in chunk], device=device)
         with Trace(model, record=sites, stop_after=stop) as tr:
@@ -68,8 +69,15 @@ def _at_subject(model: nn.Module, tok, templates: list[str], subjects: list[str]
     return {s: torch.cat(v) for s, v in out.items()}
 
 
-def collect_keys(model: nn.Module, tok, requests: list[dict], layer: int, templates: list[list[str]],
-                 component: str = "mlp_key", averaging: str = "groups") -> torch.Tensor:
+def collect_keys(
+    model: nn.Module,
+    tok,
+    requests: list[dict],
+    layer: int,
+    templates: list[list[str]],
+    component: str = "mlp_key",
+    averaging: str = "groups",
+) -> torch.Tensor:
     """Eq. 12: ``K1`` rows ``[n, d_in]``, the input of the edited weight at the subject's last token of
     ``context.format(prompt)`` averaged over the context templates (MEMIT ``compute_ks``)."""
     flat, groups = flatten(templates)
@@ -85,10 +93,17 @@ def current_outputs(model: nn.Module, tok, requests: list[dict], site: tuple[str
     return _at_subject(model, tok, [r["prompt"] for r in requests], [r["subject"] for r in requests], [site])[site]
 
 
-def apply_shared_editor(model: nn.Module, tok, requests, hparams: EditHparams, cache_dir: str | Path | None = None,
-                        progress: bool = True, use_value_cache: bool = True,
-                        prior_keys: dict[str, torch.Tensor] | None = None,
-                        context_templates: list[list[str]] | None = None) -> EditResult:
+def apply_shared_editor(
+    model: nn.Module,
+    tok,
+    requests,
+    hparams: EditHparams,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+    use_value_cache: bool = True,
+    prior_keys: dict[str, torch.Tensor] | None = None,
+    context_templates: list[list[str]] | None = None,
+) -> EditResult:
     """Edit ``model`` in place with PMET, MEMIT or an ablation (``hparams.method`` and its switches) so that
     each request's prompt continues with its ``target_new`` (module docstring). ``cache_dir``: context
     templates, key statistics and value vectors (default ``$PMET_CACHE_DIR``); ``use_value_cache=False``
@@ -116,21 +131,33 @@ def apply_shared_editor(model: nn.Module, tok, requests, hparams: EditHparams, c
     value_name = {"attn_out": "attn", "mlp_out": "block" if hp.value_site == "block" else "mlp"}
     timings = {}
 
-    templates = context_templates or get_context_templates(model, tok, hp.context_length, hp.context_n_per_start,
-                                                           hp.context_seed, cache_dir=cache_dir)
+    templates = context_templates or get_context_templates(
+        model, tok, hp.context_length, hp.context_n_per_start, hp.context_seed, cache_dir=cache_dir
+    )
     flat, _ = flatten(templates)
     t1 = time.perf_counter()
     timings["context_templates"] = t1 - t0
 
-    mom2 = {comp: key_second_moments(model, tok, list(layers), component=KEY_SITE[comp], n_tokens=hp.mom2_n_tokens,
-                                     dtype=hp.mom2_dtype, corpus=hp.mom2_corpus, cache_dir=cache_dir,
-                                     progress=progress)
-            for comp in components}
+    mom2 = {
+        comp: key_second_moments(
+            model,
+            tok,
+            list(layers),
+            component=KEY_SITE[comp],
+            n_tokens=hp.mom2_n_tokens,
+            dtype=hp.mom2_dtype,
+            corpus=hp.mom2_corpus,
+            cache_dir=cache_dir,
+            progress=progress,
+        )
+        for comp in components
+    }
     t2 = time.perf_counter()
     timings["key_statistics"] = t2 - t1
 
-    V, value_info = compute_values(model, tok, reqs, hp, flat, L, cache_dir=cache_dir, use_cache=use_value_cache,
-                                   progress=progress)
+    V, value_info = compute_values(
+        model, tok, reqs, hp, flat, L, cache_dir=cache_dir, use_cache=use_value_cache, progress=progress
+    )
     t3 = time.perf_counter()
     timings["values"] = t3 - t2
 
@@ -169,8 +196,19 @@ def apply_shared_editor(model: nn.Module, tok, requests, hparams: EditHparams, c
     timings["update"] = time.perf_counter() - t3
     timings["total"] = time.perf_counter() - t0
     return EditResult(
-        method=hp.method, hparams=hp, layers=layers, requests=reqs, deltas=deltas,
-        values={k: v.detach().cpu() for k, v in V.items()}, keys=keys, stats=stats, residuals=resids,
+        method=hp.method,
+        hparams=hp,
+        layers=layers,
+        requests=reqs,
+        deltas=deltas,
+        values={k: v.detach().cpu() for k, v in V.items()},
+        keys=keys,
+        stats=stats,
+        residuals=resids,
         residual_norms=resid_norms,
-        value_info=value_info, context_templates=templates, timings=timings, _model=model, _originals=originals,
+        value_info=value_info,
+        context_templates=templates,
+        timings=timings,
+        _model=model,
+        _originals=originals,
     )

@@ -54,7 +54,7 @@ class FTHparams:
         if self.wd_power_law is None:
             return float(self.weight_decay)
         a, b = self.wd_power_law
-        return float(n_requests ** a * math.exp(b))
+        return float(n_requests**a * math.exp(b))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -81,7 +81,7 @@ def execute_ft(model: nn.Module, tok, requests: list[dict], hp: FTHparams, progr
         for _ in range(hp.num_steps):
             total, count = 0.0, 0
             for s in range(0, len(texts), hp.batch_size):
-                batch, labels = target_batch(tok, texts[s:s + hp.batch_size], targets[s:s + hp.batch_size], device)
+                batch, labels = target_batch(tok, texts[s : s + hp.batch_size], targets[s : s + hp.batch_size], device)
                 opt.zero_grad(set_to_none=True)
                 loss = target_nll(model(**batch, use_cache=False).logits, labels).mean()
                 total, count = total + loss.item() * len(labels), count + len(labels)
@@ -104,8 +104,7 @@ def execute_ft(model: nn.Module, tok, requests: list[dict], hp: FTHparams, progr
     return names, curve
 
 
-def apply_ft(model: nn.Module, tok, requests, hparams: FTHparams, cache_dir=None, progress: bool = False
-             ) -> EditResult:
+def apply_ft(model: nn.Module, tok, requests, hparams: FTHparams, cache_dir=None, progress: bool = False) -> EditResult:
     """FT-W edit of ``model`` in place; ``result.restore()`` undoes it bit-identically. ``cache_dir`` is
     unused (FT-W caches nothing); ``progress`` is accepted for the common editor interface."""
     t0 = time.perf_counter()
@@ -121,6 +120,14 @@ def apply_ft(model: nn.Module, tok, requests, hparams: FTHparams, cache_dir=None
         raise
     deltas = {n: weight_delta(model, n, originals[n], layout.conv1d) for n in names}
     info = {"loss_curve": curve, "weight_decay": hp.decay(len(reqs)), "epochs": len(curve)}
-    return make_result("ft", model, originals, deltas, hparams=hp, layers=hp.layers, requests=reqs,
-                       value_info=[dict(info) for _ in reqs], timings={"total": time.perf_counter() - t0})
-
+    return make_result(
+        "ft",
+        model,
+        originals,
+        deltas,
+        hparams=hp,
+        layers=hp.layers,
+        requests=reqs,
+        value_info=[dict(info) for _ in reqs],
+        timings={"total": time.perf_counter() - t0},
+    )

@@ -53,18 +53,24 @@ HPARAMS_DIR = Path(__file__).resolve().parent / "hparams"
 FILE_VERSION = 1
 
 METHOD_SWITCHES: dict[str, dict[str, Any]] = {
-    "pmet": dict(value_site="components", optimize_attn_delta=True, update_attn_weights=False,
-                 spread="sqrt", stop_rule="pmet"),
-    "pmet-no-attn-delta": dict(value_site="components", optimize_attn_delta=False, update_attn_weights=False,
-                               spread="sqrt", stop_rule="pmet"),
-    "pmet-with-attn-weights": dict(value_site="components", optimize_attn_delta=True, update_attn_weights=True,
-                                   spread="sqrt", stop_rule="pmet"),
-    "pmet-even-spread": dict(value_site="components", optimize_attn_delta=True, update_attn_weights=False,
-                             spread="even", stop_rule="pmet"),
-    "memit": dict(value_site="block", optimize_attn_delta=False, update_attn_weights=False,
-                  spread="even", stop_rule="memit"),
-    "memit-ffn": dict(value_site="components", optimize_attn_delta=False, update_attn_weights=False,
-                      spread="even", stop_rule="memit"),
+    "pmet": dict(
+        value_site="components", optimize_attn_delta=True, update_attn_weights=False, spread="sqrt", stop_rule="pmet"
+    ),
+    "pmet-no-attn-delta": dict(
+        value_site="components", optimize_attn_delta=False, update_attn_weights=False, spread="sqrt", stop_rule="pmet"
+    ),
+    "pmet-with-attn-weights": dict(
+        value_site="components", optimize_attn_delta=True, update_attn_weights=True, spread="sqrt", stop_rule="pmet"
+    ),
+    "pmet-even-spread": dict(
+        value_site="components", optimize_attn_delta=True, update_attn_weights=False, spread="even", stop_rule="pmet"
+    ),
+    "memit": dict(
+        value_site="block", optimize_attn_delta=False, update_attn_weights=False, spread="even", stop_rule="memit"
+    ),
+    "memit-ffn": dict(
+        value_site="components", optimize_attn_delta=False, update_attn_weights=False, spread="even", stop_rule="memit"
+    ),
 }
 METHODS = tuple(METHOD_SWITCHES)
 
@@ -114,16 +120,20 @@ class EditHparams:
 
     def __post_init__(self):
         checks = {
-            "value_site": ("components", "block"), "spread": ("sqrt", "even"),
-            "stop_rule": ("pmet", "memit"), "key_averaging": ("groups", "uniform"),
+            "value_site": ("components", "block"),
+            "spread": ("sqrt", "even"),
+            "stop_rule": ("pmet", "memit"),
+            "key_averaging": ("groups", "uniform"),
             "mom2_dtype": ("float32", "float64"),
         }
         for name, allowed in checks.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"EditHparams.{name} must be one of {allowed}, not {getattr(self, name)!r}")
         if self.value_site == "block" and (self.optimize_attn_delta or self.update_attn_weights):
-            raise ValueError("value_site='block' (MEMIT) has no attention delta and no attention values: "
-                             "set optimize_attn_delta=False and update_attn_weights=False")
+            raise ValueError(
+                "value_site='block' (MEMIT) has no attention delta and no attention values: "
+                "set optimize_attn_delta=False and update_attn_weights=False"
+            )
         if self.layers is not None:
             object.__setattr__(self, "layers", tuple(sorted(int(l) for l in self.layers)))
             if not self.layers:
@@ -155,8 +165,13 @@ class EditHparams:
 
 
 # fields added after the first release -> their neutral default (left out of to_dict and cache keys)
-LATER_FIELDS = {"v_autocast": None, "null_space": False, "null_space_threshold": 2e-2, "null_space_alpha": 10.0,
-                "v_fast": False}
+LATER_FIELDS = {
+    "v_autocast": None,
+    "null_space": False,
+    "null_space_threshold": 2e-2,
+    "null_space_alpha": 10.0,
+    "v_fast": False,
+}
 
 
 def _switches(method: str) -> dict:
@@ -180,16 +195,21 @@ def field_names(cls) -> set[str]:
 
 
 def _candidates(method: str, model_name: str, dataset: str, base: str) -> list[str]:
-    names = [f"{method}_{model_name}_{dataset}", f"{base}_{model_name}_{dataset}", f"{base}_{model_name}",
-             f"{base}_{model_name}_counterfact"]
+    names = [
+        f"{method}_{model_name}_{dataset}",
+        f"{base}_{model_name}_{dataset}",
+        f"{base}_{model_name}",
+        f"{base}_{model_name}_counterfact",
+    ]
     if model_name.startswith("tiny-"):
         names += [f"{base}_tiny_{dataset}", f"{base}_tiny"]
     names.append(f"{base}_default")
     return list(dict.fromkeys(names))
 
 
-def find_hparams_file(method: str, model: Any, dataset: str = "counterfact", base: str | None = None
-                      ) -> tuple[Path | None, str]:
+def find_hparams_file(
+    method: str, model: Any, dataset: str = "counterfact", base: str | None = None
+) -> tuple[Path | None, str]:
     """``(path, model name)``: the first existing of ``{method}_{model}_{dataset}``, ``{base}_{model}_{dataset}``,
     ``{base}_{model}``, ``{base}_{model}_counterfact``, ``{base}_tiny[_{dataset}]`` (tiny-* models),
     ``{base}_default`` (``.json`` in :data:`HPARAMS_DIR`), or ``None``. A model tuned on CounterFact only

@@ -82,8 +82,12 @@ class MendHparams:
         object.__setattr__(self, "components", tuple(self.components))
 
     def arch(self) -> dict:
-        return {"layers": list(self.layers) if self.layers is not None else None,
-                "components": list(self.components), "rank": self.rank, "n_hidden": self.n_hidden}
+        return {
+            "layers": list(self.layers) if self.layers is not None else None,
+            "components": list(self.components),
+            "rank": self.rank,
+            "n_hidden": self.n_hidden,
+        }
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -131,7 +135,7 @@ class GradientTransform(nn.Module):
         n = self.count + n_b
         d = mean_b - self.mean
         self.mean += d * n_b / n
-        self.m2 += m2_b + d ** 2 * self.count * n_b / n
+        self.m2 += m2_b + d**2 * self.count * n_b / n
         self.count.fill_(float(n))
 
     def std(self) -> torch.Tensor:
@@ -145,7 +149,7 @@ class GradientTransform(nn.Module):
             self.update_stats(z)
         z = (z - self.mean.float()) / (self.std().float() + 1e-7)
         out = self.mlp(z)
-        return out[:, : self.d_in], out[:, self.d_in:]
+        return out[:, : self.d_in], out[:, self.d_in :]
 
 
 class MendEditor(nn.Module):
@@ -155,15 +159,22 @@ class MendEditor(nn.Module):
         super().__init__()
         self.names = list(shapes)
         self.shapes = dict(shapes)  # name -> (d_out, d_in)
-        self.transforms = nn.ModuleDict({n.replace(".", "#"): GradientTransform(d_in, d_out, hp.rank, hp.n_hidden)
-                                         for n, (d_out, d_in) in shapes.items()})
+        self.transforms = nn.ModuleDict(
+            {
+                n.replace(".", "#"): GradientTransform(d_in, d_out, hp.rank, hp.n_hidden)
+                for n, (d_out, d_in) in shapes.items()
+            }
+        )
         self.edit_lrs = nn.Parameter(torch.full((len(shapes),), float(hp.edit_lr_init)))
 
     @classmethod
     def for_model(cls, model: nn.Module, hp: MendHparams) -> MendEditor:
         layout = model.layout
-        shapes = {layout.weight_name(c, l): tuple(layout.get_weight(model, c, l).shape)
-                  for l in edit_layers(model, hp) for c in hp.components}
+        shapes = {
+            layout.weight_name(c, l): tuple(layout.get_weight(model, c, l).shape)
+            for l in edit_layers(model, hp)
+            for c in hp.components
+        }
         return cls(shapes, hp)
 
     def transform(self, name: str) -> GradientTransform:
@@ -185,8 +196,9 @@ def edit_layers(model: nn.Module, hp: MendHparams) -> tuple[int, ...]:
 
 
 # ---------------------------------------------------------------------------------- gradient factors
-def gradient_factors(model: nn.Module, tok, requests: list[dict], names: list[str]
-                     ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+def gradient_factors(
+    model: nn.Module, tok, requests: list[dict], names: list[str]
+) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
     """``{name: (u, δ)}`` of the loss Σ_requests NLL(target | prompt): the inputs and output gradients of
     each named linear layer at every token with a non-zero gradient, and the per-request NLLs."""
     layout = model.layout
@@ -202,6 +214,7 @@ def gradient_factors(model: nn.Module, tok, requests: list[dict], names: list[st
         def hook(module, args, out):
             inputs[name] = args[0].detach()
             outputs[name] = out
+
         return hook
 
     def needs_grad(module, args, kwargs):  # the graph starts at the first edited block
@@ -213,8 +226,9 @@ def gradient_factors(model: nn.Module, tok, requests: list[dict], names: list[st
     handles.append(layout.block(model, first).register_forward_pre_hook(needs_grad, with_kwargs=True))
     for n in names:
         handles.append(layout.module(model, *by_name[n]).register_forward_hook(record(n)))
-    batch, labels = target_batch(tok, [r["prompt"].format(r["subject"]) for r in requests],
-                                 [r["target_new"] for r in requests], device)
+    batch, labels = target_batch(
+        tok, [r["prompt"].format(r["subject"]) for r in requests], [r["target_new"] for r in requests], device
+    )
     try:
         with torch.enable_grad():
             nll = target_nll(model(**batch, use_cache=False).logits, labels)
@@ -254,8 +268,11 @@ def save_editor(editor: MendEditor, path: Path, meta: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     tensors = {k: v.detach().contiguous().cpu() for k, v in editor.state_dict().items()}
-    save_file(tensors, str(tmp), metadata={"meta": json.dumps(meta), "names": json.dumps(editor.names),
-                                             "shapes": json.dumps(editor.shapes)})
+    save_file(
+        tensors,
+        str(tmp),
+        metadata={"meta": json.dumps(meta), "names": json.dumps(editor.names), "shapes": json.dumps(editor.shapes)},
+    )
     os.replace(tmp, path)
 
 
@@ -282,19 +299,21 @@ def load_editor(model: nn.Module, hp: MendHparams, cache_dir=None) -> MendEditor
         name = getattr(model, "pmet_name", "<model>")
         raise MethodUnavailable(
             f"no trained MEND editor for {name} at {path}; train it with: {train_command(name)} "
-            "(set PMET_CACHE_DIR to the same cache directory)")
+            "(set PMET_CACHE_DIR to the same cache directory)"
+        )
     editor, _ = load_editor_file(path, hp)
     return editor.eval()
 
 
 # ---------------------------------------------------------------------------------- editing
-def mend_deltas(model: nn.Module, tok, requests: list[dict], editor: MendEditor, chunk: int = 16
-                ) -> dict[str, torch.Tensor]:
+def mend_deltas(
+    model: nn.Module, tok, requests: list[dict], editor: MendEditor, chunk: int = 16
+) -> dict[str, torch.Tensor]:
     """``Σ_requests ΔW_i`` (frozen normalisation: the sum of per-edit updates), float32 ``[d_out, d_in]``."""
     total = {}
     editor.eval()
     for s in range(0, len(requests), chunk):
-        factors, _ = gradient_factors(model, tok, requests[s:s + chunk], editor.names)
+        factors, _ = gradient_factors(model, tok, requests[s : s + chunk], editor.names)
         with torch.no_grad():
             for n, d in editor.updates(factors).items():
                 total[n] = total[n] + d if n in total else d
@@ -308,8 +327,15 @@ def artifact_id(model: nn.Module, hp: MendHparams, cache_dir=None) -> str:
     return "_ed" + hashlib.sha256(path.read_bytes()).hexdigest()[:8] if path.exists() else ""
 
 
-def apply_mend(model: nn.Module, tok, requests, hparams: MendHparams, cache_dir=None, progress: bool = False,
-               editor: MendEditor | None = None) -> EditResult:
+def apply_mend(
+    model: nn.Module,
+    tok,
+    requests,
+    hparams: MendHparams,
+    cache_dir=None,
+    progress: bool = False,
+    editor: MendEditor | None = None,
+) -> EditResult:
     """MEND edit of ``model`` in place with the trained editor (or ``editor``); ``restore()`` undoes it.
     ``progress`` is accepted for the common editor interface."""
     t0 = time.perf_counter()
@@ -331,9 +357,16 @@ def apply_mend(model: nn.Module, tok, requests, hparams: MendHparams, cache_dir=
         raise
     finally:
         model.train(was_training)
-    return make_result("mend", model, originals, {n: d.detach().float().cpu() for n, d in deltas.items()},
-                       hparams=hp, layers=edit_layers(model, hp), requests=reqs,
-                       timings={"total": time.perf_counter() - t0})
+    return make_result(
+        "mend",
+        model,
+        originals,
+        {n: d.detach().float().cpu() for n, d in deltas.items()},
+        hparams=hp,
+        layers=edit_layers(model, hp),
+        requests=reqs,
+        timings={"total": time.perf_counter() - t0},
+    )
 
 
 # ---------------------------------------------------------------------------------- training
@@ -359,13 +392,15 @@ def training_examples(dataset: str, limit: int | None = None) -> list[TrainExamp
         kept = [r for r in load_counterfact("train") if r.case_id not in held_out]
         for r in kept[:limit]:
             loc = r.neighborhood_prompts[0] + " " + (r.neighborhood_target or r.target_true)
-            out.append(TrainExample(r.as_request(), r.paraphrase_prompts[0] if r.paraphrase_prompts else None, loc,
-                                    r.case_id))
+            out.append(
+                TrainExample(r.as_request(), r.paraphrase_prompts[0] if r.paraphrase_prompts else None, loc, r.case_id)
+            )
     elif dataset == "zsre":
         held_out = table_pool_ids("zsre")
         for r in [r for r in load_zsre("train") if r.src not in held_out][:limit]:
-            out.append(TrainExample(r.as_request(target="alt"), r.rephrase, r.neighborhood_prompt + " " + r.loc_ans,
-                                    r.src))
+            out.append(
+                TrainExample(r.as_request(target="alt"), r.rephrase, r.neighborhood_prompt + " " + r.loc_ans, r.src)
+            )
     else:
         raise ValueError(f"unknown MEND training dataset {dataset!r}")
     for ex in out:
@@ -378,8 +413,11 @@ def sample_batch(examples: dict[str, list[TrainExample]], hp: MendHparams, step:
     rng = random.Random(hp.seed * 1_000_003 + step)
     batch = []
     for _ in range(hp.batch_size):
-        ds = "zsre" if ("zsre" in examples and (rng.random() < hp.zsre_fraction or "counterfact" not in examples)) \
+        ds = (
+            "zsre"
+            if ("zsre" in examples and (rng.random() < hp.zsre_fraction or "counterfact" not in examples))
             else "counterfact"
+        )
         batch.append(rng.choice(examples[ds]))
     return batch
 
@@ -396,8 +434,9 @@ def _loc_batch(tok, texts: list[str], device):
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
 
 
-def training_step(model: nn.Module, tok, editor: MendEditor, batch: list[TrainExample], hp: MendHparams
-                  ) -> tuple[torch.Tensor, dict]:
+def training_step(
+    model: nn.Module, tok, editor: MendEditor, batch: list[TrainExample], hp: MendHparams
+) -> tuple[torch.Tensor, dict]:
     """MEND's outer loss for one batch of edits (differentiable in the editor)."""
     from torch.func import functional_call
 
@@ -425,20 +464,42 @@ def training_step(model: nn.Module, tok, editor: MendEditor, batch: list[TrainEx
     mask = loc["attention_mask"].float()
     kl = ((base.exp() * (base - post)).sum(-1) * mask).sum() / mask.sum()
     loss = hp.c_edit * edit_nll.mean() + hp.c_loc * kl
-    info = {"loss": float(loss.detach()), "edit_nll_pre": float(nll_pre.mean()),
-            "edit_nll_post": float(edit_nll[: len(reqs)].mean()),
-            "rephrase_nll_post": float(edit_nll[len(reqs):].mean()) if len(edit_nll) > len(reqs) else float("nan"),
-            "loc_kl": float(kl), "delta_norm": float(sum(d.detach().norm() ** 2 for d in deltas.values()) ** 0.5)}
+    info = {
+        "loss": float(loss.detach()),
+        "edit_nll_pre": float(nll_pre.mean()),
+        "edit_nll_post": float(edit_nll[: len(reqs)].mean()),
+        "rephrase_nll_post": float(edit_nll[len(reqs) :].mean()) if len(edit_nll) > len(reqs) else float("nan"),
+        "loc_kl": float(kl),
+        "delta_norm": float(sum(d.detach().norm() ** 2 for d in deltas.values()) ** 0.5),
+    }
     return loss, info
 
 
-CURVE_FIELDS = ["step", "loss", "edit_nll_pre", "edit_nll_post", "rephrase_nll_post", "loc_kl", "delta_norm",
-                "edit_lrs", "elapsed_s"]
+CURVE_FIELDS = [
+    "step",
+    "loss",
+    "edit_nll_pre",
+    "edit_nll_post",
+    "rephrase_nll_post",
+    "loc_kl",
+    "delta_norm",
+    "edit_lrs",
+    "elapsed_s",
+]
 
 
-def train(model: nn.Module, tok, hp: MendHparams, cache_dir=None, datasets=("counterfact", "zsre"),
-          out_dir: Path | None = None, resume: bool = True, progress: bool = True, examples=None,
-          max_steps_this_run: int | None = None) -> Path:
+def train(
+    model: nn.Module,
+    tok,
+    hp: MendHparams,
+    cache_dir=None,
+    datasets=("counterfact", "zsre"),
+    out_dir: Path | None = None,
+    resume: bool = True,
+    progress: bool = True,
+    examples=None,
+    max_steps_this_run: int | None = None,
+) -> Path:
     """Train (or resume training) MEND's editor for ``model``; returns the editor's path.
 
     ``out_dir`` (default :func:`editor_dir`) holds ``checkpoints/step_N.safetensors`` +
@@ -452,16 +513,24 @@ def train(model: nn.Module, tok, hp: MendHparams, cache_dir=None, datasets=("cou
     ck.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(hp.seed)
     editor = MendEditor.for_model(model, hp)
-    opt = torch.optim.Adam([{"params": [p for n, p in editor.named_parameters() if n != "edit_lrs"], "lr": hp.lr},
-                            {"params": [editor.edit_lrs], "lr": hp.lr_lr}])
+    opt = torch.optim.Adam(
+        [
+            {"params": [p for n, p in editor.named_parameters() if n != "edit_lrs"], "lr": hp.lr},
+            {"params": [editor.edit_lrs], "lr": hp.lr_lr},
+        ]
+    )
     start, elapsed = 0, 0.0
     latest = ck / "latest.json"
     curve_path = out / "curve.csv"
     if resume and latest.exists():
         state = json.loads(latest.read_text())
         editor, _ = load_editor_file(Path(state["editor"]), hp)
-        opt = torch.optim.Adam([{"params": [p for n, p in editor.named_parameters() if n != "edit_lrs"], "lr": hp.lr},
-                                {"params": [editor.edit_lrs], "lr": hp.lr_lr}])
+        opt = torch.optim.Adam(
+            [
+                {"params": [p for n, p in editor.named_parameters() if n != "edit_lrs"], "lr": hp.lr},
+                {"params": [editor.edit_lrs], "lr": hp.lr_lr},
+            ]
+        )
         opt.load_state_dict(torch.load(state["optimizer"], weights_only=True))
         start, elapsed = int(state["step"]), float(state["elapsed_s"])
         _truncate_curve(curve_path, start)
@@ -488,11 +557,19 @@ def train(model: nn.Module, tok, hp: MendHparams, cache_dir=None, datasets=("cou
             done = step + 1
             now = elapsed + time.perf_counter() - t_run
             if done % hp.log_every == 0 or done == end:
-                row = {"step": done, **{k: info[k] for k in CURVE_FIELDS if k in info},
-                       "edit_lrs": " ".join(f"{x:.3g}" for x in editor.edit_lrs.tolist()), "elapsed_s": round(now, 1)}
+                row = {
+                    "step": done,
+                    **{k: info[k] for k in CURVE_FIELDS if k in info},
+                    "edit_lrs": " ".join(f"{x:.3g}" for x in editor.edit_lrs.tolist()),
+                    "elapsed_s": round(now, 1),
+                }
                 _append_curve(curve_path, row)
-                bar.set_postfix(loss=f"{info['loss']:.3f}", pre=f"{info['edit_nll_pre']:.2f}",
-                                post=f"{info['edit_nll_post']:.2f}", kl=f"{info['loc_kl']:.3f}")
+                bar.set_postfix(
+                    loss=f"{info['loss']:.3f}",
+                    pre=f"{info['edit_nll_pre']:.2f}",
+                    post=f"{info['edit_nll_post']:.2f}",
+                    kl=f"{info['loc_kl']:.3f}",
+                )
             if done % hp.checkpoint_every == 0 or done == end:
                 _checkpoint(editor, opt, ck, done, now, hp)
     finally:
@@ -501,8 +578,11 @@ def train(model: nn.Module, tok, hp: MendHparams, cache_dir=None, datasets=("cou
     final = out / "editor.safetensors"
     if end >= hp.steps:
         state = json.loads(latest.read_text())
-        save_editor(editor.eval(), final, {"step": hp.steps, "hparams": hp.to_dict(), "elapsed_s": state["elapsed_s"],
-                                          "datasets": list(examples)})
+        save_editor(
+            editor.eval(),
+            final,
+            {"step": hp.steps, "hparams": hp.to_dict(), "elapsed_s": state["elapsed_s"], "datasets": list(examples)},
+        )
     return final
 
 
@@ -593,8 +673,10 @@ def main(argv=None) -> int:
     hp = load_hparams("mend", model, args.dataset, over)
     t0 = time.perf_counter()
     path = train(model, tok, hp, cache_dir=args.cache_dir, resume=not args.no_resume)
-    print(f"MEND editor: {path} ({path.stat().st_size / 2**20:.1f} MiB) in {time.perf_counter() - t0:.0f} s "
-          f"this run; curve: {path.parent / 'curve.csv'}")
+    print(
+        f"MEND editor: {path} ({path.stat().st_size / 2**20:.1f} MiB) in {time.perf_counter() - t0:.0f} s "
+        f"this run; curve: {path.parent / 'curve.csv'}"
+    )
     return 0
 
 

@@ -60,19 +60,22 @@ def layers_from(model: nn.Module, start: int):
             h.remove()
 
 
-def forward_from_layer(model: nn.Module, h_prev: torch.Tensor, start: int, attention_mask: torch.Tensor
-                       ) -> torch.Tensor:
+def forward_from_layer(
+    model: nn.Module, h_prev: torch.Tensor, start: int, attention_mask: torch.Tensor
+) -> torch.Tensor:
     """Blocks ``start..end`` and the final norm on ``h_prev`` (the input of block ``start``):
     returns the last hidden state ``[batch, seq, d]`` (before the unembedding)."""
     with layers_from(model, start) as base:
-        out = base(inputs_embeds=h_prev, attention_mask=attention_mask, position_ids=positions(attention_mask),
-                   use_cache=False)
+        out = base(
+            inputs_embeds=h_prev, attention_mask=attention_mask, position_ids=positions(attention_mask), use_cache=False
+        )
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 
 @torch.no_grad()
-def block_input(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int,
-                record=()) -> tuple[torch.Tensor, dict]:
+def block_input(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int, record=()
+) -> tuple[torch.Tensor, dict]:
     """Run the model up to block ``layer``'s output, returning its input ``h^{layer-1}`` and the tensors at
     the ``record`` sites (all at ``layer`` or before)."""
     block = model.layout.block(model, layer)
@@ -84,8 +87,12 @@ def block_input(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
     handle = block.register_forward_pre_hook(pre_hook, with_kwargs=True)
     try:
         with Trace(model, record=list(record), stop_after=("block", layer)) as tr:
-            model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask),
-                  use_cache=False)
+            model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=positions(attention_mask),
+                use_cache=False,
+            )
     finally:
         handle.remove()
     return captured["h"], dict(tr.outputs)
@@ -181,8 +188,15 @@ class Prefix:
 
 
 @torch.no_grad()
-def prefix_state(model: nn.Module, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, suffix_ids: torch.Tensor,
-                 suffix_mask: torch.Tensor, layer: int, record=()) -> tuple[torch.Tensor, dict, Prefix] | None:
+def prefix_state(
+    model: nn.Module,
+    prefix_ids: torch.Tensor,
+    prefix_mask: torch.Tensor,
+    suffix_ids: torch.Tensor,
+    suffix_mask: torch.Tensor,
+    layer: int,
+    record=(),
+) -> tuple[torch.Tensor, dict, Prefix] | None:
     """One pass of ``prefix ⊕ suffix`` (left-padded prefix, right-padded suffix, real positions): returns
     the input ``h^{layer-1}`` of block ``layer`` at the suffix columns, the tensors at the ``record`` sites
     (suffix columns only) and the :class:`Prefix` (keys and values of the prefix columns at every layer).
@@ -214,8 +228,9 @@ def prefix_state(model: nn.Module, prefix_ids: torch.Tensor, prefix_mask: torch.
     return captured["h"][:, c:], rec, Prefix(cache, prefix_mask)
 
 
-def forward_from_prefix(model: nn.Module, h_prev: torch.Tensor, start: int, attention_mask: torch.Tensor,
-                        prefix: Prefix) -> torch.Tensor:
+def forward_from_prefix(
+    model: nn.Module, h_prev: torch.Tensor, start: int, attention_mask: torch.Tensor, prefix: Prefix
+) -> torch.Tensor:
     """:func:`forward_from_layer` for suffix columns whose prefix is ``prefix`` (keys/values at every layer):
     ``h_prev`` ``[N, s, d]`` and ``attention_mask`` ``[N, s]`` cover the suffix only."""
     c = prefix.mask.shape[1]
@@ -225,6 +240,12 @@ def forward_from_prefix(model: nn.Module, h_prev: torch.Tensor, start: int, atte
     with layers_from(model, start) as base:
         # transformers >= 5.2x names the argument ``cache`` (``past_key_values`` is deprecated there)
         name = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
-        out = base(inputs_embeds=h_prev, attention_mask=mask, position_ids=pos, **{name: prefix.fresh_cache()},
-                   cache_position=torch.arange(c, c + s, device=h_prev.device), use_cache=True)
+        out = base(
+            inputs_embeds=h_prev,
+            attention_mask=mask,
+            position_ids=pos,
+            **{name: prefix.fresh_cache()},
+            cache_position=torch.arange(c, c + s, device=h_prev.device),
+            use_cache=True,
+        )
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]

@@ -104,8 +104,15 @@ def _all_fields() -> set[str]:
     return set().union(*(field_names(s.hparams_cls) for s in EDITORS.values()))
 
 
-def load_hparams(method: str = "pmet", model: Any = "default", dataset: str = "counterfact",
-                 overrides: Mapping[str, Any] | None = None, *, only_where_present: bool = False, **more):
+def load_hparams(
+    method: str = "pmet",
+    model: Any = "default",
+    dataset: str = "counterfact",
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    only_where_present: bool = False,
+    **more,
+):
     """The one hyperparameter loader: ``method``'s dataclass on ``model`` (a registry name or a loaded
     model) and ``dataset`` (``"counterfact"`` or ``"zsre"``).
 
@@ -118,8 +125,10 @@ def load_hparams(method: str = "pmet", model: Any = "default", dataset: str = "c
     """
     spec = get_editor(method)
     if not isinstance(dataset, str):
-        raise TypeError(f"dataset must be a name such as 'counterfact' or 'zsre', not {type(dataset).__name__} "
-                        "(overrides are the fourth argument)")
+        raise TypeError(
+            f"dataset must be a name such as 'counterfact' or 'zsre', not {type(dataset).__name__} "
+            "(overrides are the fourth argument)"
+        )
     cls = spec.hparams_cls
     valid = field_names(cls)
     path = hparams_path(method, model, dataset)
@@ -133,10 +142,15 @@ def load_hparams(method: str = "pmet", model: Any = "default", dataset: str = "c
     if unknown:
         misspelled = sorted(set(unknown) - _all_fields())
         if misspelled or not only_where_present:
-            where = ("no editor has them" if misspelled else
-                     "they belong to other editors; pass only_where_present=True to skip them")
-            raise ValueError(f"unknown hyperparameter(s) {misspelled or unknown} for {method} ({where}); valid "
-                             f"fields of {cls.__name__}: {', '.join(sorted(valid))}")
+            where = (
+                "no editor has them"
+                if misspelled
+                else "they belong to other editors; pass only_where_present=True to skip them"
+            )
+            raise ValueError(
+                f"unknown hyperparameter(s) {misspelled or unknown} for {method} ({where}); valid "
+                f"fields of {cls.__name__}: {', '.join(sorted(valid))}"
+            )
         given = {k: v for k, v in given.items() if k in valid}
     values.update(given)
     return cls(**values)
@@ -153,13 +167,23 @@ def resolve_hparams(method: str, model: Any, hparams=None, dataset: str = "count
         return hparams
     if hparams is None or isinstance(hparams, Mapping):
         return load_hparams(method, model, dataset, hparams)
-    raise TypeError(f"hparams for {method} must be {spec.hparams_cls.__name__}, a dict of overrides or None, "
-                    f"not {type(hparams).__name__}")
+    raise TypeError(
+        f"hparams for {method} must be {spec.hparams_cls.__name__}, a dict of overrides or None, "
+        f"not {type(hparams).__name__}"
+    )
 
 
 # ------------------------------------------------------------------------------------------ editing
-def edit(model, tok, requests, method: str = "pmet", hparams=None, cache_dir: str | Path | None = None,
-         progress: bool = True, **options) -> EditResult:
+def edit(
+    model,
+    tok,
+    requests,
+    method: str = "pmet",
+    hparams=None,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+    **options,
+) -> EditResult:
     """Edit ``model`` in place with ``method`` so that each request's prompt continues with its ``target_new``;
     ``result.restore()`` puts the original weights back bit for bit.
 
@@ -177,8 +201,10 @@ def edit(model, tok, requests, method: str = "pmet", hparams=None, cache_dir: st
     options = {k: v for k, v in options.items() if v is not None}
     seq = [k for k in options if k in SEQUENTIAL_OPTIONS]
     if seq and not spec.sequential:
-        raise ValueError(f"{', '.join(seq)}: only for sequential editors ({', '.join(sequential_methods())}); "
-                         f"{method!r} edits all requests at once")
+        raise ValueError(
+            f"{', '.join(seq)}: only for sequential editors ({', '.join(sequential_methods())}); "
+            f"{method!r} edits all requests at once"
+        )
     bad = sorted(set(options) - set(spec.options))
     if bad:
         raise TypeError(f"{method} takes no option(s) {bad}; its options: {', '.join(spec.options) or 'none'}")
@@ -189,17 +215,36 @@ def edit(model, tok, requests, method: str = "pmet", hparams=None, cache_dir: st
 # -------------------------------------------------------------------------- the registered editors
 # In the paper's table order (Table 1's rows, then Table 3's ablations).
 register(EditorSpec("ft", "FT-W", ft.FTHparams, ft.apply_ft, file_base="ft"))
-register(EditorSpec("mend", "MEND", mend.MendHparams, mend.apply_mend, file_base="mend",
-                    artifact_id=mend.artifact_id))
+register(EditorSpec("mend", "MEND", mend.MendHparams, mend.apply_mend, file_base="mend", artifact_id=mend.artifact_id))
 register(EditorSpec("rome", "ROME", rome.RomeHparams, rome.apply_rome, file_base="rome", sequential=True))
-_SHARED_LABELS = {"memit": "MEMIT", "memit-ffn": "MEMIT (δ on m^L)", "pmet": "PMET",
-                  "pmet-no-attn-delta": "w/o δ^a", "pmet-with-attn-weights": "w/ W_O^MHSA",
-                  "pmet-even-spread": "Even spread"}
+_SHARED_LABELS = {
+    "memit": "MEMIT",
+    "memit-ffn": "MEMIT (δ on m^L)",
+    "pmet": "PMET",
+    "pmet-no-attn-delta": "w/o δ^a",
+    "pmet-with-attn-weights": "w/ W_O^MHSA",
+    "pmet-even-spread": "Even spread",
+}
 for _name, _label in _SHARED_LABELS.items():
-    register(EditorSpec(_name, _label, EditHparams, apply_shared_editor,
-                        file_base="memit" if _name.startswith("memit") else "pmet",
-                        fixed={"method": _name, **METHOD_SWITCHES[_name]}))
+    register(
+        EditorSpec(
+            _name,
+            _label,
+            EditHparams,
+            apply_shared_editor,
+            file_base="memit" if _name.startswith("memit") else "pmet",
+            fixed={"method": _name, **METHOD_SWITCHES[_name]},
+        )
+    )
 # beyond the paper: PMET and MEMIT with AlphaEdit's null-space projection (memit-ns is AlphaEdit)
 for _base, _label in (("pmet", "PMET-ns"), ("memit", "MEMIT-ns (AlphaEdit)")):
-    register(EditorSpec(f"{_base}-ns", _label, EditHparams, apply_shared_editor, file_base=_base,
-                        fixed={"method": f"{_base}-ns", **METHOD_SWITCHES[_base], "null_space": True}))
+    register(
+        EditorSpec(
+            f"{_base}-ns",
+            _label,
+            EditHparams,
+            apply_shared_editor,
+            file_base=_base,
+            fixed={"method": f"{_base}-ns", **METHOD_SWITCHES[_base], "null_space": True},
+        )
+    )

@@ -89,12 +89,22 @@ class RomeHparams:
 
     def value_hparams(self) -> EditHparams:
         """The shared value optimiser configured as ROME's compute_v (δ on m^l only, loss < loss_stop)."""
-        return EditHparams(method="rome", value_site="components", optimize_attn_delta=False,
-                           update_attn_weights=False, stop_rule="memit", v_lr=self.v_lr,
-                           v_num_grad_steps=self.v_num_grad_steps, clamp_norm_factor=self.clamp_norm_factor,
-                           v_weight_decay=self.v_weight_decay, kl_factor=self.kl_factor,
-                           loss_stop=self.loss_stop, kl_prompt=self.kl_prompt, key_averaging=self.key_averaging,
-                           v_autocast=self.v_autocast)
+        return EditHparams(
+            method="rome",
+            value_site="components",
+            optimize_attn_delta=False,
+            update_attn_weights=False,
+            stop_rule="memit",
+            v_lr=self.v_lr,
+            v_num_grad_steps=self.v_num_grad_steps,
+            clamp_norm_factor=self.clamp_norm_factor,
+            v_weight_decay=self.v_weight_decay,
+            kl_factor=self.kl_factor,
+            loss_stop=self.loss_stop,
+            kl_prompt=self.kl_prompt,
+            key_averaging=self.key_averaging,
+            v_autocast=self.v_autocast,
+        )
 
     def to_dict(self) -> dict:
         """All fields except ``v_autocast`` while it is None (added later; run ids made before it stay valid)."""
@@ -120,8 +130,14 @@ def prompt_keys(model: nn.Module, tok, request: dict, templates: list[str], laye
     return k[torch.arange(len(seqs), device=k.device), torch.tensor(look, device=k.device)].float()
 
 
-def rank_one_factors(W: torch.Tensor, bias: torch.Tensor | None, C: torch.Tensor, k_star: torch.Tensor,
-                     k_res: torch.Tensor, v_star: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def rank_one_factors(
+    W: torch.Tensor,
+    bias: torch.Tensor | None,
+    C: torch.Tensor,
+    k_star: torch.Tensor,
+    k_res: torch.Tensor,
+    v_star: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ROME Eq. 2's factors in float64: ``a = v* − W k_r − b``, ``u = C^{-1} k*`` and ``u^T k_r``."""
     W, C, k_star, k_res, v_star = (x.double().cpu() for x in (W, C, k_star, k_res, v_star))
     u = torch.linalg.solve(C, k_star)
@@ -135,8 +151,12 @@ def rank_one_delta(a: torch.Tensor, u: torch.Tensor, denom: torch.Tensor) -> tor
 
 
 def _request_hashes(requests: list[dict]) -> list[str]:
-    return [hashlib.sha256(json.dumps({k: r[k] for k in ("prompt", "subject", "target_new")},
-                                      sort_keys=True).encode()).hexdigest()[:16] for r in normalize_requests(requests)]
+    return [
+        hashlib.sha256(
+            json.dumps({k: r[k] for k in ("prompt", "subject", "target_new")}, sort_keys=True).encode()
+        ).hexdigest()[:16]
+        for r in normalize_requests(requests)
+    ]
 
 
 def _checkpoint_key(hp: RomeHparams, name: str, w0: torch.Tensor) -> str:
@@ -173,14 +193,27 @@ def _save_checkpoint(path: Path, key: str, requests, factors, values, keys, info
         old = load_entry(path, key, TRAJECTORY)
         if old is not None and len(old[1].get("requests", [])) >= k:
             return  # only a longer trajectory replaces a file
-    tensors = {"a": torch.stack([f[0] for f in factors]), "u": torch.stack([f[1] for f in factors]),
-               "denom": torch.stack([f[2] for f in factors]), "values": torch.stack(values), "keys": torch.stack(keys)}
+    tensors = {
+        "a": torch.stack([f[0] for f in factors]),
+        "u": torch.stack([f[1] for f in factors]),
+        "denom": torch.stack([f[2] for f in factors]),
+        "values": torch.stack(values),
+        "keys": torch.stack(keys),
+    }
     save_entry(path, tensors, key, {"requests": _request_hashes(requests[:k]), "value_info": infos, "seconds": seconds})
 
 
-def apply_rome(model: nn.Module, tok, requests: list[dict], hparams: RomeHparams, cache_dir=None,
-               progress: bool = False, on_step=None, checkpoint: str | Path | None = None,
-               checkpoint_every: int = 25) -> EditResult:
+def apply_rome(
+    model: nn.Module,
+    tok,
+    requests: list[dict],
+    hparams: RomeHparams,
+    cache_dir=None,
+    progress: bool = False,
+    on_step=None,
+    checkpoint: str | Path | None = None,
+    checkpoint_every: int = 25,
+) -> EditResult:
     """ROME edits of ``model`` in place, one request after another; ``restore()`` undoes all of them.
 
     ``on_step(k, partial)``, if given, is called after the k-th edit (``partial.deltas`` = Δ so far), so a
@@ -195,10 +228,25 @@ def apply_rome(model: nn.Module, tok, requests: list[dict], hparams: RomeHparams
     name = layout.weight_name("mlp_out", layer)
     originals = snapshot(model, [name])
     # statistics and templates come from the unedited model (fingerprints change once weights change)
-    C = key_second_moments(model, tok, [layer], "mlp_key", n_tokens=hp.mom2_n_tokens, dtype=hp.mom2_dtype,
-                           corpus=hp.mom2_corpus, cache_dir=cache_dir, progress=progress)[layer]
-    groups = get_context_templates(model, tok, length=hp.context_length, n_per_start=hp.context_n_per_start,
-                                   seed=hp.context_seed, cache_dir=cache_dir)
+    C = key_second_moments(
+        model,
+        tok,
+        [layer],
+        "mlp_key",
+        n_tokens=hp.mom2_n_tokens,
+        dtype=hp.mom2_dtype,
+        corpus=hp.mom2_corpus,
+        cache_dir=cache_dir,
+        progress=progress,
+    )[layer]
+    groups = get_context_templates(
+        model,
+        tok,
+        length=hp.context_length,
+        n_per_start=hp.context_n_per_start,
+        seed=hp.context_seed,
+        cache_dir=cache_dir,
+    )
     templates, sizes = flatten(groups)
     vhp = hp.value_hparams()
     module = layout.module(model, "mlp_out", layer)
@@ -234,8 +282,13 @@ def apply_rome(model: nn.Module, tok, requests: list[dict], hparams: RomeHparams
             if stored is not None:
                 replayed, t, info = stored
                 for j in range(replayed):
-                    apply((t["a"][j], t["u"][j], t["denom"][j]), t["values"][j], t["keys"][j],
-                          info["value_info"][j], float(info["seconds"][j]))
+                    apply(
+                        (t["a"][j], t["u"][j], t["denom"][j]),
+                        t["values"][j],
+                        t["keys"][j],
+                        info["value_info"][j],
+                        float(info["seconds"][j]),
+                    )
                     bar.update(1)
             base = seconds[-1] if seconds else 0.0
             t_start, hook_start = time.perf_counter(), in_hook[0]
@@ -258,8 +311,18 @@ def apply_rome(model: nn.Module, tok, requests: list[dict], hparams: RomeHparams
     # Δ = the sum of the computed rank-one updates (float64 -> float32), as the shared editor reports its Δ;
     # W - W0 differs from it only by the rounding of the in-place float32 additions
     deltas = {name: total.float()}
-    return make_result("rome", model, originals, deltas, hparams=hp, layers=(layer,), requests=reqs,
-                       values={"mlp": torch.stack(values)}, keys={name: torch.stack(keys)}, stats={name: C},
-                       value_info=infos, context_templates=groups,
-                       timings={"total": seconds[-1], "replayed": replayed,
-                                "wall": time.perf_counter() - t0 - in_hook[0]})
+    return make_result(
+        "rome",
+        model,
+        originals,
+        deltas,
+        hparams=hp,
+        layers=(layer,),
+        requests=reqs,
+        values={"mlp": torch.stack(values)},
+        keys={name: torch.stack(keys)},
+        stats={name: C},
+        value_info=infos,
+        context_templates=groups,
+        timings={"total": seconds[-1], "replayed": replayed, "wall": time.perf_counter() - t0 - in_hook[0]},
+    )

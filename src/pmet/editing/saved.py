@@ -108,8 +108,9 @@ def _unedited_fingerprint(model: nn.Module, originals: dict[str, torch.Tensor]) 
                 params[n].copy_(w1)
 
 
-def _check_current_is_edit(name: str, w0: torch.Tensor, w1: torch.Tensor, delta: torch.Tensor,
-                           orientation: str) -> None:
+def _check_current_is_edit(
+    name: str, w0: torch.Tensor, w1: torch.Tensor, delta: torch.Tensor, orientation: str
+) -> None:
     """The weight now should be ``W0 + Δ`` up to the rounding of the in-place additions; anything further
     means the model was changed after the edit (another edit on top, a restore and re-edit ...)."""
     d = _as_out_in(w1.float() - w0.float(), orientation).cpu()
@@ -119,12 +120,20 @@ def _check_current_is_edit(name: str, w0: torch.Tensor, w1: torch.Tensor, delta:
     err = float((d - delta.float()).norm())
     tol = 1e-3 * float(delta.norm()) + 8 * eps * (float(w0.float().norm()) + float(delta.norm())) + 1e-12
     if not math.isfinite(err) or err > tol:
-        raise SavedEditError(f"{name} no longer equals its original plus this edit's Δ (|W - W0 - Δ| = {err:.3g}): "
-                             "save an edit right after it is made, before the model is edited further")
+        raise SavedEditError(
+            f"{name} no longer equals its original plus this edit's Δ (|W - W0 - Δ| = {err:.3g}): "
+            "save an edit right after it is made, before the model is edited further"
+        )
 
 
-def build_manifest(result, weights_before: dict[str, str], weights_after: dict[str, torch.Tensor],
-                   model: nn.Module, orientation: str, fingerprint: str) -> dict:
+def build_manifest(
+    result,
+    weights_before: dict[str, str],
+    weights_after: dict[str, torch.Tensor],
+    model: nn.Module,
+    orientation: str,
+    fingerprint: str,
+) -> dict:
     """The manifest of a saved edit (module docstring)."""
     import transformers
 
@@ -135,8 +144,10 @@ def build_manifest(result, weights_before: dict[str, str], weights_after: dict[s
     stats = getattr(result, "stats", None) or {}
     c0 = None
     if stats:
-        c0 = {"stats_sha256": {n: tensor_sha256(s) for n, s in sorted(stats.items())},
-              "settings": {k: v for k, v in sorted((hp_dict or {}).items()) if k.startswith("mom2_")}}
+        c0 = {
+            "stats_sha256": {n: tensor_sha256(s) for n, s in sorted(stats.items())},
+            "settings": {k: v for k, v in sorted((hp_dict or {}).items()) if k.startswith("mom2_")},
+        }
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -145,12 +156,16 @@ def build_manifest(result, weights_before: dict[str, str], weights_after: dict[s
         "hparams_class": f"{type(hp).__module__}.{type(hp).__qualname__}" if hp_dict is not None else None,
         "layers": [int(l) for l in result.layers],
         "requests": result.requests,
-        "model": {"fingerprint": fingerprint, "name": getattr(model, "pmet_name", None),
-                  "class": type(model).__name__},
+        "model": {"fingerprint": fingerprint, "name": getattr(model, "pmet_name", None), "class": type(model).__name__},
         "c0": c0,
         "weights": {
-            n: {"shape": list(w.shape), "dtype": str(w.dtype).removeprefix("torch."), "orientation": orientation,
-                "sha256_before": weights_before[n], "sha256_after": tensor_sha256(w)}
+            n: {
+                "shape": list(w.shape),
+                "dtype": str(w.dtype).removeprefix("torch."),
+                "orientation": orientation,
+                "sha256_before": weights_before[n],
+                "sha256_after": tensor_sha256(w),
+            }
             for n, w in sorted(weights_after.items())
         },
         "versions": {"pmet": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
@@ -219,8 +234,10 @@ class SavedEdit:
         return self.manifest["requests"]
 
     def __repr__(self) -> str:
-        return (f"SavedEdit({str(self.path)!r}, method={self.method!r}, {len(self.requests)} request(s), "
-                f"{len(self.weights)} weight(s), model {self.manifest['model']['fingerprint']})")
+        return (
+            f"SavedEdit({str(self.path)!r}, method={self.method!r}, {len(self.requests)} request(s), "
+            f"{len(self.weights)} weight(s), model {self.manifest['model']['fingerprint']})"
+        )
 
     def check(self, model: nn.Module) -> None:
         """Raise :class:`SavedEditError` unless this edit can be applied to ``model`` as it is now."""
@@ -234,19 +251,24 @@ class SavedEdit:
             if p is None:
                 raise SavedEditError(f"{where} edits {n}, which this model does not have")
             if list(p.shape) != s["shape"] or str(p.dtype).removeprefix("torch.") != s["dtype"]:
-                raise SavedEditError(f"{where}: {n} is {s['dtype']} {s['shape']} there, "
-                                     f"{str(p.dtype).removeprefix('torch.')} {list(p.shape)} in this model")
+                raise SavedEditError(
+                    f"{where}: {n} is {s['dtype']} {s['shape']} there, "
+                    f"{str(p.dtype).removeprefix('torch.')} {list(p.shape)} in this model"
+                )
         now = {n: tensor_sha256(params[n]) for n in spec}
         if all(now[n] == s["sha256_after"] for n, s in spec.items()):
             raise SavedEditError(f"{where} is already applied to this model")
         want, have = self.manifest["model"]["fingerprint"], model_fingerprint(model)
         if have != want:
-            raise SavedEditError(f"{where} was made on model {self.manifest['model'].get('name')!r} (fingerprint "
-                                 f"{want}); this model's fingerprint is {have}: refusing to apply")
+            raise SavedEditError(
+                f"{where} was made on model {self.manifest['model'].get('name')!r} (fingerprint "
+                f"{want}); this model's fingerprint is {have}: refusing to apply"
+            )
         for n, s in spec.items():
             if now[n] != s["sha256_before"]:
-                raise SavedEditError(f"{where}: {n} is not the weight the edit was made on (edited since?): "
-                                     "refusing to apply")
+                raise SavedEditError(
+                    f"{where}: {n} is not the weight the edit was made on (edited since?): refusing to apply"
+                )
 
     def apply(self, model: nn.Module):
         """Write the edit into ``model`` in place (after :meth:`check`); the weights become bit for bit those
@@ -263,9 +285,16 @@ class SavedEdit:
                 params[n].copy_(w1)
                 orient = self.manifest["weights"][n]["orientation"]
                 deltas[n] = _as_out_in(w1.float() - originals[n].float().cpu(), orient).contiguous()
-        return make_result(self.method, model, originals, deltas, hparams=_rebuild_hparams(self.manifest),
-                           layers=tuple(self.manifest["layers"]), requests=list(self.requests),
-                           timings={"total": time.perf_counter() - t0})
+        return make_result(
+            self.method,
+            model,
+            originals,
+            deltas,
+            hparams=_rebuild_hparams(self.manifest),
+            layers=tuple(self.manifest["layers"]),
+            requests=list(self.requests),
+            timings={"total": time.perf_counter() - t0},
+        )
 
 
 def load_edit(path: str | Path) -> SavedEdit:
@@ -286,8 +315,9 @@ def load_edit(path: str | Path) -> SavedEdit:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise SavedEditError(f"{mpath}: not a {FORMAT} manifest")
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise SavedEditError(f"{mpath}: format version {manifest.get('format_version')} (this pmet reads "
-                             f"{FORMAT_VERSION})")
+        raise SavedEditError(
+            f"{mpath}: format version {manifest.get('format_version')} (this pmet reads {FORMAT_VERSION})"
+        )
     try:
         with safe_open(str(wpath), "pt") as f:
             meta = f.metadata() or {}
@@ -326,7 +356,8 @@ def save_edited_model(model: nn.Module, tok, directory: str | Path, edit: Any = 
             params = dict(model_.named_parameters())
             after = {n: params[n].detach() for n in edit._originals}
             before = {n: tensor_sha256(w) for n, w in edit._originals.items()}
-            manifest = build_manifest(edit, before, after, model_, orientation,
-                                      _unedited_fingerprint(model_, edit._originals))
+            manifest = build_manifest(
+                edit, before, after, model_, orientation, _unedited_fingerprint(model_, edit._originals)
+            )
         (folder / MODEL_MANIFEST).write_text(json.dumps(manifest, indent=1, default=str) + "\n")
     return folder

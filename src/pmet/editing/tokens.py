@@ -29,7 +29,7 @@ def fill_subject(template: str, subject: str) -> tuple[str, int]:
     i = template.find("{}")
     if i < 0:
         raise ValueError(f"template {template!r} has no '{{}}' for the subject")
-    return template[:i] + subject + template[i + 2:], i + len(subject)
+    return template[:i] + subject + template[i + 2 :], i + len(subject)
 
 
 def encode_with_subject(tok, template: str, subject: str) -> tuple[list[int], int]:
@@ -62,8 +62,8 @@ def pad_right(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor,
     ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), n), dtype=torch.long)
     for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s)
-        mask[i, :len(s)] = 1
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
     return ids.to(device), mask.to(device)
 
 
@@ -122,8 +122,21 @@ def build_value_batch(tok, requests: list[dict], templates: list[str], kl_prompt
     def t(x):
         return torch.tensor(x, dtype=torch.long, device=device)
 
-    return ValueBatch(input_ids, mask, t(row_req), t(lookup), t(init_rows), t(kl_rows), t(t_rows), t(t_pos),
-                      t(t_tok), t(t_prompt), t(t_req), t(t_len).float(), P)
+    return ValueBatch(
+        input_ids,
+        mask,
+        t(row_req),
+        t(lookup),
+        t(init_rows),
+        t(kl_rows),
+        t(t_rows),
+        t(t_pos),
+        t(t_tok),
+        t(t_prompt),
+        t(t_req),
+        t(t_len).float(),
+        P,
+    )
 
 
 @dataclass
@@ -149,17 +162,29 @@ def split_at_subject(bt: ValueBatch, pad_id: int) -> SplitValueBatch:
     is_kl = set(bt.kl_rows.tolist())
     prefixes, suffixes = [], []
     for i, ids in enumerate(bt.input_ids.tolist()):
-        prefixes.append(ids[:look[i]])
-        suffixes.append(ids[look[i]:look[i] + 1] if i in is_kl else ids[look[i]:lens[i]])
+        prefixes.append(ids[: look[i]])
+        suffixes.append(ids[look[i] : look[i] + 1] if i in is_kl else ids[look[i] : lens[i]])
     c = max(len(p) for p in prefixes)
     prefix_ids = torch.full((len(prefixes), c), pad_id, dtype=torch.long)
     prefix_mask = torch.zeros((len(prefixes), c), dtype=torch.long)
     for i, p in enumerate(prefixes):
         if p:
-            prefix_ids[i, c - len(p):] = torch.tensor(p)
-            prefix_mask[i, c - len(p):] = 1
+            prefix_ids[i, c - len(p) :] = torch.tensor(p)
+            prefix_mask[i, c - len(p) :] = 1
     s_ids, s_mask = pad_right(suffixes, pad_id, device)
-    suffix = ValueBatch(s_ids, s_mask, bt.row_req, torch.zeros_like(bt.lookup), bt.init_rows, bt.kl_rows,
-                        bt.t_rows, bt.t_pos - bt.lookup[bt.t_rows], bt.t_tok, bt.t_prompt, bt.t_req, bt.t_len,
-                        bt.n_prompts)
+    suffix = ValueBatch(
+        s_ids,
+        s_mask,
+        bt.row_req,
+        torch.zeros_like(bt.lookup),
+        bt.init_rows,
+        bt.kl_rows,
+        bt.t_rows,
+        bt.t_pos - bt.lookup[bt.t_rows],
+        bt.t_tok,
+        bt.t_prompt,
+        bt.t_req,
+        bt.t_len,
+        bt.n_prompts,
+    )
     return SplitValueBatch(prefix_ids.to(device), prefix_mask.to(device), suffix)

@@ -16,9 +16,21 @@ from torch import nn
 from .hparams import LATER_FIELDS, EditHparams
 
 CACHE_VERSION = 1
-VALUE_FIELDS = ("value_site", "optimize_attn_delta", "stop_rule", "v_lr", "v_num_grad_steps",
-                "clamp_norm_factor", "v_weight_decay", "kl_factor", "nll_loss_factor", "phi_after_fit",
-                "kl_stop", "loss_stop", "kl_prompt")
+VALUE_FIELDS = (
+    "value_site",
+    "optimize_attn_delta",
+    "stop_rule",
+    "v_lr",
+    "v_num_grad_steps",
+    "clamp_norm_factor",
+    "v_weight_decay",
+    "kl_factor",
+    "nll_loss_factor",
+    "phi_after_fit",
+    "kl_stop",
+    "loss_stop",
+    "kl_prompt",
+)
 LATER_VALUE_FIELDS = ("v_autocast", "v_fast")  # enter the key only when set (keys of older caches stay valid)
 
 
@@ -39,9 +51,14 @@ def value_cache_key(model_id: dict, hp: EditHparams, layer: int, templates: list
     later = {f: getattr(hp, f) for f in LATER_VALUE_FIELDS if getattr(hp, f) != LATER_FIELDS[f]}
     if hp.v_autocast:
         later["attn"] = "eager"  # low-precision values are computed with eager attention (pmet.editing.values)
-    payload = {"v": CACHE_VERSION, **model_id, "layer": layer, "templates": templates,
-               "hp": {**{f: getattr(hp, f) for f in VALUE_FIELDS}, **later},
-               "request": {k: request[k] for k in ("prompt", "subject", "target_new")}}
+    payload = {
+        "v": CACHE_VERSION,
+        **model_id,
+        "layer": layer,
+        "templates": templates,
+        "hp": {**{f: getattr(hp, f) for f in VALUE_FIELDS}, **later},
+        "request": {k: request[k] for k in ("prompt", "subject", "target_new")},
+    }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
 
 

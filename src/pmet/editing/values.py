@@ -106,9 +106,20 @@ class ValueLoss:
     fit: torch.Tensor  # bool: the target is the argmax at every target position of every prompt
 
 
-def value_loss(target_logp: torch.Tensor, target_tokens: torch.Tensor, target_prompt: torch.Tensor,
-               target_request: torch.Tensor, prompt_len: torch.Tensor, kl_logp: torch.Tensor,
-               kl_ref: torch.Tensor, deltas, inits, phi, mu: float, weight_decay: float) -> ValueLoss:
+def value_loss(
+    target_logp: torch.Tensor,
+    target_tokens: torch.Tensor,
+    target_prompt: torch.Tensor,
+    target_request: torch.Tensor,
+    prompt_len: torch.Tensor,
+    kl_logp: torch.Tensor,
+    kl_ref: torch.Tensor,
+    deltas,
+    inits,
+    phi,
+    mu: float,
+    weight_decay: float,
+) -> ValueLoss:
     """Eq. 10, the loss of the value vectors, for ``B`` requests with ``P`` prompts each::
 
         L(δ_i) = μ · D_KL(P_edited[y | p'] || P_orig[y | p'])
@@ -172,14 +183,31 @@ def _live_rows(bt, req: torch.Tensor) -> _Live:
     mask = bt.attention_mask[rows]
     width = int(mask.sum(1).max())
     t_req = req_pos[bt.t_req[keep]]
-    return _Live(req=req, mask=mask[:, :width], rows=rows, row_req=bt.row_req[rows], lookup=bt.lookup[rows],
-                 kl_rows=row_pos[bt.kl_rows[req]], t_rows=row_pos[bt.t_rows[keep]], t_pos=bt.t_pos[keep],
-                 t_tok=bt.t_tok[keep], t_prompt=t_req * P + bt.t_prompt[keep] % P, t_req=t_req,
-                 t_len=bt.t_len.view(B, P)[req].reshape(-1))
+    return _Live(
+        req=req,
+        mask=mask[:, :width],
+        rows=rows,
+        row_req=bt.row_req[rows],
+        lookup=bt.lookup[rows],
+        kl_rows=row_pos[bt.kl_rows[req]],
+        t_rows=row_pos[bt.t_rows[keep]],
+        t_pos=bt.t_pos[keep],
+        t_tok=bt.t_tok[keep],
+        t_prompt=t_req * P + bt.t_prompt[keep] % P,
+        t_req=t_req,
+        t_len=bt.t_len.view(B, P)[req].reshape(-1),
+    )
 
 
-def optimize_batch(model: nn.Module, tok, requests: list[dict], hp: EditHparams, templates: list[str],
-                   layer: int, blocks: list[nn.Module] | None = None) -> tuple[dict[str, torch.Tensor], list[dict]]:
+def optimize_batch(
+    model: nn.Module,
+    tok,
+    requests: list[dict],
+    hp: EditHparams,
+    templates: list[str],
+    layer: int,
+    blocks: list[nn.Module] | None = None,
+) -> tuple[dict[str, torch.Tensor], list[dict]]:
     """Optimise the δ's of ``requests`` together; returns ``{site name: [B, d] values}`` (``"mlp"`` and
     ``"attn"`` for PMET, ``"block"`` for MEMIT) and per-request diagnostics. ``blocks``: stand-ins for
     blocks ``layer..end`` during the optimisation steps (:func:`~pmet.editing.partial_forward.low_precision_blocks`).
@@ -197,8 +225,15 @@ def optimize_batch(model: nn.Module, tok, requests: list[dict], hp: EditHparams,
     prefix = None
     if hp.v_fast:  # the positions before the subject's last token are run once (keys/values kept)
         split = split_at_subject(bt, pad_id_of(tok))
-        state = prefix_state(model, split.prefix_ids, split.prefix_mask, split.suffix.input_ids,
-                             split.suffix.attention_mask, L, record=sites.values())
+        state = prefix_state(
+            model,
+            split.prefix_ids,
+            split.prefix_mask,
+            split.suffix.input_ids,
+            split.suffix.attention_mask,
+            L,
+            record=sites.values(),
+        )
         if state is not None:
             bt = split.suffix
             h_prev, rec, prefix = state
@@ -213,8 +248,9 @@ def optimize_batch(model: nn.Module, tok, requests: list[dict], hp: EditHparams,
 
     def adder(name):  # (.to(x.device): a no-op unless device_map="auto" put layer L on another GPU)
         vec = deltas[name][bt.row_req]
-        return lambda x: x.index_put((all_rows.to(x.device), bt.lookup.to(x.device)),
-                                     vec.to(device=x.device, dtype=x.dtype), accumulate=True)
+        return lambda x: x.index_put(
+            (all_rows.to(x.device), bt.lookup.to(x.device)), vec.to(device=x.device, dtype=x.dtype), accumulate=True
+        )
 
     def live_adder(name, lv):
         vec, rows = deltas[name][lv.row_req], torch.arange(lv.rows.numel(), device=device)
@@ -224,8 +260,9 @@ def optimize_batch(model: nn.Module, tok, requests: list[dict], hp: EditHparams,
     done = torch.zeros(B, dtype=torch.bool, device=device)
     kl_init = None
     info = [dict(steps=0) for _ in range(B)]
-    amp = (torch.autocast(device.type, dtype=getattr(torch, hp.v_autocast)) if hp.v_autocast
-           else contextlib.nullcontext())
+    amp = (
+        torch.autocast(device.type, dtype=getattr(torch, hp.v_autocast)) if hp.v_autocast else contextlib.nullcontext()
+    )
     lv = None
     for it in range(hp.v_num_grad_steps):
         if not hp.v_fast:  # the reference: every request's rows, every step
@@ -236,36 +273,70 @@ def optimize_batch(model: nn.Module, tok, requests: list[dict], hp: EditHparams,
             kl_lp = torch.log_softmax(unembed(hidden[bt.kl_rows, bt.lookup[bt.kl_rows]]).float(), -1).to(device)
             if kl_init is None:
                 kl_init = kl_lp.detach()  # the reference distribution: δ = 0 at the first step
-            terms = value_loss(logp, bt.t_tok, bt.t_prompt, bt.t_req, bt.t_len, kl_lp, kl_init,
-                               [deltas[n] for n in opt_names], [init[n] for n in opt_names], phi, hp.kl_factor,
-                               hp.v_weight_decay)
+            terms = value_loss(
+                logp,
+                bt.t_tok,
+                bt.t_prompt,
+                bt.t_req,
+                bt.t_len,
+                kl_lp,
+                kl_init,
+                [deltas[n] for n in opt_names],
+                [init[n] for n in opt_names],
+                phi,
+                hp.kl_factor,
+                hp.v_weight_decay,
+            )
             req, active, phi_now = torch.arange(B, device=device), ~done, phi
         else:  # only the requests still optimised
             if lv is None or lv.req.numel() != int((~done).sum()):
                 lv = _live_rows(bt, (~done).nonzero()[:, 0])
                 if prefix is not None:
                     lv_prefix = prefix.rows(lv.rows, getattr(torch, hp.v_autocast) if hp.v_autocast else None)
-            with amp, swapped_blocks(model, L, blocks), \
-                    Trace(model, add={sites[n]: live_adder(n, lv) for n in opt_names}):
-                h_live = h_prev[lv.rows, :lv.mask.shape[1]]
-                hidden = (forward_from_prefix(model, h_live, L, lv.mask, lv_prefix) if prefix is not None
-                          else forward_from_layer(model, h_live, L, lv.mask))
+            with (
+                amp,
+                swapped_blocks(model, L, blocks),
+                Trace(model, add={sites[n]: live_adder(n, lv) for n in opt_names}),
+            ):
+                h_live = h_prev[lv.rows, : lv.mask.shape[1]]
+                hidden = (
+                    forward_from_prefix(model, h_live, L, lv.mask, lv_prefix)
+                    if prefix is not None
+                    else forward_from_layer(model, h_live, L, lv.mask)
+                )
             hidden = hidden.float()
             logp = torch.log_softmax(unembed(hidden[lv.t_rows, lv.t_pos]).float(), -1)
             kl_lp = torch.log_softmax(unembed(hidden[lv.kl_rows, lv.lookup[lv.kl_rows]]).float(), -1)
             if kl_init is None:
                 kl_init = kl_lp.detach()  # first step: every request is live, in order
             req, phi_now = lv.req, phi[lv.req]
-            terms = value_loss(logp, lv.t_tok, lv.t_prompt, lv.t_req, lv.t_len, kl_lp, kl_init[req],
-                               [deltas[n][req] for n in opt_names], [init[n][req] for n in opt_names], phi_now,
-                               hp.kl_factor, hp.v_weight_decay)
+            terms = value_loss(
+                logp,
+                lv.t_tok,
+                lv.t_prompt,
+                lv.t_req,
+                lv.t_len,
+                kl_lp,
+                kl_init[req],
+                [deltas[n][req] for n in opt_names],
+                [init[n][req] for n in opt_names],
+                phi_now,
+                hp.kl_factor,
+                hp.v_weight_decay,
+            )
             active = torch.ones(req.numel(), dtype=torch.bool, device=device)
         loss, nll, kl, prob, fit = terms.total, terms.nll, terms.kl, terms.prob, terms.fit
 
         for k in active.nonzero()[:, 0].tolist():
             b = int(req[k])
-            info[b].update(steps=it, loss=float(loss[k].detach()), nll=float(nll[k].detach()), prob=float(prob[k]),
-                           kl=float(kl[k].detach()), target_is_top=bool(fit[k]))
+            info[b].update(
+                steps=it,
+                loss=float(loss[k].detach()),
+                nll=float(nll[k].detach()),
+                prob=float(prob[k]),
+                kl=float(kl[k].detach()),
+                target_is_top=bool(fit[k]),
+            )
         newly = active & (loss.detach() < hp.loss_stop)
         if hp.stop_rule == "pmet":
             phi_now = torch.where(fit & active, hp.phi_after_fit * hp.nll_loss_factor, phi_now)
@@ -297,9 +368,17 @@ def optimize_batch(model: nn.Module, tok, requests: list[dict], hp: EditHparams,
     return values, info
 
 
-def compute_values(model: nn.Module, tok, requests: list[dict], hp: EditHparams, templates: list[str],
-                   layer: int, cache_dir: str | Path | None = None, use_cache: bool = True,
-                   progress: bool = True) -> tuple[dict[str, torch.Tensor], list[dict]]:
+def compute_values(
+    model: nn.Module,
+    tok,
+    requests: list[dict],
+    hp: EditHparams,
+    templates: list[str],
+    layer: int,
+    cache_dir: str | Path | None = None,
+    use_cache: bool = True,
+    progress: bool = True,
+) -> tuple[dict[str, torch.Tensor], list[dict]]:
     """``V1`` for all ``requests`` (normalised dicts, target with its leading space) at layer ``layer``:
     ``{site name: [n, d]}`` on the model's device, plus per-request diagnostics (``info["cached"]``)."""
     device = next(model.parameters()).device
@@ -324,7 +403,7 @@ def compute_values(model: nn.Module, tok, requests: list[dict], hp: EditHparams,
     batches = resume_batches(keys, mates, todo)
     rebuilt = {i for b in batches for i in b}
     rest = [i for i in todo if i not in rebuilt]
-    batches += [rest[s:s + hp.v_batch_size] for s in range(0, len(rest), hp.v_batch_size)]
+    batches += [rest[s : s + hp.v_batch_size] for s in range(0, len(rest), hp.v_batch_size)]
     attn = attention_implementation(model, "eager") if hp.v_autocast else contextlib.nullcontext()
     # under autocast the matrices of blocks L..end are cast once here rather than at every use (same numbers)
     blocks = low_precision_blocks(model, layer, getattr(torch, hp.v_autocast)) if hp.v_autocast and todo else None
@@ -337,6 +416,10 @@ def compute_values(model: nn.Module, tok, requests: list[dict], hp: EditHparams,
                 results[i] = {n: vals[n][j] for n in names}
                 infos[i] = {**info[j], "cached": False}
                 if use_cache:
-                    save_entry(paths[i], {n: t.float() for n, t in results[i].items()}, keys[i],
-                               {**info[j], "batch_keys": [keys[b] for b in batch]})
+                    save_entry(
+                        paths[i],
+                        {n: t.float() for n, t in results[i].items()},
+                        keys[i],
+                        {**info[j], "batch_keys": [keys[b] for b in batch]},
+                    )
     return {n: torch.stack([r[n] for r in results]) for n in names}, infos

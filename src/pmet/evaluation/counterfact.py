@@ -48,10 +48,18 @@ __all__ = ["evaluate_counterfact", "summarize_counterfact", "counterfact_table",
 
 METRIC_VERSION = 1
 CF_METRICS = [
-    "efficacy", "generalization", "specificity",
-    "efficacy_diff", "generalization_diff", "specificity_diff",
-    "efficacy_acc", "generalization_acc", "specificity_acc",
-    "fluency", "consistency", "consistency_proxy",
+    "efficacy",
+    "generalization",
+    "specificity",
+    "efficacy_diff",
+    "generalization_diff",
+    "specificity_diff",
+    "efficacy_acc",
+    "generalization_acc",
+    "specificity_acc",
+    "fluency",
+    "consistency",
+    "consistency_proxy",
 ]
 EVAL_IMPLS = ("fast", "legacy")  # "legacy": the batching and generation before issue 20 (A/B benchmarks)
 _GROUPS = (("rewrite", "efficacy", 0), ("paraphrase", "generalization", 0), ("neighborhood", "specificity", 1))
@@ -90,8 +98,9 @@ def _record_metrics(rec, scores: dict[str, list[tuple]]) -> dict:
     return row
 
 
-def _score_records(model, tok, records, fast, max_batch_tokens,
-                   min_batch_tokens: int | None = DEFAULT_MIN_BATCH_TOKENS) -> list[dict]:
+def _score_records(
+    model, tok, records, fast, max_batch_tokens, min_batch_tokens: int | None = DEFAULT_MIN_BATCH_TOKENS
+) -> list[dict]:
     """Teacher-forced scores of both targets for every prompt of every record, in one batched call."""
     pairs, where = [], []
     for r_i, rec in enumerate(records):
@@ -104,8 +113,14 @@ def _score_records(model, tok, records, fast, max_batch_tokens,
                 pairs.append((p_ids, new_ids))
                 pairs.append((p_ids, true_ids))
                 where.append((r_i, group))
-    scores = score_id_pairs(model, pairs, pad_id=_pad_id(tok), fast=fast, max_batch_tokens=max_batch_tokens,
-                            min_batch_tokens=min_batch_tokens)
+    scores = score_id_pairs(
+        model,
+        pairs,
+        pad_id=_pad_id(tok),
+        fast=fast,
+        max_batch_tokens=max_batch_tokens,
+        min_batch_tokens=min_batch_tokens,
+    )
     per: list[dict[str, list]] = [{g: [] for g, _, _ in _GROUPS} for _ in records]
     for k, (r_i, group) in enumerate(where):
         per[r_i][group].append((scores[2 * k], scores[2 * k + 1]))
@@ -154,16 +169,23 @@ def evaluate_counterfact(
     if gen_batch_size is None:
         gen_batch_size = 64 if legacy else 128
     min_tokens = None if legacy else DEFAULT_MIN_BATCH_TOKENS
-    file_meta = {"dataset": "counterfact", "generation": bool(generation), "metric_version": METRIC_VERSION,
-                 **(meta or {})}
+    file_meta = {
+        "dataset": "counterfact",
+        "generation": bool(generation),
+        "metric_version": METRIC_VERSION,
+        **(meta or {}),
+    }
     if generation:
         file_meta.update(seed=seed, max_out_len=max_out_len, top_k=top_k)
         if gen_dtype is not None:
             file_meta["gen_dtype"] = str(gen_dtype)
     store = ResultsFile(out_path, file_meta) if out_path is not None else None
     done = store.done_ids() if store is not None else set()
-    if generation and consistency is None and any(
-            r.full_fields and r.generation_prompts for r in records if r.case_id not in done):
+    if (
+        generation
+        and consistency is None
+        and any(r.full_fields and r.generation_prompts for r in records if r.case_id not in done)
+    ):
         consistency = ConsistencyScorer()
 
     def score_batch(chunk):
@@ -172,12 +194,26 @@ def evaluate_counterfact(
             gen_recs = [(i, r) for i, r in enumerate(chunk) if r.full_fields and r.generation_prompts]
             prompts = [p for _, r in gen_recs for p in r.generation_prompts]
             keys = [(r.case_id, j) for _, r in gen_recs for j in range(len(r.generation_prompts))]
-            texts = generate_fast(model, tok, prompts, keys=keys, max_out_len=max_out_len, top_k=top_k,
-                                  seed=seed, batch_size=gen_batch_size, fast=fast,
-                                  impl="legacy" if legacy else "static", dtype=gen_dtype) if prompts else []
+            texts = (
+                generate_fast(
+                    model,
+                    tok,
+                    prompts,
+                    keys=keys,
+                    max_out_len=max_out_len,
+                    top_k=top_k,
+                    seed=seed,
+                    batch_size=gen_batch_size,
+                    fast=fast,
+                    impl="legacy" if legacy else "static",
+                    dtype=gen_dtype,
+                )
+                if prompts
+                else []
+            )
             k = 0
             for i, r in gen_recs:
-                t = texts[k:k + len(r.generation_prompts)]
+                t = texts[k : k + len(r.generation_prompts)]
                 k += len(r.generation_prompts)
                 rows[i]["fluency"] = n_gram_entropy(t)
                 rows[i].update(consistency.score(r, t))
@@ -192,8 +228,9 @@ def _metric_values(rows, name):
     return [r.get(name) for r in rows if r.get(name) is not None]
 
 
-def summarize_counterfact(rows: Sequence[dict], ci: str = "auto", confidence: float = 0.95, seed: int = 0,
-                          n_resamples: int = 9999) -> dict:
+def summarize_counterfact(
+    rows: Sequence[dict], ci: str = "auto", confidence: float = 0.95, seed: int = 0, n_resamples: int = 9999
+) -> dict:
     """Means over records (percent; fluency x100 like MEMIT), ``<m>_ci`` = (low, high), ``<m>_n`` = #records,
     ``<m>_ci_method`` = how the interval was made.
 
@@ -237,9 +274,14 @@ def counterfact_table(summaries: dict, with_n: bool = True):
     import pandas as pd
 
     proxy = any("consistency_proxy" in s for s in summaries.values())
-    cols = [("Score", "score"), ("Efficacy", "efficacy"), ("Generalization", "generalization"),
-            ("Specificity", "specificity"), ("Fluency", "fluency"),
-            ("Consistency (proxy)" if proxy else "Consistency", "consistency_proxy" if proxy else "consistency")]
+    cols = [
+        ("Score", "score"),
+        ("Efficacy", "efficacy"),
+        ("Generalization", "generalization"),
+        ("Specificity", "specificity"),
+        ("Fluency", "fluency"),
+        ("Consistency (proxy)" if proxy else "Consistency", "consistency_proxy" if proxy else "consistency"),
+    ]
     recs = []
     for name, s in summaries.items():
         row = {"Editor": name}
@@ -247,8 +289,15 @@ def counterfact_table(summaries: dict, with_n: bool = True):
             row[head] = format_ci(s, key)
         if with_n:
             row["n (eff/gen/spec/flu/cons)"] = "/".join(
-                str(s.get(f"{k}_n", 0)) for k in ("efficacy", "generalization", "specificity", "fluency",
-                                                  "consistency_proxy" if proxy else "consistency"))
+                str(s.get(f"{k}_n", 0))
+                for k in (
+                    "efficacy",
+                    "generalization",
+                    "specificity",
+                    "fluency",
+                    "consistency_proxy" if proxy else "consistency",
+                )
+            )
         recs.append(row)
     df = pd.DataFrame(recs).set_index("Editor")
     df.attrs["ci_method"] = sorted({s.get("ci_method") for s in summaries.values()})

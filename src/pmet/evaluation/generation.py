@@ -48,8 +48,14 @@ from torch import nn
 from .scoring import _pad_id, body_and_head, fast_path_ok, prompt_ids
 
 __all__ = [
-    "generate_fast", "word_tokenize", "word_tokenizer_name", "compute_n_gram_entropy", "n_gram_entropy",
-    "tfidf_similarity", "ConsistencyScorer", "GENERATION_IMPLS",
+    "generate_fast",
+    "word_tokenize",
+    "word_tokenizer_name",
+    "compute_n_gram_entropy",
+    "n_gram_entropy",
+    "tfidf_similarity",
+    "ConsistencyScorer",
+    "GENERATION_IMPLS",
 ]
 
 
@@ -119,7 +125,7 @@ def generate_fast(
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))  # similar lengths together
     decode = _decode_static if impl == "static" else _decode_legacy
     for b0 in range(0, len(order), batch_size):
-        batch = order[b0:b0 + batch_size]
+        batch = order[b0 : b0 + batch_size]
         lens = [len(encoded[i]) for i in batch]
         width = max(lens)
         n_new = [max(0, max_out_len - n) for n in lens]
@@ -131,11 +137,11 @@ def generate_fast(
         ids = torch.full((len(batch), width), pad, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
         for r, i in enumerate(batch):  # left padding
-            ids[r, width - lens[r]:] = torch.tensor(encoded[i])
-            mask[r, width - lens[r]:] = 1
-        uniforms = torch.stack([
-            torch.rand(steps, generator=torch.Generator().manual_seed(_seed_for(seed, keys[i]))) for i in batch
-        ]).to(dev)
+            ids[r, width - lens[r] :] = torch.tensor(encoded[i])
+            mask[r, width - lens[r] :] = 1
+        uniforms = torch.stack(
+            [torch.rand(steps, generator=torch.Generator().manual_seed(_seed_for(seed, keys[i]))) for i in batch]
+        ).to(dev)
         gen = decode(model, parts, ids.to(dev), mask.to(dev), uniforms, steps, top_k).cpu().tolist()
         for r, i in enumerate(batch):
             out_ids[i] = list(encoded[i]) + gen[r][: n_new[r]]
@@ -182,7 +188,7 @@ def _decode_legacy(model, parts, ids, mask, uniforms, steps, top_k) -> torch.Ten
         probs = torch.softmax(logits, dim=-1)
         top_p, top_i = torch.topk(probs, top_k, dim=-1)
         cdf = (top_p / top_p.sum(-1, keepdim=True)).cumsum(-1)
-        choice = (cdf < uniforms[:, s:s + 1]).sum(-1).clamp_max(top_k - 1)
+        choice = (cdf < uniforms[:, s : s + 1]).sum(-1).clamp_max(top_k - 1)
         new = top_i.gather(1, choice[:, None])
         generated.append(new)
         cur_ids = new
@@ -251,24 +257,33 @@ def _decode_static(model, parts, ids, mask, uniforms, steps, top_k) -> torch.Ten
     if getattr(model.config, "_attn_implementation", "sdpa") != "sdpa":  # eager & co. add a float mask
         dt = next(model.parameters()).dtype
         full_mask = torch.zeros(full_mask.shape, dtype=dt, device=ids.device).masked_fill_(
-            ~full_mask, torch.finfo(dt).min)
+            ~full_mask, torch.finfo(dt).min
+        )
     pos = (mask.cumsum(-1) - 1).clamp_min(0)
     next_pos = pos[:, -1:] + 1
     out = torch.empty(b, steps, dtype=torch.long, device=ids.device)
-    kwargs = {"input_ids": ids, "attention_mask": full_mask[:, :, :width, :width],  # keys: written slots
-              "position_ids": pos,
-              "use_cache": True, cache_kw: cache}
+    kwargs = {
+        "input_ids": ids,
+        "attention_mask": full_mask[:, :, :width, :width],  # keys: written slots
+        "position_ids": pos,
+        "use_cache": True,
+        cache_kw: cache,
+    }
     for s in range(steps):
         logits, _ = _step_logits(model, parts, kwargs)
         top_l, top_i = torch.topk(logits, top_k, dim=-1)
         cdf = torch.softmax(top_l, dim=-1).cumsum(-1)
-        choice = (cdf < uniforms[:, s:s + 1]).sum(-1).clamp_max(top_k - 1)
+        choice = (cdf < uniforms[:, s : s + 1]).sum(-1).clamp_max(top_k - 1)
         new = top_i.gather(1, choice[:, None])
-        out[:, s:s + 1] = new
+        out[:, s : s + 1] = new
         slot = width + s
-        kwargs = {"input_ids": new, "attention_mask": full_mask[:, :, slot:slot + 1, :slot + 1],
-                  "position_ids": next_pos + s,
-                  "use_cache": True, cache_kw: cache}
+        kwargs = {
+            "input_ids": new,
+            "attention_mask": full_mask[:, :, slot : slot + 1, : slot + 1],
+            "position_ids": next_pos + s,
+            "use_cache": True,
+            cache_kw: cache,
+        }
     return out
 
 
@@ -300,13 +315,17 @@ def word_tokenizer_name() -> str:
     return "nltk.word_tokenize" if _nltk_tokenize() is not None else "regex (Treebank-style approximation)"
 
 
-def compute_n_gram_entropy(text: str, ns: Sequence[int] = (2, 3), weights: Sequence[float] = (2 / 3, 4 / 3),
-                           tokenize: Callable[[str], list[str]] = word_tokenize) -> float:
+def compute_n_gram_entropy(
+    text: str,
+    ns: Sequence[int] = (2, 3),
+    weights: Sequence[float] = (2 / 3, 4 / 3),
+    tokenize: Callable[[str], list[str]] = word_tokenize,
+) -> float:
     """ROME's weighted n-gram entropy of one text: ``mean_n(w_n * H_n)``, ``H_n`` in bits."""
     tokens = tokenize(text)
     ents = []
     for n in ns:
-        counts = Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+        counts = Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
         freqs = np.array(list(counts.values()), dtype=np.float64)
         if freqs.size == 0:
             ents.append(0.0)
@@ -352,8 +371,9 @@ class ConsistencyScorer:
     ``"consistency_proxy"``. Reference TF-IDF vectors are computed once per (relation, target).
     """
 
-    def __init__(self, data_dir: str | Path | None = None, corpus: str = "wikitext", max_refs: int = 100,
-                 mode: str = "auto"):
+    def __init__(
+        self, data_dir: str | Path | None = None, corpus: str = "wikitext", max_refs: int = 100, mode: str = "auto"
+    ):
         from ..paths import data_dir as default_data_dir
 
         self.data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
@@ -397,9 +417,11 @@ class ConsistencyScorer:
         paras = [_detok_wikitext(p) for p in load_text_corpus(self.corpus, drop_unk=True, data_dir=self.data_dir)]
         self.paragraphs = paras
         self.vec = TfidfVectorizer().fit(paras)
-        self.description = (f"proxy: TfidfVectorizer fitted on {len(paras)} {self.corpus} paragraphs; references = "
-                            f"up to {self.max_refs} paragraphs mentioning target_new, else attribute_prompts + "
-                            "target_new")
+        self.description = (
+            f"proxy: TfidfVectorizer fitted on {len(paras)} {self.corpus} paragraphs; references = "
+            f"up to {self.max_refs} paragraphs mentioning target_new, else attribute_prompts + "
+            "target_new"
+        )
 
     def references(self, record) -> tuple[list[str], str]:
         """Reference texts for a CounterFactRecord and where they came from."""
@@ -424,8 +446,13 @@ class ConsistencyScorer:
         return refs, ("attribute_prompts" if refs else "none")
 
     def _ref_vector(self, record) -> tuple[np.ndarray | None, str, int]:
-        key = ("vec", record.relation_id, record.target_new, record.target_new_id,
-               tuple(record.attribute_prompts) if not self.exact else ())
+        key = (
+            "vec",
+            record.relation_id,
+            record.target_new,
+            record.target_new_id,
+            tuple(record.attribute_prompts) if not self.exact else (),
+        )
         if key not in self._ref_cache:
             refs, source = self.references(record)
             v = self.vec.transform([" ".join(refs)]).toarray()[0] if refs else None

@@ -40,8 +40,11 @@ def _load(path: Path) -> dict[int, tuple[tuple[str, str], ...]]:
     for r in _read_json(path):
         items = r.get("portability") or []
         items = [items] if isinstance(items, dict) else items
-        pairs = tuple((str(p["New Question"]).strip(), str(p["New Answer"]).strip()) for p in items
-                      if str(p.get("New Question", "")).strip() and str(p.get("New Answer", "")).strip())
+        pairs = tuple(
+            (str(p["New Question"]).strip(), str(p["New Answer"]).strip())
+            for p in items
+            if str(p.get("New Question", "")).strip() and str(p.get("New Answer", "")).strip()
+        )
         if pairs:
             out[int(r["case_id"])] = pairs
     return out
@@ -54,8 +57,13 @@ def load_portability(data_dir=None) -> dict[int, tuple[tuple[str, str], ...]]:
     return _load(ensure_file(PORTABILITY_FILE, data_dir))  # the file $PMET_DATA_DIR points at now, never stale
 
 
-def score_portability(model: nn.Module, tok, records: Sequence, questions: dict | None = None,
-                      max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS) -> dict[int, float]:
+def score_portability(
+    model: nn.Module,
+    tok,
+    records: Sequence,
+    questions: dict | None = None,
+    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+) -> dict[int, float]:
     """``{case_id: portability}`` (module docstring; a fraction in [0, 1]) for the ``records`` (anything with
     a ``case_id``) that have a portability question; ``questions`` defaults to :func:`load_portability`."""
     questions = load_portability() if questions is None else questions
@@ -79,5 +87,9 @@ def summarize_portability(scores: dict[int, float], confidence: float = 0.95, se
     if not scores:
         return {}
     c = metric_ci(list(scores.values()), confidence=confidence, seed=seed).scaled(100.0)
-    return {"portability": c.mean, "portability_ci": (c.low, c.high), "portability_n": c.n,
-            "portability_ci_method": c.method}
+    return {
+        "portability": c.mean,
+        "portability_ci": (c.low, c.high),
+        "portability_n": c.n,
+        "portability_ci_method": c.method,
+    }

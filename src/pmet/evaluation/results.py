@@ -48,8 +48,10 @@ class ResultsFile:
             file_meta, rows = self._read_and_repair()
             clash = {k: (file_meta[k], v) for k, v in self.meta.items() if k in file_meta and file_meta[k] != v}
             if clash:
-                raise ValueError(f"{self.path} was written with different settings {clash} (file, now); "
-                                 "use another out_path or delete the file to start over")
+                raise ValueError(
+                    f"{self.path} was written with different settings {clash} (file, now); "
+                    "use another out_path or delete the file to start over"
+                )
             self.meta = {**file_meta, **self.meta}
             for r in rows:
                 self._rows[r["case_id"]] = r
@@ -112,8 +114,9 @@ def _parse_lines(text: str) -> tuple[dict, list[dict]]:
     return meta, rows
 
 
-def evaluate_resumable(records, score_batch, batch_size: int, store: ResultsFile | None, desc: str,
-                       progress: bool = True) -> list[dict]:
+def evaluate_resumable(
+    records, score_batch, batch_size: int, store: ResultsFile | None, desc: str, progress: bool = True
+) -> list[dict]:
     """The loop both evaluations share: skip records already in ``store``, score the rest ``batch_size``
     at a time with ``score_batch(chunk) -> rows`` (one row per record, with ``case_id``), time them,
     append each batch to ``store`` as it finishes, and return one row per record in ``records`` order."""
@@ -126,7 +129,7 @@ def evaluate_resumable(records, score_batch, batch_size: int, store: ResultsFile
     new_rows: dict = {}
     with tqdm(total=len(todo), desc=desc, unit="rec", disable=not (progress and todo)) as bar:
         for b0 in range(0, len(todo), batch_size):
-            chunk = todo[b0:b0 + batch_size]
+            chunk = todo[b0 : b0 + batch_size]
             t0 = time.perf_counter()
             rows = score_batch(chunk)
             dt = (time.perf_counter() - t0) / max(len(chunk), 1)

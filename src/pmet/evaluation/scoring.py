@@ -42,8 +42,15 @@ import torch
 from torch import nn
 
 __all__ = [
-    "PairScore", "target_ids", "prompt_ids", "score_pairs", "score_id_pairs", "fast_path_ok",
-    "body_and_head", "DEFAULT_MAX_BATCH_TOKENS", "DEFAULT_MIN_BATCH_TOKENS",
+    "PairScore",
+    "target_ids",
+    "prompt_ids",
+    "score_pairs",
+    "score_id_pairs",
+    "fast_path_ok",
+    "body_and_head",
+    "DEFAULT_MAX_BATCH_TOKENS",
+    "DEFAULT_MIN_BATCH_TOKENS",
 ]
 
 DEFAULT_MAX_BATCH_TOKENS = 8192
@@ -162,8 +169,9 @@ def _pad_id(tok) -> int:
 
 
 # ------------------------------------------------------------------------------------------- scoring
-def _batches(lengths: Sequence[int], max_tokens: int, max_rows: int,
-             min_tokens: int | None = DEFAULT_MIN_BATCH_TOKENS) -> list[list[int]]:
+def _batches(
+    lengths: Sequence[int], max_tokens: int, max_rows: int, min_tokens: int | None = DEFAULT_MIN_BATCH_TOKENS
+) -> list[list[int]]:
     """Index batches of length-sorted (descending) rows with rows * max_len <= max_tokens.
 
     With ``min_tokens`` a batch is also closed at a change of row length once it holds ``min_tokens``
@@ -177,8 +185,11 @@ def _batches(lengths: Sequence[int], max_tokens: int, max_rows: int,
     out, cur, cur_max = [], [], 0
     for i in order:
         m = max(cur_max, lengths[i])
-        if cur and (m * (len(cur) + 1) > max_tokens or len(cur) >= max_rows
-                    or (min_tokens is not None and lengths[i] < cur_max and cur_max * len(cur) >= min_tokens)):
+        if cur and (
+            m * (len(cur) + 1) > max_tokens
+            or len(cur) >= max_rows
+            or (min_tokens is not None and lengths[i] < cur_max and cur_max * len(cur) >= min_tokens)
+        ):
             out.append(cur)
             cur, m = [], lengths[i]
         cur.append(i)
@@ -296,7 +307,7 @@ def score_id_pairs(
         for i in batch:
             for k in pairs_of_row[i]:
                 n = len(keys[k][1])
-                results[k] = PairScore(nll[start:start + n].copy(), correct[start:start + n].copy())
+                results[k] = PairScore(nll[start : start + n].copy(), correct[start : start + n].copy())
                 start += n
     return [results[k] for k in index]  # type: ignore[misc]
 
@@ -312,4 +323,3 @@ def score_pairs(
     """Score ``(prompt, target)`` string pairs (target gets ``" "`` prepended unless ``leading_space=False``)."""
     id_pairs = [(prompt_ids(tok, p), target_ids(tok, t, leading_space)) for p, t in pairs]
     return score_id_pairs(model, id_pairs, pad_id=_pad_id(tok), **kwargs)
-

@@ -113,8 +113,7 @@ def normal_ci(values, confidence: float = 0.95) -> CI:
     return CI(m, m - h, m + h, n, "normal", confidence)
 
 
-def bootstrap_ci(values, confidence: float = 0.95, n_resamples: int = 9999, seed: int = 0,
-                 method: str = "BCa") -> CI:
+def bootstrap_ci(values, confidence: float = 0.95, n_resamples: int = 9999, seed: int = 0, method: str = "BCa") -> CI:
     a = _clean(values)
     n = a.size
     if n == 0:
@@ -123,12 +122,26 @@ def bootstrap_ci(values, confidence: float = 0.95, n_resamples: int = 9999, seed
     if n == 1 or np.all(a == a[0]):
         lo = hi = m if n > 1 else math.nan
         return CI(m, lo, hi, n, "bootstrap", confidence)
-    res = st.bootstrap((a,), np.mean, n_resamples=n_resamples, confidence_level=confidence, method=method,
-                       rng=np.random.default_rng(seed), vectorized=True)
+    res = st.bootstrap(
+        (a,),
+        np.mean,
+        n_resamples=n_resamples,
+        confidence_level=confidence,
+        method=method,
+        rng=np.random.default_rng(seed),
+        vectorized=True,
+    )
     lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
     if not (math.isfinite(lo) and math.isfinite(hi)):  # degenerate BCa: fall back to percentile
-        res = st.bootstrap((a,), np.mean, n_resamples=n_resamples, confidence_level=confidence,
-                           method="percentile", rng=np.random.default_rng(seed), vectorized=True)
+        res = st.bootstrap(
+            (a,),
+            np.mean,
+            n_resamples=n_resamples,
+            confidence_level=confidence,
+            method="percentile",
+            rng=np.random.default_rng(seed),
+            vectorized=True,
+        )
         lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
     return CI(m, lo, hi, n, "bootstrap", confidence)
 
@@ -165,17 +178,28 @@ def paired_test(a, b, method: str = "permutation", n_resamples: int = 9999, seed
     keep = ~(np.isnan(x) | np.isnan(y))
     x, y = x[keep], y[keep]
     d = x - y
-    out = {"method": method, "n": int(d.size), "mean_a": float(x.mean()) if d.size else math.nan,
-           "mean_b": float(y.mean()) if d.size else math.nan, "mean_diff": float(d.mean()) if d.size else math.nan}
+    out = {
+        "method": method,
+        "n": int(d.size),
+        "mean_a": float(x.mean()) if d.size else math.nan,
+        "mean_b": float(y.mean()) if d.size else math.nan,
+        "mean_diff": float(d.mean()) if d.size else math.nan,
+    }
     ci = normal_ci(d)
     out["diff_ci"] = (ci.low, ci.high)
     if d.size == 0 or np.all(d == 0):
         out.update(statistic=0.0, pvalue=1.0)
         return out
     if method == "permutation":
-        res = st.permutation_test((x, y), lambda u, v, axis=-1: np.mean(u - v, axis=axis),
-                                  permutation_type="samples", alternative="two-sided", n_resamples=n_resamples,
-                                  vectorized=True, rng=np.random.default_rng(seed))
+        res = st.permutation_test(
+            (x, y),
+            lambda u, v, axis=-1: np.mean(u - v, axis=axis),
+            permutation_type="samples",
+            alternative="two-sided",
+            n_resamples=n_resamples,
+            vectorized=True,
+            rng=np.random.default_rng(seed),
+        )
     elif method == "wilcoxon":
         res = st.wilcoxon(x, y, zero_method="wilcox", alternative="two-sided")
     else:
@@ -196,9 +220,11 @@ def compare_rows(rows_a, rows_b, metric: str, method: str = "permutation", **kwa
 
 
 # ---- intervals for the tables ---------------------------------------------------------------------------
-CI_METHOD_NOTE = ("95% intervals: Wilson score interval for 0/1 per-record outcomes; seeded percentile bootstrap "
-                  "over records (9,999 resamples) for per-record fractions (Wilson bound where all records "
-                  "agree), fluency, consistency and the Score (recomputed on every resample)")
+CI_METHOD_NOTE = (
+    "95% intervals: Wilson score interval for 0/1 per-record outcomes; seeded percentile bootstrap "
+    "over records (9,999 resamples) for per-record fractions (Wilson bound where all records "
+    "agree), fluency, consistency and the Score (recomputed on every resample)"
+)
 
 
 def proportion_ci(successes: int, n: int, confidence: float = 0.95, method: str = "wilson") -> CI:
@@ -237,8 +263,9 @@ def _percentile_bootstrap(stat, arrays, n_resamples: int, confidence: float, see
     return float(np.quantile(d, alpha)), float(np.quantile(d, 1 - alpha))
 
 
-def bootstrap_mean_ci(values, confidence: float = 0.95, n_resamples: int = 9999, seed: int = 0,
-                      bounded: bool = False) -> CI:
+def bootstrap_mean_ci(
+    values, confidence: float = 0.95, n_resamples: int = 9999, seed: int = 0, bounded: bool = False
+) -> CI:
     """Mean with a seeded percentile-bootstrap interval over records. ``bounded``: values in [0, 1]; if the
     bootstrap has zero width (all values equal) the Wilson interval with the records as trials is returned
     instead (method ``"wilson-bound"``; conservative, see the module docstring)."""
@@ -277,8 +304,7 @@ def value_kind(values) -> str:
     return "magnitude"
 
 
-def metric_ci(values, kind: str | None = None, confidence: float = 0.95, seed: int = 0,
-              n_resamples: int = 9999) -> CI:
+def metric_ci(values, kind: str | None = None, confidence: float = 0.95, seed: int = 0, n_resamples: int = 9999) -> CI:
     """The table interval for one metric's per-record values (module docstring): ``kind`` is ``"binary"``,
     ``"fraction"`` or ``"magnitude"`` (default: :func:`value_kind` of the values)."""
     a = _clean(values)
@@ -311,8 +337,7 @@ def score_ci(parts, confidence: float = 0.95, seed: int = 0, n_resamples: int = 
         return CI(math.nan, math.nan, math.nan, 0, "bootstrap", confidence)
     s = float(score_of_means(arr.mean(axis=0)))
     if n > 1:
-        lo, hi = _percentile_bootstrap(lambda x: score_of_means(x.mean(axis=-2)), (arr,), n_resamples, confidence,
-                                       seed)
+        lo, hi = _percentile_bootstrap(lambda x: score_of_means(x.mean(axis=-2)), (arr,), n_resamples, confidence, seed)
         if hi > lo:
             return CI(s, lo, hi, n, "bootstrap", confidence)
     ends = [metric_ci(arr[:, j], confidence=confidence, seed=seed, n_resamples=n_resamples) for j in range(3)]
@@ -366,9 +391,9 @@ def sign_flip_test(a, b, statistic=None, strata=None, n_resamples: int = 9999, s
         return {"statistic": math.nan, "pvalue": math.nan, "exact": True}
     tol = 1e-12 * max(1.0, abs(t))
     extra = (1,) * (x.ndim - 1)
-    if 2 ** n <= n_resamples:
-        codes = np.arange(2 ** n)[:, None] >> np.arange(n)[None, :] & 1
-        flips = codes.astype(bool).reshape(2 ** n, n, *extra)
+    if 2**n <= n_resamples:
+        codes = np.arange(2**n)[:, None] >> np.arange(n)[None, :] & 1
+        flips = codes.astype(bool).reshape(2**n, n, *extra)
         u, v = np.where(flips, y[None], x[None]), np.where(flips, x[None], y[None])
         d = np.asarray(stat(u, v), dtype=np.float64)
         return {"statistic": t, "pvalue": float(np.mean(np.abs(d) >= abs(t) - tol)), "exact": True}
@@ -382,8 +407,9 @@ def sign_flip_test(a, b, statistic=None, strata=None, n_resamples: int = 9999, s
     return {"statistic": t, "pvalue": (1 + hits) / (n_resamples + 1), "exact": False}
 
 
-def paired_bootstrap_ci(a, b, statistic=None, strata=None, confidence: float = 0.95, n_resamples: int = 9999,
-                        seed: int = 0) -> tuple[float, float]:
+def paired_bootstrap_ci(
+    a, b, statistic=None, strata=None, confidence: float = 0.95, n_resamples: int = 9999, seed: int = 0
+) -> tuple[float, float]:
     """Percentile bootstrap CI of ``statistic(a, b)`` (default: mean difference) resampling records as
     pairs (within their stratum). Zero width only when every resample gives the same value."""
     groups = _strata(a, b, strata)
@@ -393,8 +419,9 @@ def paired_bootstrap_ci(a, b, statistic=None, strata=None, confidence: float = 0
     return _percentile_bootstrap(stat, [g for g in groups], n_resamples, confidence, seed)
 
 
-def paired_comparison(a, b, kind: str | None = None, strata=None, confidence: float = 0.95,
-                      n_resamples: int = 9999, seed: int = 0) -> dict:
+def paired_comparison(
+    a, b, kind: str | None = None, strata=None, confidence: float = 0.95, n_resamples: int = 9999, seed: int = 0
+) -> dict:
     """Compare two editors' per-record values of one metric on the same records (aligned; pairs with a
     missing value dropped). ``kind`` ``"binary"`` -> exact McNemar, otherwise the sign-flip permutation
     test; both with the paired bootstrap CI of the mean difference. ``kind="score"``: ``a``, ``b`` are
@@ -415,7 +442,7 @@ def paired_comparison(a, b, kind: str | None = None, strata=None, confidence: fl
         def one(u):  # u: [B, n, 3] in stratum order -> size-weighted mean of the strata's scores
             out, start = 0.0, 0
             for size in sizes:
-                out = out + size * score_of_means(u[:, start:start + size].mean(axis=1))
+                out = out + size * score_of_means(u[:, start : start + size].mean(axis=1))
                 start += size
             return out / max(n, 1)
 
@@ -425,14 +452,31 @@ def paired_comparison(a, b, kind: str | None = None, strata=None, confidence: fl
         order = np.argsort(labels, kind="stable")
         xs, ys = x[order], y[order]
         if n == 0:
-            return {"test": "none", "n": 0, "mean_a": math.nan, "mean_b": math.nan, "diff": math.nan,
-                    "diff_ci": (math.nan, math.nan), "pvalue": math.nan}
+            return {
+                "test": "none",
+                "n": 0,
+                "mean_a": math.nan,
+                "mean_b": math.nan,
+                "diff": math.nan,
+                "diff_ci": (math.nan, math.nan),
+                "pvalue": math.nan,
+            }
         mean_a, mean_b = float(one(xs[None])[0]), float(one(ys[None])[0])
         test = sign_flip_test(xs, ys, stat, None, n_resamples, seed)
-        ci = (0.0, 0.0) if np.all(x == y) else paired_bootstrap_ci(xs, ys, stat, labels[order], confidence,
-                                                                    n_resamples, seed)
-        return {"test": "sign-flip permutation (Score)", "n": n, "mean_a": mean_a, "mean_b": mean_b,
-                "diff": mean_a - mean_b, "diff_ci": ci, "pvalue": test["pvalue"]}
+        ci = (
+            (0.0, 0.0)
+            if np.all(x == y)
+            else paired_bootstrap_ci(xs, ys, stat, labels[order], confidence, n_resamples, seed)
+        )
+        return {
+            "test": "sign-flip permutation (Score)",
+            "n": n,
+            "mean_a": mean_a,
+            "mean_b": mean_b,
+            "diff": mean_a - mean_b,
+            "diff_ci": ci,
+            "pvalue": test["pvalue"],
+        }
     kind = kind or (value_kind(np.concatenate([x, y])) if n else "magnitude")
     out = {"n": n, "mean_a": float(x.mean()) if n else math.nan, "mean_b": float(y.mean()) if n else math.nan}
     out["diff"] = out["mean_a"] - out["mean_b"]

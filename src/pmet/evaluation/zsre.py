@@ -46,32 +46,41 @@ def zsre_target(rec, target: str = "memit") -> str:
     return rec.as_request(target)["target_new"]
 
 
-def _score(model, tok, records, target, fast, max_batch_tokens,
-           min_batch_tokens: int | None = DEFAULT_MIN_BATCH_TOKENS) -> list[dict]:
+def _score(
+    model, tok, records, target, fast, max_batch_tokens, min_batch_tokens: int | None = DEFAULT_MIN_BATCH_TOKENS
+) -> list[dict]:
     pairs = []
     for rec in records:
         t_ids = target_ids(tok, zsre_target(rec, target))
         pairs.append((prompt_ids(tok, rec.src), t_ids))
         pairs.append((prompt_ids(tok, rec.rephrase), t_ids))
         pairs.append((prompt_ids(tok, rec.loc + "?"), target_ids(tok, rec.loc_ans)))
-    scores = score_id_pairs(model, pairs, pad_id=_pad_id(tok), fast=fast, max_batch_tokens=max_batch_tokens,
-                            min_batch_tokens=min_batch_tokens)
+    scores = score_id_pairs(
+        model,
+        pairs,
+        pad_id=_pad_id(tok),
+        fast=fast,
+        max_batch_tokens=max_batch_tokens,
+        min_batch_tokens=min_batch_tokens,
+    )
     rows = []
     for i, rec in enumerate(records):
-        s_src, s_reph, s_loc = scores[3 * i: 3 * i + 3]
-        rows.append({
-            "case_id": rec.case_id,
-            "target": zsre_target(rec, target),
-            "efficacy": s_src.token_accuracy,
-            "generalization": s_reph.token_accuracy,
-            "specificity": s_loc.token_accuracy,
-            "rewrite_correct": s_src.token_correct.tolist(),
-            "paraphrase_correct": s_reph.token_correct.tolist(),
-            "neighborhood_correct": s_loc.token_correct.tolist(),
-            "rewrite_nll": s_src.nll,
-            "paraphrase_nll": s_reph.nll,
-            "neighborhood_nll": s_loc.nll,
-        })
+        s_src, s_reph, s_loc = scores[3 * i : 3 * i + 3]
+        rows.append(
+            {
+                "case_id": rec.case_id,
+                "target": zsre_target(rec, target),
+                "efficacy": s_src.token_accuracy,
+                "generalization": s_reph.token_accuracy,
+                "specificity": s_loc.token_accuracy,
+                "rewrite_correct": s_src.token_correct.tolist(),
+                "paraphrase_correct": s_reph.token_correct.tolist(),
+                "neighborhood_correct": s_loc.token_correct.tolist(),
+                "rewrite_nll": s_src.nll,
+                "paraphrase_nll": s_reph.nll,
+                "neighborhood_nll": s_loc.nll,
+            }
+        )
     return rows
 
 
@@ -100,12 +109,18 @@ def evaluate_zsre(
     file_meta = {"dataset": "zsre", "target": target, "metric_version": METRIC_VERSION, **(meta or {})}
     store = ResultsFile(out_path, file_meta) if out_path is not None else None
     return evaluate_resumable(
-        records, lambda chunk: _score(model, tok, chunk, target, fast, max_batch_tokens, min_tokens),
-        batch_size, store, "zsRE eval", progress)
+        records,
+        lambda chunk: _score(model, tok, chunk, target, fast, max_batch_tokens, min_tokens),
+        batch_size,
+        store,
+        "zsRE eval",
+        progress,
+    )
 
 
-def summarize_zsre(rows: Sequence[dict], ci: str = "auto", confidence: float = 0.95, seed: int = 0,
-                   n_resamples: int = 9999) -> dict:
+def summarize_zsre(
+    rows: Sequence[dict], ci: str = "auto", confidence: float = 0.95, seed: int = 0, n_resamples: int = 9999
+) -> dict:
     """Means over records in percent with ``<m>_ci``, ``<m>_n`` and ``<m>_ci_method``, as
     :func:`pmet.evaluation.counterfact.summarize_counterfact`. Per-record values are token fractions, so
     ``ci="auto"`` gives a percentile bootstrap over records (Wilson where every value is 0 or 1)."""
@@ -127,8 +142,11 @@ def zsre_table(summaries: dict, with_n: bool = True):
     recs = []
     for name, s in summaries.items():
         row = {"Editor": name}
-        for head, key in (("Efficacy", "efficacy"), ("Generalization", "generalization"),
-                          ("Specificity", "specificity")):
+        for head, key in (
+            ("Efficacy", "efficacy"),
+            ("Generalization", "generalization"),
+            ("Specificity", "specificity"),
+        ):
             row[head] = format_ci(s, key)
         if with_n:
             row["n"] = s.get("n_records", 0)
