@@ -14,7 +14,7 @@ import torch
 
 from pmet.distributed import shard_batches
 
-SUMMARY_EXTRA = {"edit_seconds", "eval_seconds", "timings", "world_size", "device", "torch"}
+SUMMARY_EXTRA = {"edit_seconds", "eval_seconds", "timings", "values_cached", "world_size", "device", "torch"}
 
 
 def test_shard_batches_cover_and_recut():

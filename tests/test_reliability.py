@@ -267,7 +267,8 @@ def _rows(cache: Path) -> dict:
 
 
 def _comparable(summary: dict) -> dict:
-    return {k: v for k, v in summary.items() if k not in ("edit_seconds", "eval_seconds", "timings")}
+    # how long it took, and how many value vectors came from the cache, depend on the interruption
+    return {k: v for k, v in summary.items() if k not in ("edit_seconds", "eval_seconds", "timings", "values_cached")}
 
 
 def _start_and_kill(runs: dict) -> None:
