@@ -489,25 +489,12 @@ def null_space_dims(model, tok, hp, cache: str | Path | None = None) -> dict[str
     key statistics (loaded from, or written to, the statistics cache): 0 means the projection lets no update
     through, the full dimension means it preserves nothing."""
     from .editing.core import null_space_projector
-    from .editing.editor import KEY_SITE
-    from .stats import key_second_moments
+    from .editing.editor import key_statistics
 
     layout = model.layout
     layers = sorted(hp.layers if hp.layers is not None else layout.critical_layers)
-    comps = (["attn_out"] if hp.update_attn_weights else []) + ["mlp_out"]
     out = {}
-    for comp in comps:
-        mom2 = key_second_moments(
-            model,
-            tok,
-            layers,
-            component=KEY_SITE[comp],
-            n_tokens=hp.mom2_n_tokens,
-            dtype=hp.mom2_dtype,
-            corpus=hp.mom2_corpus,
-            cache_dir=cache,
-            progress=False,
-        )
+    for comp, mom2 in key_statistics(model, tok, hp, layers, cache_dir=cache, progress=False).items():
         for l in layers:
             P = null_space_projector(mom2[l], hp.null_space_threshold)
             out[layout.weight_name(comp, l)] = (round(float(P.trace())), P.shape[0])

@@ -93,6 +93,30 @@ def current_outputs(model: nn.Module, tok, requests: list[dict], site: tuple[str
     return _at_subject(model, tok, [r["prompt"] for r in requests], [r["subject"] for r in requests], [site])[site]
 
 
+def edited_components(hp: EditHparams) -> list[str]:
+    """The weights the shared editor writes per critical layer: W_O^FFN, plus W_O^MHSA for "w/ W_O^MHSA"."""
+    return (["attn_out"] if hp.update_attn_weights else []) + ["mlp_out"]
+
+
+def key_statistics(model: nn.Module, tok, hp: EditHparams, layers, cache_dir=None, progress: bool = True) -> dict:
+    """``{component: {layer: E[kk^T]}}`` of the unedited model for every weight :func:`edited_components`
+    names (C0 = λ · this, Eq. 9), from the statistics cache or streamed once (:mod:`pmet.stats`)."""
+    return {
+        comp: key_second_moments(
+            model,
+            tok,
+            list(layers),
+            component=KEY_SITE[comp],
+            n_tokens=hp.mom2_n_tokens,
+            dtype=hp.mom2_dtype,
+            corpus=hp.mom2_corpus,
+            cache_dir=cache_dir,
+            progress=progress,
+        )
+        for comp in edited_components(hp)
+    }
+
+
 def apply_shared_editor(
     model: nn.Module,
     tok,
@@ -127,7 +151,7 @@ def apply_shared_editor(
     L = layers[-1]
     was_training = model.training
     model.eval()
-    components = (["attn_out"] if hp.update_attn_weights else []) + ["mlp_out"]
+    components = edited_components(hp)
     value_name = {"attn_out": "attn", "mlp_out": "block" if hp.value_site == "block" else "mlp"}
     timings = {}
 
@@ -138,20 +162,7 @@ def apply_shared_editor(
     t1 = time.perf_counter()
     timings["context_templates"] = t1 - t0
 
-    mom2 = {
-        comp: key_second_moments(
-            model,
-            tok,
-            list(layers),
-            component=KEY_SITE[comp],
-            n_tokens=hp.mom2_n_tokens,
-            dtype=hp.mom2_dtype,
-            corpus=hp.mom2_corpus,
-            cache_dir=cache_dir,
-            progress=progress,
-        )
-        for comp in components
-    }
+    mom2 = key_statistics(model, tok, hp, layers, cache_dir=cache_dir, progress=progress)
     t2 = time.perf_counter()
     timings["key_statistics"] = t2 - t1
 
