@@ -73,12 +73,9 @@ def forward_from_layer(
 
 
 @torch.no_grad()
-def block_input(
-    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int, record=()
-) -> tuple[torch.Tensor, dict]:
-    """Run the model up to block ``layer``'s output, returning its input ``h^{layer-1}`` and the tensors at
-    the ``record`` sites (all at ``layer`` or before)."""
-    block = model.layout.block(model, layer)
+@contextmanager
+def block_input_capture(block: nn.Module):
+    """Within the ``with``, ``captured["h"]`` becomes the (detached) hidden state ``block`` is called with."""
     captured = {}
 
     def pre_hook(module, args, kwargs):
@@ -86,15 +83,24 @@ def block_input(
 
     handle = block.register_forward_pre_hook(pre_hook, with_kwargs=True)
     try:
-        with Trace(model, record=list(record), stop_after=("block", layer)) as tr:
-            model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=positions(attention_mask),
-                use_cache=False,
-            )
+        yield captured
     finally:
         handle.remove()
+
+
+def block_input(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int, record=()
+) -> tuple[torch.Tensor, dict]:
+    """Run the model up to block ``layer``'s output, returning its input ``h^{layer-1}`` and the tensors at
+    the ``record`` sites (all at ``layer`` or before)."""
+    block = model.layout.block(model, layer)
+    with block_input_capture(block) as captured, Trace(model, record=list(record), stop_after=("block", layer)) as tr:
+        model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=positions(attention_mask),
+            use_cache=False,
+        )
     return captured["h"], dict(tr.outputs)
 
 
@@ -207,17 +213,8 @@ def prefix_state(
     ids, mask = torch.cat([prefix_ids, suffix_ids], 1), torch.cat([prefix_mask, suffix_mask], 1)
     pos = (mask.cumsum(1) - 1).clamp_min(0)
     block = model.layout.block(model, layer)
-    captured = {}
-
-    def pre_hook(module, args, kwargs):
-        captured["h"] = (args[0] if args else kwargs["hidden_states"]).detach()
-
-    handle = block.register_forward_pre_hook(pre_hook, with_kwargs=True)
-    try:
-        with Trace(model, record=list(record)) as tr:
-            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-    finally:
-        handle.remove()
+    with block_input_capture(block) as captured, Trace(model, record=list(record)) as tr:
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
     cache = getattr(out, "cache", None) or out.past_key_values
     layers = getattr(cache, "layers", None)
     if not layers or any(type(l).__name__ != "DynamicLayer" for l in layers):
