@@ -112,6 +112,9 @@ def cmd_report(args) -> int:
     out = Path(args.out_dir or REPO_ROOT)
     df = write_claims(out, args.results)
     print(f"wrote {out / 'tables' / 'claims.md'} and claims_detail.csv ({len(df)} claims)")
+    from .diagnostics import write_tables  # tables/value_diagnostics_<model>.*: the value optimisation per run
+
+    print("".join(f"wrote {path}\n" for path in write_tables(out, args.results)), end="")
     if not args.no_figures:
         from .report import redraw_figures
 

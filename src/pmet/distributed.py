@@ -202,6 +202,7 @@ def run_edit_eval_sharded(
     every rank returns the summary, which is the one a single process writes (plus ``world_size`` and the
     timings)."""
     from . import experiments as ex
+    from .diagnostics import save_run_diagnostics
     from .editing import edit
     from .editing.hparams import METHODS
     from .runcache import EditedWeights, run_lock, trajectory_path
@@ -246,6 +247,7 @@ def run_edit_eval_sharded(
                         **extra,
                     )
                     result.timings["values_sharded"] = values_s  # the ranks' value optimisation before the edit
+                    save_run_diagnostics(out, result)
                     return saved.save(result, values_s + time.perf_counter() - t1)
 
                 edited = _rank0(_edit, share=False)

@@ -31,6 +31,7 @@ from types import SimpleNamespace
 
 import torch
 
+from .diagnostics import save_run_diagnostics, value_diagnostics, write_run_diagnostics
 from .editing import UNEDITED, MethodUnavailable, get_editor, load_hparams, sequential_methods
 from .runcache import EditedWeights, read_summary, run_folder, run_lock, trajectory_path, write_summary
 from .runspec import RunSpec
@@ -304,6 +305,7 @@ def run_edit_eval(
                 **extra,
             )
             edited = saved.save(result, time.perf_counter() - t0)
+            save_run_diagnostics(run.folder, result)  # per request, kept beside the records (pmet.diagnostics)
         _stage(progress, run.spec, f"evaluating {len(records)} edited records")
         try:
             summary = _evaluate_and_save(model, tok, records, run, eval_batch_size, progress, edited)
@@ -423,6 +425,9 @@ def run_sweep(
                 timings=current.timings,
                 delta_norms={n: float(torch.linalg.norm(d)) for n, d in current.deltas.items()},
             )
+            diags = value_diagnostics([r.as_request() for r in records[:k]], current.value_info[:k], hp)
+            if diags is not None:
+                write_run_diagnostics(where[k].folder, diags, spec.method)
             _stage(progress, where[k].spec, f"evaluating after {k} sequential edits")
             out[k] = _evaluate_and_save(model, tok, records[:k], where[k], eval_batch_size, progress, edited)
 

@@ -187,6 +187,7 @@ class Notebook(SimpleNamespace):
     def save_runs(self, summaries) -> list[Path]:
         """Write the per-record results of every run in ``summaries`` (any nesting of dicts of run summaries)
         to ``<out>/results/...`` (:func:`pmet.runspec.results_path`) with :func:`pmet.runstore.write_run`."""
+        from .diagnostics import attach, read_run_diagnostics
         from .experiments import spec_records
         from .runcache import records_in_order, run_folder
         from .runstore import write_run
@@ -196,7 +197,8 @@ class Notebook(SimpleNamespace):
             spec = RunSpec.from_dict(s["spec"])
             hp_id = s["hparams"]
             case_ids = [r.case_id for r in spec_records(spec)[0]]
-            rows = records_in_order(run_folder(spec, hp_id), case_ids)
+            folder = run_folder(spec, hp_id)
+            rows = attach(records_in_order(folder, case_ids), read_run_diagnostics(folder))  # + value diagnostics
             head = {**spec.to_dict(), "hparams_id": hp_id, "hparams_values": s.get("hparams_values")}
             written.append(write_run(results_path(self.out_dir, spec, hp_id), _finite(head), _finite(s), rows))
         return written

@@ -6,7 +6,9 @@ File format (``<folder>/<run_id>.jsonl.gz``, written deterministically: gzip mti
 * line 1: ``{"spec": {...}, "summary": {...}}`` -- the run specification (model, dataset, method, n_edits,
   seed, hyperparameter id and values, precision, generation, ...) and the run's summary (metrics with CIs);
 * every further line: one record's evaluation row exactly as :mod:`pmet.evaluation` writes it
-  (``case_id`` plus the per-record metric values), in case-id order of the run.
+  (``case_id`` plus the per-record metric values), in case-id order of the run; for editors that optimise
+  value vectors, written since they are kept, plus the field ``value_diagnostics`` (that record's value
+  optimisation: :mod:`pmet.diagnostics`; files without it read as before).
 
 The same run always gives the same bytes, so re-committing an unchanged run is a no-op in git.
 """

@@ -216,7 +216,8 @@ def apply_rome(
 ) -> EditResult:
     """ROME edits of ``model`` in place, one request after another; ``restore()`` undoes all of them.
 
-    ``on_step(k, partial)``, if given, is called after the k-th edit (``partial.deltas`` = Δ so far), so a
+    ``on_step(k, partial)``, if given, is called after the k-th edit (``partial.deltas`` = Δ so far,
+    ``partial.value_info`` the edits' value optimisation infos so far, first ``k`` valid), so a
     caller can evaluate the model after 1, 2, ... edits within one run (Fig. 3's sweep); replayed edits
     count too. ``checkpoint``: the trajectory file to replay from and to write every ``checkpoint_every``
     edits and at the end (module docstring). ``timings["replayed"]``: edits taken from the file."""
@@ -272,7 +273,8 @@ def apply_rome(
         seconds.append(secs)
         if on_step is not None:
             t1 = time.perf_counter()
-            on_step(len(values), SimpleNamespace(deltas={name: total.float()}, timings={"total": secs}))
+            partial = SimpleNamespace(deltas={name: total.float()}, timings={"total": secs}, value_info=infos)
+            on_step(len(values), partial)
             in_hook[0] += time.perf_counter() - t1
 
     replayed = 0
