@@ -102,3 +102,5 @@ def test_two_gloo_processes_match_one(tmp_path):
         strip = lambda rows: [{k: v for k, v in r.items() if k != "eval_seconds"} for r in rows]  # noqa: E731
         assert strip(rows1) == strip(rows2)
         assert not list((two / "runs" / key).glob("records.rank*"))
+    diags = [p.read_text() for c in (one, two) for p in (c / "runs").rglob("value_diagnostics.json")]
+    assert len(diags) == 2 and diags[0] == diags[1]  # kept by the sharded run too, the same numbers
