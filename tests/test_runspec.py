@@ -43,6 +43,9 @@ def test_names_come_from_one_place():
     assert artifact_name("table1", ["smollm2", "gemma3-270m"]) == "table1_smollm2_gemma3-270m"
     assert artifact_name("table1", "smollm2", "bfloat16") == "table1_smollm2_bfloat16"
     assert artifact_name("table3", "smollm2", "float32", seed=2) == "table3_smollm2_seed2"
+    assert artifact_name("table1", "smollm2", "bfloat16", tag="n1590") == "table1_smollm2_bfloat16_n1590"
+    with pytest.raises(ValueError, match="tag"):
+        artifact_name("table1", "smollm2", tag="a/b")
     assert model_label("smollm2", "bfloat16") == "smollm2 (values bfloat16)" and model_label("smollm2") == "smollm2"
     spec = RunSpec("smollm2", "memit", "zsre", 200, value_autocast="bfloat16")
     assert str(results_path("/r", spec, "h1")) == "/r/results/smollm2/zsre/memit_n200_seed0_hph1.jsonl.gz"

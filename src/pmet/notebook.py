@@ -171,14 +171,15 @@ class Notebook(SimpleNamespace):
         return config_of(**{k: v for k, v in vars(self).items() if k not in RUNTIME and k != "notebook"})
 
     def artifact(
-        self, kind: str, models, precision: str | None = None, seed: int = 0, parts=("",), **config
+        self, kind: str, models, precision: str | None = None, seed: int = 0, parts=("",), tag=None, **config
     ) -> Artifact:
         """Declare an output: its name from :func:`pmet.runspec.artifact_name`, its configuration = the
         notebook's parameters updated with ``config`` (resolved sizes etc.). Checked at once (before any run):
         an existing file of this artifact made with another configuration raises :class:`OutputExists` unless
         ``overwrite``.
-        ``parts``: suffixes of the artifact's further files (``"_curve"``, ``"_example0"``)."""
-        name = artifact_name(kind, models, precision, seed)
+        ``parts``: suffixes of the artifact's further files (``"_curve"``, ``"_example0"``); ``tag``: appended
+        to the name (a notebook's ``tag`` parameter, for a second rendering beside a committed one)."""
+        name = artifact_name(kind, models, precision, seed, tag)
         art = Artifact(self, name, config_of(**{**self.config(), "notebook": self.notebook, **config}))
         for part in parts:
             art.check(part)

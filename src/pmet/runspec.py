@@ -19,6 +19,7 @@ Names derived here, and only here:
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -144,10 +145,11 @@ def model_label(model: str, precision: str | None = None) -> str:
 
 
 # ---- artifact and result file names ---------------------------------------------------------------------
-def artifact_name(artifact: str, models, precision: str | None = None, seed: int = 0) -> str:
+def artifact_name(artifact: str, models, precision: str | None = None, seed: int = 0, tag: str | None = None) -> str:
     """The file stem of an artifact (table, figure, summaries): ``<artifact>_<model>[_<model>...]``, then
-    ``_<precision>`` when the value vectors were not optimised in float32 and ``_seed<k>`` for a record sample
-    other than seed 0. The committed artifacts' names are this function's output for their configurations;
+    ``_<precision>`` when the value vectors were not optimised in float32, ``_seed<k>`` for a record sample
+    other than seed 0 and ``_<tag>`` when a rendering is given one (e.g. ``n1590``: a second size of an
+    artifact kept beside the first). The committed artifacts' names are this function's output for their configurations;
     everything else that distinguishes a configuration (sizes, methods, generation) is recorded in the
     folder's ``manifest.json`` and checked before a file is replaced (:mod:`pmet.notebook`)."""
     models = [models] if isinstance(models, str) else list(models)
@@ -156,6 +158,10 @@ def artifact_name(artifact: str, models, precision: str | None = None, seed: int
         stem += f"_{precision}"
     if int(seed) != 0:
         stem += f"_seed{int(seed)}"
+    if tag:
+        if not re.fullmatch(r"[A-Za-z0-9.-]+", str(tag)):
+            raise ValueError(f"tag {tag!r}: use letters, digits, '.' and '-' only (it becomes part of file names)")
+        stem += f"_{tag}"
     return stem
 
 
