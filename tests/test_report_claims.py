@@ -236,3 +236,33 @@ def test_editors_without_value_vectors_pair_with_every_value_precision(tmp_path)
     assert bf16.loc["PMET > FT-W on efficacy"].test.startswith("exact McNemar (20:0")
     # never paired with a float32 MEMIT run: no paired row for PMET vs MEMIT in the bf16 block
     assert "PMET > MEMIT on efficacy" not in bf16.index or not bf16.loc["PMET > MEMIT on efficacy"].n_pairs
+
+
+def test_runs_of_different_record_pools_are_never_paired(tmp_path):
+    """RunSpec.pool: PMET drawn from the full files and MEMIT from the subsets (same model, size, seed, case ids)
+    are different blocks, never paired; a run that records no pool is a subset run (written before pools were
+    recorded) and pairs with one that says "subset"."""
+    from pmet.runstore import write_run
+
+    n = 30
+    rows_memit = _cf_rows([0.0] * 20 + [1.0] * 10, [0.5] * n, [0.5] * n)
+    rows_pmet = _cf_rows([1.0] * n, [0.5] * n, [0.5] * n)
+
+    def write(method, rows, pool):
+        spec = {"model": "m", "dataset": "counterfact", "method": method, "n_edits": n, "seed": 0, "pool": pool}
+        write_run(tmp_path / "results" / f"{method}_{pool}.jsonl.gz", spec, {}, rows)
+
+    write("pmet", rows_pmet, "full")
+    write("memit", rows_memit, "subset")
+    from pmet.claims import detail_frame
+
+    assert detail_frame(tmp_path / "results", n_resamples=99).empty  # no two editors share a pool
+    write("memit", rows_memit, "full")  # now both from the full files: paired, in a block named by its pool
+    write("pmet", rows_pmet, None)  # no pool recorded = subset: pairs with the subset MEMIT run
+    detail = detail_frame(tmp_path / "results", n_resamples=99)
+    eff = detail[
+        (detail.claim == "PMET > MEMIT on efficacy") & (detail.block == "GPT-J") & (detail.artifact == "Table 1")
+    ]
+    eff = eff.set_index("model")
+    assert sorted(eff.index) == ["m", "m [full pool]"]
+    assert (eff.n_pairs == n).all() and eff.test.str.startswith("exact McNemar (20:0").all()

@@ -8,7 +8,7 @@ that claim) and ``tables/claims_detail.csv`` (every size and model).
 Rules (also printed in the header of ``claims.md``):
 
 * A claim "A vs B on metric m" compares the per-record values of A and B on the **same records** (runs with
-  the same model, dataset, number of edits, seed and value precision, rows paired by ``case_id``).
+  the same model, dataset, record pool, number of edits, seed and value precision, rows paired by ``case_id``).
   0/1 outcomes (CounterFact efficacy) -> exact McNemar; anything else -> sign-flip permutation test of the
   mean difference (9,999 seeded resamples, exact for n <= 13); the Score (harmonic mean of efficacy,
   generalization, specificity) -> sign-flip permutation of the Score difference. Every test comes with the
@@ -173,7 +173,9 @@ def paper_claims() -> list[Claim]:
 # ---- committed runs -------------------------------------------------------------------------------------
 def _index_runs(runs) -> dict:
     """``{(model label, dataset, n_edits): {seed: {method: run}}}`` from run specs (``model``, ``dataset``,
-    ``method``, ``n_edits``, ``seed``, ``value_autocast`` or ``precision``, ``overrides``, ``generation``); of
+    ``method``, ``n_edits``, ``seed``, ``value_autocast`` or ``precision``, ``overrides``, ``pool``,
+    ``generation``): runs of other overrides or another record pool (:func:`_pool_suffix`) get a label of their
+    own, so they are never paired; of
     two runs of one method on the same records the one evaluated with generation wins (its rows carry every
     metric)."""
     idx: dict = defaultdict(lambda: defaultdict(dict))
@@ -188,6 +190,7 @@ def _index_runs(runs) -> dict:
         over = s.get("overrides") or {}
         if over:  # a variant (e.g. another clamp) is a model block of its own, never paired with the default
             label += " [" + ", ".join(f"{k}={v}" for k, v in sorted(dict(over).items())) + "]"
+        label += _pool_suffix(s)
         key = (label, s.get("dataset"), int(s.get("n_edits", len(r.rows))))
         slot = idx[key][int(s.get("seed", 0))]
         old = slot.get(s.get("method"))
@@ -201,6 +204,15 @@ def _index_runs(runs) -> dict:
         for precision in precisions[r.spec.get("model", "?")] if shared else {own}:
             put(r, precision)
     return idx
+
+
+def _pool_suffix(spec: dict) -> str:
+    """``""`` for the subset pool (also a run that records none: written before pools were recorded), else
+    ``" [<pool> pool]"``: runs drawn from different record pools are different blocks, never paired."""
+    from .runstore import DEFAULT_POOL
+
+    pool = spec.get("pool") or DEFAULT_POOL
+    return "" if pool == DEFAULT_POOL else f" [{pool} pool]"
 
 
 def _has_values(method) -> bool:
@@ -687,9 +699,9 @@ hand). Full per-size detail: `tables/claims_detail.csv`.
 
 Rules:
 - **Paired tests on the same records.** "A vs B on m" compares A's and B's per-record values on the records both
-  edited (same model, dataset, number of edits, seed, value precision; rows paired by case id). 0/1 outcomes
-  (CounterFact efficacy): exact McNemar. Other per-record values (means over prompts or tokens, fluency,
-  consistency): sign-flip permutation test of the mean difference (9,999 seeded resamples). Score: sign-flip
+  edited (same model, dataset, record pool, number of edits, seed, value precision; rows paired by case id).
+  0/1 outcomes (CounterFact efficacy): exact McNemar. Other per-record values (means over prompts or tokens,
+  fluency, consistency): sign-flip permutation test of the mean difference (9,999 seeded resamples). Score: sign-flip
   permutation of the difference of the harmonic means. Difference = A - B in points (fluency x100), with its
   paired percentile-bootstrap 95% CI (records resampled as pairs). Several seeds (record samples) are pooled
   within seed and their differences listed.

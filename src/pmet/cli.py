@@ -104,13 +104,20 @@ def cmd_rerender(args) -> int:
 
 
 def cmd_report(args) -> int:
+    """Tables (from the committed per-record runs), claims and figures, in that order; offline, no model."""
     from pathlib import Path
 
-    from .claims import write_claims
     from .paths import REPO_ROOT
 
     out = Path(args.out_dir or REPO_ROOT)
-    df = write_claims(out, args.results)
+    results = Path(args.results) if args.results else out / "results"
+    if not args.no_tables:
+        _report_tables(out, results)
+    if args.tables_only:
+        return 0
+    from .claims import write_claims
+
+    df = write_claims(out, results)
     print(f"wrote {out / 'tables' / 'claims.md'} and claims_detail.csv ({len(df)} claims)")
     from .diagnostics import write_tables  # tables/value_diagnostics_<model>.*: the value optimisation per run
 
@@ -121,6 +128,17 @@ def cmd_report(args) -> int:
         for path in redraw_figures(out):
             print(f"wrote {path}")
     return 0
+
+
+def _report_tables(out, results) -> None:
+    """Regenerate the committed tables whose runs all have per-record files; one line for each that is not."""
+    from .report import regenerate_tables
+
+    for t in regenerate_tables(out, results, out):
+        if t.reason:
+            print(f"tables/{t.stem}: not regenerated -- {t.reason}")
+        else:
+            print(f"wrote tables/{t.stem}.{{csv,md,tex,json}} from {len(t.runs)} per-record run files")
 
 
 def cmd_plan(args) -> int:
@@ -278,14 +296,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser(
         "report",
-        help="regenerate tables/claims.md (paired tests) and the figures from the committed "
-        "files (results/*.jsonl.gz, tables/*.csv); offline, no model",
+        help="regenerate the tables whose runs have committed per-record files, tables/claims.md (paired "
+        "tests) and the figures from the committed files (results/*.jsonl.gz, tables/); offline, no model",
     )
     c.add_argument(
         "--out-dir", default=None, help="repository root holding results/ and tables/ (default: this checkout)"
     )
     c.add_argument("--results", default=None, help="folder of committed run files (default <out-dir>/results)")
-    c.add_argument("--no-figures", action="store_true", help="only the claims")
+    c.add_argument("--no-figures", action="store_true", help="no figures")
+    c.add_argument("--no-tables", action="store_true", help="do not regenerate the tables from results/")
+    c.add_argument(
+        "--tables-only", action="store_true", help="only regenerate the tables from results/ (no claims, no figures)"
+    )
     c.set_defaults(func=cmd_report)
 
     from .plan import ARTIFACTS

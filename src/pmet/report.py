@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -486,3 +487,251 @@ def plot_grid(grid: dict, metrics=("efficacy", "generalization", "specificity"),
         fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+# ---- regenerating the committed tables from the committed per-record runs (no model) -------------------
+# Which notebook's layout makes a table: ``{kind: (summaries -> table frame)}``, the kind read from the table's
+# manifest entry (``notebook``) or, for entries written before it was recorded, from its name
+# (:func:`pmet.runspec.artifact_name` puts the kind first). Each layout is the call its notebook makes.
+def _grid_layout(dataset: str):
+    return lambda summaries, config, stem: grid_table(_ordered_grid(summaries, config, stem), dataset)
+
+
+TABLE_LAYOUTS = {
+    "table1": _grid_layout("counterfact"),
+    "table2": _grid_layout("zsre"),
+    "table3": lambda summaries, config, stem: ablation_table(_by_size(summaries, config)),
+    "fig3_sweep": lambda summaries, config, stem: sweep_frame(_by_size(summaries, config)).round(3),
+    "fig4_delta_norms": lambda summaries, config, stem: delta_norm_frame(summaries).round(4),
+}
+# the notebooks' earlier wording of the interval rule in a caption -> the wording they use now
+OLD_CAPTION_PHRASES = {"mean (95% CI half-width, normal approximation)": "mean [95% interval]"}
+
+
+@dataclass
+class RegeneratedTable:
+    """One committed table rebuilt from per-record runs (``frame``, ``caption``, the recomputed ``summaries`` in
+    the committed summaries' layout, the run files used) -- or, with ``reason``, why it cannot be."""
+
+    stem: str
+    frame: pd.DataFrame | None = None
+    caption: str = ""
+    summaries: dict | None = None
+    runs: list = field(default_factory=list)
+    reason: str = ""
+
+
+def _is_summary(obj) -> bool:
+    """A run summary (or an unavailable editor's placeholder) inside an artifact's summaries file, by the rule of
+    :func:`pmet.claims.save_summaries`."""
+    return isinstance(obj, dict) and any(k in obj for k in ("efficacy", "unavailable"))
+
+
+def _leaves(obj, path=()):
+    """``(path, summary)`` for every run summary in an artifact's summaries file (any nesting)."""
+    if _is_summary(obj):
+        yield path, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _leaves(v, (*path, k))
+
+
+def _replace_leaves(obj, new: dict, path=()):
+    """``obj`` with the summary at each path in ``new`` replaced (same nesting)."""
+    if _is_summary(obj):
+        return new.get(path, obj)
+    return {k: _replace_leaves(v, new, (*path, k)) for k, v in obj.items()}
+
+
+def recorded_identity(summary: dict) -> tuple:
+    """The identity (:func:`pmet.runstore.run_identity`) of the run behind a summary an artifact recorded: its
+    spec (:func:`pmet.runspec.spec_of`) and hyperparameter id; a summary written before specs said whether
+    generation ran is read as having run it exactly when it has fluency."""
+    from .runspec import spec_of
+    from .runstore import run_identity
+
+    spec = spec_of(summary)
+    if spec.get("generation") is None:
+        spec["generation"] = "fluency" in summary
+    return run_identity({**spec, "hparams_id": summary.get("hparams")})
+
+
+def _method_order(config: dict, model=None) -> list:
+    methods = config.get("methods") or []
+    if isinstance(methods, dict):
+        methods = methods.get(model) or []
+    return [*methods, *DISPLAY]
+
+
+def _ordered_grid(grid: dict, config: dict, stem: str) -> dict:
+    """``{model: {method: summary}}`` in the notebook's order (summaries files are written with sorted keys):
+    models as configured, else as named in the artifact's name; methods as configured, else the paper's."""
+    models = config.get("models") or ([config["model"]] if config.get("model") else [])
+
+    def model_pos(m):
+        named = stem.find(f"_{m}")
+        return (models.index(m), 0) if m in models else (len(models), named if named >= 0 else len(stem))
+
+    out = {}
+    for model in sorted(grid, key=model_pos):
+        order = _method_order(config, model)
+        out[model] = {
+            m: grid[model][m] for m in sorted(grid[model], key=lambda m: order.index(m) if m in order else 99)
+        }
+    return out
+
+
+def _by_size(summaries: dict, config: dict) -> dict:
+    """``{(n_edits, method): summary}`` from a summaries file's ``"n|method"`` keys, in the notebook's order
+    (method, then size)."""
+    order = _method_order(config)
+    pairs = [(int(k.split("|", 1)[0]), k.split("|", 1)[1], s) for k, s in summaries.items()]
+    pairs.sort(key=lambda t: (order.index(t[1]) if t[1] in order else 99, t[0]))
+    return {(n, m): s for n, m, s in pairs}
+
+
+def table_kind(stem: str, entry: dict) -> str | None:
+    """Which notebook layout (:data:`TABLE_LAYOUTS`) made the committed table ``stem``; None for a table not
+    made from edit runs (causal tracing, Fig. 2 similarities)."""
+    kind = str(entry.get("notebook") or "").removesuffix(".ipynb")
+    if kind in TABLE_LAYOUTS:
+        return kind
+    return next((k for k in sorted(TABLE_LAYOUTS, key=len, reverse=True) if stem.startswith(k + "_")), None)
+
+
+def current_caption(recorded: str) -> str:
+    """The caption a regenerated table gets: the one its notebook recorded, its older wording of the interval
+    rule replaced by today's and any interval sentence dropped (:func:`save_table` adds the regenerated
+    table's own)."""
+    caption = recorded.split(" 95% intervals:")[0]
+    for old, new in OLD_CAPTION_PHRASES.items():
+        caption = caption.replace(old, new)
+    return caption
+
+
+def _run_of(path: tuple, summary: dict) -> tuple:
+    """``(model, editor label, n_edits)`` of a recorded run, for messages."""
+    method = summary.get("method") or str(path[-1]).split("|")[-1]
+    return summary.get("model") or str(path[0]), DISPLAY.get(method, method), summary.get("n_edits")
+
+
+def _describe(runs: list[tuple]) -> str:
+    """``"smollm2 ROME n=100, smollm2 FT-W 16 sizes n=1-200"``: recorded runs, grouped by model and editor."""
+    sizes: dict = {}
+    for model, editor, n in runs:
+        sizes.setdefault((model, editor), []).append(n)
+    parts = []
+    for (model, editor), ns in sizes.items():
+        ns = sorted(n for n in ns if n is not None)
+        if len(ns) > 3:
+            parts.append(f"{model} {editor} {len(ns)} sizes n={ns[0]}-{ns[-1]}")
+        else:
+            parts.append(f"{model} {editor}" + (" n=" + ", ".join(map(str, ns)) if ns else ""))
+    return ", ".join(parts)
+
+
+# the headline means a recorded summary and a stored run's summary must share to be the same run (a rerun of
+# the same specification by other code has the same identity but other results)
+SAME_RUN_METRICS = ("efficacy", "generalization", "specificity", "fluency", "consistency", "consistency_proxy")
+
+
+def _same_results(recorded: dict, stored: dict) -> bool:
+    both = [m for m in SAME_RUN_METRICS if recorded.get(m) is not None and stored.get(m) is not None]
+    return all(abs(float(recorded[m]) - float(stored[m])) < 1e-6 for m in both)
+
+
+def _why_missing(want: tuple, runs) -> str:
+    """Why no stored run matches the recorded run ``want``: which identity fields the nearest file of the same
+    model, dataset, method, size and seed differs in, or that there is none."""
+    from .runstore import IDENTITY, run_identity
+
+    same = [run_identity(r.spec) for r in runs]
+    same = [k for k in same if k[:5] == want[:5]]
+    if not same:
+        return "no per-record file"
+    diff = min(([f for f, a, b in zip(IDENTITY, k, want) if a != b] for k in same), key=len)
+    return "per-record file differs in " + ", ".join(diff)
+
+
+def regenerate_table(stem: str, entry: dict, recorded: dict | None, runs) -> RegeneratedTable:
+    """Rebuild the committed table ``stem`` (manifest ``entry``; ``recorded``: its summaries file, the runs it was
+    made of) from the stored runs ``runs`` (:class:`pmet.runstore.StoredRun`): every recorded run must have a
+    per-record file with the same identity; its summary is recomputed from the rows
+    (:func:`pmet.runstore.recomputed_summary`) and the table laid out by its notebook's function, with its
+    notebook's caption (:func:`current_caption`). Pure: nothing is read or written."""
+    from .runstore import recomputed_summary, run_identity
+
+    kind = table_kind(stem, entry)
+    if kind is None:
+        return RegeneratedTable(stem, reason="not made from edit runs (no per-record run files; needs a model)")
+    if not recorded:
+        return RegeneratedTable(stem, reason=f"its run summaries (tables/{stem}.json) were not recorded")
+    by_id = {}
+    for r in runs:
+        by_id.setdefault(run_identity(r.spec), r)
+    found, missing = {}, {}
+    for path, s in _leaves(recorded):
+        if "unavailable" in s:
+            continue
+        want = recorded_identity(s)
+        run = by_id.get(want)
+        if run is None:
+            why = _why_missing(want, runs)
+        elif not _same_results(s, run.summary):
+            why = "per-record file of the same specification with other results (another code version)"
+        else:
+            found[path] = run
+            continue
+        missing.setdefault(why, []).append(_run_of(path, s))
+    if missing:
+        return RegeneratedTable(stem, reason="; ".join(f"{why}: {_describe(r)}" for why, r in missing.items()))
+    if not found:
+        return RegeneratedTable(stem, reason="its summaries file records no run")
+    summaries = _replace_leaves(recorded, {p: recomputed_summary(r) for p, r in found.items()})
+    frame = TABLE_LAYOUTS[kind](summaries, entry.get("config") or {}, stem)
+    runs_used = sorted({str(r.path) for r in found.values() if r.path is not None})
+    return RegeneratedTable(stem, frame, current_caption(entry.get("caption", "")), summaries, runs_used)
+
+
+def committed_tables(tables_dir: str | Path) -> list[tuple[str, dict]]:
+    """``(stem, manifest entry)`` of every CSV table listed in ``<tables_dir>/manifest.json``, by name."""
+    manifest = Path(tables_dir) / "manifest.json"
+    data = json.loads(manifest.read_text()) if manifest.exists() else {}
+    return [(name.removesuffix(".csv"), entry) for name, entry in sorted(data.items()) if name.endswith(".csv")]
+
+
+def regenerate_tables(source_dir: str | Path, results: str | Path, out_dir: str | Path) -> list[RegeneratedTable]:
+    """Regenerate every table listed in ``<source_dir>/tables/manifest.json`` whose recorded runs
+    (``tables/<stem>.json``) all have per-record files under ``results``, writing it to ``<out_dir>/tables/``
+    as its notebook does (CSV, Markdown, LaTeX, the recomputed summaries, manifest entries); offline, no model.
+    Returns one :class:`RegeneratedTable` per committed table -- with ``reason`` for those not regenerated."""
+    from .claims import save_summaries
+    from .runstore import iter_runs
+
+    tables = Path(source_dir) / "tables"
+    runs = list(iter_runs(results)) if Path(results).exists() else []
+    done = []
+    for stem, entry in committed_tables(tables):
+        summaries_file = tables / f"{stem}.json"
+        recorded = json.loads(summaries_file.read_text()) if summaries_file.exists() else None
+        t = regenerate_table(stem, entry, recorded, runs)
+        if not t.reason:
+            meta = {k: v for k, v in entry.items() if k not in ("caption", "written", "pmet")}
+            meta.update(
+                regenerated_by="python -m pmet report (pmet.report.regenerate_tables)", runs=_shown(t.runs, out_dir)
+            )
+            save_table(t.frame, stem, out_dir, t.caption, meta)
+            _record(Path(out_dir) / "tables", [save_summaries(t.summaries, stem, out_dir)], meta)
+        done.append(t)
+    return done
+
+
+def _shown(paths, root) -> list[str]:
+    """Run file paths relative to ``root`` where they lie under it."""
+    out = []
+    for p in paths:
+        try:
+            out.append(str(Path(p).resolve().relative_to(Path(root).resolve())))
+        except ValueError:
+            out.append(str(p))
+    return out

@@ -11,6 +11,11 @@ File format (``<folder>/<run_id>.jsonl.gz``, written deterministically: gzip mti
   optimisation: :mod:`pmet.diagnostics`; files without it read as before).
 
 The same run always gives the same bytes, so re-committing an unchanged run is a no-op in git.
+
+:func:`recomputed_summary` recomputes a run's metrics from its rows with the summariser the experiments use
+(:func:`pmet.evaluation.summarize_counterfact` / :func:`~pmet.evaluation.summarize_zsre`), so a table rebuilt
+from these files (:func:`pmet.report.regenerate_tables`) rests on the per-record values, not on the stored
+summary; :func:`run_identity` says which run a file holds, for matching it to the runs an artifact recorded.
 """
 
 from __future__ import annotations
@@ -84,3 +89,62 @@ def iter_runs(folder: str | os.PathLike, **match) -> Iterator[StoredRun]:
         run = read_run(p)
         if all(run.spec.get(k) == v for k, v in match.items()):
             yield run
+
+
+# ---- a stored run's identity and its summary recomputed from the rows ------------------------------------
+IDENTITY = (
+    "model",
+    "dataset",
+    "method",
+    "n_edits",
+    "seed",
+    "precision",
+    "generation",
+    "pool",
+    "hparams_id",
+    "overrides",
+)
+DEFAULT_POOL = "subset"  # what a run without a recorded pool drew from (pmet.experiments.locate records others)
+_RUN_FIELDS = ("n_records", "ci_method", "confidence")  # written by the summarisers beside the metrics
+
+
+def run_identity(spec: dict) -> tuple:
+    """The fields that make two runs the same run (:data:`IDENTITY`), from a stored file's spec (or any dict with
+    the same keys): the value precision as ``"float32"`` when none is given, the pool ``"subset"`` when none is
+    recorded (runs written before pools were recorded drew from the subsets), overrides as sorted pairs."""
+    over = tuple(sorted((spec.get("overrides") or {}).items()))
+    return (
+        spec.get("model"),
+        spec.get("dataset"),
+        spec.get("method"),
+        None if spec.get("n_edits") is None else int(spec["n_edits"]),
+        int(spec.get("seed") or 0),
+        spec.get("precision") or spec.get("value_autocast") or "float32",
+        bool(spec.get("generation")),
+        spec.get("pool") or DEFAULT_POOL,
+        None if spec.get("hparams_id") is None else str(spec["hparams_id"]),
+        over,
+    )
+
+
+def _summariser(dataset: str):
+    from .evaluation import CF_METRICS, ZSRE_METRICS, summarize_counterfact, summarize_zsre
+
+    if dataset == "counterfact":
+        return summarize_counterfact, [*CF_METRICS, "score"]
+    if dataset == "zsre":
+        return summarize_zsre, list(ZSRE_METRICS)
+    raise ValueError(f"no summariser for dataset {dataset!r}")
+
+
+def _is_metric_field(key: str, metrics) -> bool:
+    return key in _RUN_FIELDS or any(key == m or key in (f"{m}_ci", f"{m}_n", f"{m}_ci_method") for m in metrics)
+
+
+def recomputed_summary(run: StoredRun) -> dict:
+    """``run``'s summary with every metric (mean, interval, record count, interval method) recomputed from its
+    per-record rows by the experiments' own summariser; the run's other fields (spec, hyperparameters, timings,
+    ‖Δ‖ per weight, and portability, whose per-record values the file does not hold) are the stored summary's."""
+    summarize, metrics = _summariser(run.spec.get("dataset") or run.summary.get("dataset"))
+    kept = {k: v for k, v in run.summary.items() if not _is_metric_field(k, metrics)}
+    return {**kept, **summarize(run.rows)}
