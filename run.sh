@@ -83,7 +83,7 @@ run_tests() {
 # records done/total and ETAs reach the terminal through papermill's --log-output. Outputs go to a fresh,
 # git-ignored folder; nothing committed is touched. Extra arguments go to papermill (e.g. -p n_edits 100).
 MAIN_PARAMS=(-p model smollm2 -p n_edits 50 -p generation False -p value_autocast bfloat16 -p train_mend True -p mend_steps 300
-  -p size_reason "the main job (./run.sh main): 50 edits and a 300-step MEND fit about 20 min on a 2-core CPU from a fresh cache")
+  -p size_reason "the main job (./run.sh main): 50 edits and a 300-step MEND took 15 min on a 2-core CPU from a fresh cache")
 main_job() {
   export TOKENIZERS_PARALLELISM=false
   local out
