@@ -204,6 +204,122 @@ def size_note(used: int, default: int, reason: str | None = None) -> str:
     return f" Fewer edits than the notebook's default of {default:,}" + (f": {reason}." if reason else ".")
 
 
+# ---- the tables' captions: one pure function per notebook, called by the notebook and by `pmet report` --------
+# (the regeneration passes the configuration the notebook recorded in the manifest, :func:`table_caption`, so a
+# regenerated table has the caption its notebook would write; save_table adds the interval sentence)
+def grid_sizes(grid: dict) -> list[int]:
+    """The distinct edit counts of a ``{model: {method: summary}}`` grid (Tables 1-2), ascending."""
+    return sorted({s.get("n_edits") for runs in grid.values() for s in runs.values()})
+
+
+def _counts(sizes) -> list[int]:
+    """Edit counts (a list, or a ``{model: n}`` dict), distinct and ascending."""
+    return sorted(set(sizes.values() if isinstance(sizes, dict) else sizes))
+
+
+def _precision_clause(value_autocast: str | None) -> str:
+    return f" value vectors optimised under {value_autocast} autocast;" if value_autocast else ""
+
+
+def _overrides_clause(overrides: dict | None) -> str:
+    """``" overrides {'a': 1, 'v_fast': True};"``: keys sorted and values as JSON data, so the notebook's
+    parameter and the manifest's copy of it (:func:`pmet.runspec.config_of`) read the same."""
+    if not overrides:
+        return ""
+    plain = json.loads(json.dumps(overrides, default=str))
+    return f" overrides {dict(sorted(plain.items()))};"
+
+
+def table1_caption(
+    models,
+    sizes,
+    value_autocast: str | None,
+    overrides: dict | None,
+    size_reason: str | None,
+    default_n: int,
+    mend_steps: int | None,
+) -> str:
+    """Table 1's caption: the edit counts ``sizes`` (:func:`grid_sizes`) on ``models``, the values' precision,
+    hyperparameter overrides, the reduced size against ``default_n`` (:func:`size_note`) and a shortened MEND."""
+    n = _counts(sizes)
+    return (
+        f"Table 1: {'/'.join(map(str, n))} CounterFact edits on {', '.join(models)};"
+        f"{_precision_clause(value_autocast)}{_overrides_clause(overrides)} mean [95% interval]; "
+        "'n records' = records behind efficacy/generalization/specificity/fluency/consistency."
+        + size_note(max(n), default_n, size_reason)
+        + (
+            f" MEND's editor trained for {mend_steps} steps only (shorter than its hyperparameter file's)."
+            if mend_steps
+            else ""
+        )
+    )
+
+
+def table2_caption(models, sizes, value_autocast: str | None, size_reason: str | None, default_n: int) -> str:
+    """Table 2's caption (zsRE): as :func:`table1_caption`, without overrides and MEND's training."""
+    n = _counts(sizes)
+    return (
+        f"Table 2: {'/'.join(map(str, n))} zsRE edits on {', '.join(models)};{_precision_clause(value_autocast)} "
+        "mean [95% interval]; 'n records' = records behind efficacy/generalization/specificity."
+        + size_note(max(n), default_n, size_reason)
+    )
+
+
+def table3_caption(model: str, edit_counts, value_autocast: str | None) -> str:
+    """Table 3's caption: the ablations of ``model`` at ``edit_counts``, the values' precision."""
+    return (
+        f"Table 3: PMET ablations on {model}, CounterFact, {'/'.join(map(str, edit_counts))} edits;"
+        f"{_precision_clause(value_autocast)} differences to PMET in parentheses."
+    )
+
+
+def fig3_caption(model: str, N: int, value_autocast: str | None, size_reason: str | None, default_n_max: int) -> str:
+    """The caption of Fig. 3's data table: the sweep up to ``N`` edits, the values' precision, the reduced size
+    against ``default_n_max``."""
+    precision = f", values {value_autocast}" if value_autocast else ""
+    return f"Figure 3 data: {model}, CounterFact, n_i = exp(ln({N}) i/16) edits{precision}." + size_note(
+        N, default_n_max, size_reason
+    )
+
+
+def fig4_caption(model: str, n_edits: int) -> str:
+    """The caption of Fig. 4's data table."""
+    return f"Figure 4 data: Frobenius norm of Δ per edited weight, {model}, {n_edits} CounterFact edits."
+
+
+def table_caption(kind: str, config: dict, summaries: dict) -> str:
+    """The caption the notebook ``kind`` writes for a table made with ``config`` (the configuration it recorded
+    in the manifest: its parameters and resolved sizes) from the runs ``summaries`` (the layout of its summaries
+    file, ``tables/<name>.json``): the notebook's own call of its caption function. KeyError where ``config``
+    lacks a parameter the caption needs (an entry written before the notebook had it)."""
+    c = config
+    if kind == "table1":
+        return table1_caption(
+            c.get("models") or [c["model"]],
+            grid_sizes(summaries),
+            c["value_autocast"],
+            c["overrides"],
+            c["size_reason"],
+            c["default_n"],
+            c["mend_steps"],
+        )
+    if kind == "table2":
+        return table2_caption(
+            c.get("models") or [c["model"]],
+            grid_sizes(summaries),
+            c["value_autocast"],
+            c["size_reason"],
+            c["default_n"],
+        )
+    if kind == "table3":
+        return table3_caption(c["model"], c["edit_counts"], c["value_autocast"])
+    if kind == "fig3_sweep":
+        return fig3_caption(c["model"], c["N"], c["value_autocast"], c["size_reason"], c["default_n_max"])
+    if kind == "fig4_delta_norms":
+        return fig4_caption(c["model"], c["n_edits"])
+    raise KeyError(f"no caption function for {kind!r}")
+
+
 def sweep_sizes(N: int, steps: int = 16) -> list[int]:
     """The paper's edit counts n_i = exp(ln(N) * i / steps), i = 0..steps (rounded, duplicates dropped)."""
     import math
@@ -310,14 +426,19 @@ def plot_sweep(frame: pd.DataFrame, title: str = ""):
 
 def delta_norm_frame(summaries: dict) -> pd.DataFrame:
     """Fig. 4 data: ‖Δ‖_F per edited weight from run summaries ``{method: summary}`` (weights named
-    ``...layers.<l>.<module>.weight``; ``attn``/``mlp`` told apart by the layout module names)."""
+    ``...layers.<l>.<module>.weight``; ``attn``/``mlp`` told apart by the layout module names). Rows: editors in
+    the order given, each by layer, a layer's MHSA update before its FFN update (the order in the block) --
+    not the order of a summary's ``delta_norms``, which a cached or stored summary keeps sorted by name."""
     import re
+
+    def place(name: str) -> tuple:
+        kind = "MHSA" if any(k in name for k in ("attn", "attention")) else "FFN"
+        return int(re.search(r"\.(\d+)\.", name).group(1)), kind == "FFN", kind
 
     rows = []
     for method, s in summaries.items():
-        for name, norm in (s.get("delta_norms") or {}).items():
-            layer = int(re.search(r"\.(\d+)\.", name).group(1))
-            kind = "MHSA" if any(k in name for k in ("attn", "attention")) else "FFN"
+        norms = (s.get("delta_norms") or {}).items()
+        for (layer, _, kind), norm in sorted(((place(name), norm) for name, norm in norms), key=lambda t: t[0]):
             rows.append(
                 {
                     "method": DISPLAY.get(method, method),
@@ -502,7 +623,7 @@ TABLE_LAYOUTS = {
     "table2": _grid_layout("zsre"),
     "table3": lambda summaries, config, stem: ablation_table(_by_size(summaries, config)),
     "fig3_sweep": lambda summaries, config, stem: sweep_frame(_by_size(summaries, config)).round(3),
-    "fig4_delta_norms": lambda summaries, config, stem: delta_norm_frame(summaries).round(4),
+    "fig4_delta_norms": lambda summaries, config, stem: delta_norm_frame(_by_method(summaries, config)).round(4),
 }
 # the notebooks' earlier wording of the interval rule in a caption -> the wording they use now
 OLD_CAPTION_PHRASES = {"mean (95% CI half-width, normal approximation)": "mean [95% interval]"}
@@ -590,6 +711,12 @@ def _by_size(summaries: dict, config: dict) -> dict:
     return {(n, m): s for n, m, s in pairs}
 
 
+def _by_method(summaries: dict, config: dict) -> dict:
+    """``{method: summary}`` in the notebook's order (its ``methods``, then the paper's)."""
+    order = _method_order(config)
+    return {m: summaries[m] for m in sorted(summaries, key=lambda m: order.index(m) if m in order else 99)}
+
+
 def table_kind(stem: str, entry: dict) -> str | None:
     """Which notebook layout (:data:`TABLE_LAYOUTS`) made the committed table ``stem``; None for a table not
     made from edit runs (causal tracing, Fig. 2 similarities)."""
@@ -600,13 +727,28 @@ def table_kind(stem: str, entry: dict) -> str | None:
 
 
 def current_caption(recorded: str) -> str:
-    """The caption a regenerated table gets: the one its notebook recorded, its older wording of the interval
-    rule replaced by today's and any interval sentence dropped (:func:`save_table` adds the regenerated
-    table's own)."""
+    """The caption a regenerated table gets where its manifest entry has no configuration to pass to its
+    notebook's caption function (:func:`regenerated_caption`): the one its notebook recorded, its older wording
+    of the interval rule replaced by today's and any interval sentence dropped (:func:`save_table` adds the
+    regenerated table's own)."""
     caption = recorded.split(" 95% intervals:")[0]
     for old, new in OLD_CAPTION_PHRASES.items():
         caption = caption.replace(old, new)
     return caption
+
+
+def regenerated_caption(kind: str, entry: dict, summaries: dict) -> str:
+    """The caption of a regenerated table: its notebook's caption function called with the configuration the
+    notebook recorded (:func:`table_caption`), so the table reads as the notebook would write it; for an entry
+    written before notebooks recorded their configuration (or without a parameter the caption needs), the
+    recorded caption brought up to date (:func:`current_caption`)."""
+    config = entry.get("config")
+    if isinstance(config, dict):
+        try:
+            return table_caption(kind, config, summaries)
+        except KeyError:
+            pass
+    return current_caption(entry.get("caption", ""))
 
 
 def _run_of(path: tuple, summary: dict) -> tuple:
@@ -658,7 +800,7 @@ def regenerate_table(stem: str, entry: dict, recorded: dict | None, runs) -> Reg
     made of) from the stored runs ``runs`` (:class:`pmet.runstore.StoredRun`): every recorded run must have a
     per-record file with the same identity; its summary is recomputed from the rows
     (:func:`pmet.runstore.recomputed_summary`) and the table laid out by its notebook's function, with its
-    notebook's caption (:func:`current_caption`). Pure: nothing is read or written."""
+    notebook's caption (:func:`regenerated_caption`). Pure: nothing is read or written."""
     from .runstore import recomputed_summary, run_identity
 
     kind = table_kind(stem, entry)
@@ -690,7 +832,8 @@ def regenerate_table(stem: str, entry: dict, recorded: dict | None, runs) -> Reg
     summaries = _replace_leaves(recorded, {p: recomputed_summary(r) for p, r in found.items()})
     frame = TABLE_LAYOUTS[kind](summaries, entry.get("config") or {}, stem)
     runs_used = sorted({str(r.path) for r in found.values() if r.path is not None})
-    return RegeneratedTable(stem, frame, current_caption(entry.get("caption", "")), summaries, runs_used)
+    caption = regenerated_caption(kind, entry, summaries)
+    return RegeneratedTable(stem, frame, caption, summaries, runs_used)
 
 
 def committed_tables(tables_dir: str | Path) -> list[tuple[str, dict]]:
