@@ -38,16 +38,17 @@ def _notebook_table(out, runs):
     """Table 1 as the notebook writes it (grid_table, caption, manifest entry, summaries) from the stored
     summaries of ``runs``."""
     from pmet.notebook import Notebook
-    from pmet.report import grid_table, size_note
+    from pmet.report import grid_sizes, grid_table, table1_caption
 
     grid = {"smollm2": {r.spec["method"]: r.summary for r in runs}}
-    nb = Notebook("table1", {"out_dir": str(out), "overwrite": False, "methods": list(grid["smollm2"])})
-    art = nb.artifact("table1", ["smollm2"], "bfloat16", 0, sizes={"smollm2": 100})
-    caption = (
-        "Table 1: 100 CounterFact edits on smollm2; value vectors optimised under bfloat16 autocast; "
-        "mean [95% interval]; 'n records' = records behind efficacy/generalization/specificity/fluency/consistency."
-        + size_note(100, 1000, "test")
+    params = dict(models=["smollm2"], value_autocast="bfloat16", overrides=None, size_reason="test", default_n=1000)
+    nb = Notebook(
+        "table1",
+        {"out_dir": str(out), "overwrite": False, "methods": list(grid["smollm2"]), "mend_steps": None, **params},
     )
+    art = nb.artifact("table1", ["smollm2"], "bfloat16", 0, sizes={"smollm2": 100})
+    caption = table1_caption(["smollm2"], grid_sizes(grid), "bfloat16", None, "test", 1000, None)
+    assert caption.startswith("Table 1: 100 CounterFact edits on smollm2; value vectors optimised under bfloat16")
     art.save_table(grid_table(grid, "counterfact"), caption)
     art.save_summaries(grid)
     return out / "tables" / TABLE1
