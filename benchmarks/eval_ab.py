@@ -215,11 +215,31 @@ def main(argv=None) -> int:
     summary_path = Path(a.summary)
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     summary.update(keys)
+    summary.update(_table1_estimate(summary))
     summary_path.parent.mkdir(parents=True, exist_ok=True)
     summary_path.write_text(json.dumps(summary, indent=1))
     (summary_path.parent / "eval_ab.json").write_text(json.dumps(res, indent=1, default=float))
     del np
     return 0
+
+
+def _table1_estimate(summary: dict) -> dict:
+    """The Table-1-at-1,590 estimate of :func:`benchmarks.values_speed.table1_estimate` again with this run's
+    evaluation rates, when the value benchmark's figures are in the summary (else nothing); also with bf16
+    sampling (``..._bf16_generation``), the explicit faster generation option."""
+    from benchmarks.values_speed import table1_estimate
+
+    per = {m: summary.get(f"values_{m}_s_per_request_fast") for m in ("pmet", "memit")}
+    if None in per.values():
+        return {}
+    fixed = 3600 * summary.get("table1_estimate_parts_hours", {}).get("once_only", 0.0)
+    out = table1_estimate(per, summary, fixed)
+    if summary.get("eval_cf_gen_records_per_s_fast_bf16"):
+        bf16 = table1_estimate(
+            per, {"eval_cf_gen_records_per_s_fast": summary["eval_cf_gen_records_per_s_fast_bf16"]}, fixed
+        )
+        out["table1_1590_all_editors_hours_estimate_bf16_generation"] = bf16["table1_1590_all_editors_hours_estimate"]
+    return out
 
 
 if __name__ == "__main__":

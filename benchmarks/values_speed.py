@@ -43,6 +43,15 @@ from dataclasses import replace
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _cpu_name() -> str:
+    try:
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 TEMPLATES = [
     ["{}"],
     ["The first step. {}", "Therefore, we need. {}", "Because of this. {}", "I think that. {}", "You can see. {}"],
@@ -198,6 +207,7 @@ def main(argv=None) -> int:
     p.add_argument("--summary", default=str(RESULTS / "summary.json"))
     p.add_argument("--out", default=str(RESULTS / "values_speed.json"))
     a = p.parse_args(argv)
+    load0 = os.getloadavg()[0]
 
     import torch
 
@@ -243,7 +253,8 @@ def main(argv=None) -> int:
         "n_requests": a.n,
         "layers": list(layers),
         "threads": torch.get_num_threads(),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (shared, not quiet)",
+        "machine": f"{_cpu_name()}, {os.cpu_count()} CPUs",
+        "load_average_1min_start_end": [round(load0, 2), round(os.getloadavg()[0], 2)],  # other jobs show here
         "torch": torch.__version__,
         "time": time.strftime("%Y-%m-%d %H:%M"),
         "rounds": a.rounds,
