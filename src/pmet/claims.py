@@ -23,6 +23,11 @@ Rules (also printed in the header of ``claims.md``):
 * A claim without committed per-record runs says **not yet run with per-record results**; where an older
   summary exists in ``tables/*.json`` its marginal means are shown, marked as such: no verdict is given.
 
+* The "Sequential" block (beyond the paper, issue 19) reads the committed sequential runs
+  (``results/<model>/sequential/``, :func:`pmet.sequential.save_sequential_run`): the same tests on the same
+  edits and retention prompts after the last round, PMET vs MEMIT and each null-space variant vs its base
+  (:func:`sequential_claim_list`), Holm over the block's claims of one model and run; plus descriptive lines.
+
 The paper's numbers (Tables 1-3, GPT-J and GPT-NeoX blocks) are the only values typed by hand here.
 """
 
@@ -257,9 +262,20 @@ def _metric_label(runs, metric: str) -> str:
     return metric
 
 
-def paired_claim_test(per_seed: dict, a: str, b: str, metric: str, n_resamples: int = 9999, seed: int = 0) -> dict:
+def _paired_values(run_a, run_b, metric: str):
+    """``(x, y)``: ``metric``'s per-record values of two runs on the records both have (paired by case id), or
+    None where either run lacks the metric."""
+    ids = sorted(set(run_a.by_case()) & set(run_b.by_case()), key=str)
+    x, y = _values(run_a, metric, ids), _values(run_b, metric, ids)
+    return None if x is None or y is None else (x, y)
+
+
+def paired_claim_test(
+    per_seed: dict, a: str, b: str, metric: str, n_resamples: int = 9999, seed: int = 0, pairs=_paired_values
+) -> dict:
     """The paired comparison of methods ``a`` and ``b`` on ``metric`` over the seeds where both ran
-    (``per_seed = {seed: {method: StoredRun}}``), in percent (fluency x100, as the tables)."""
+    (``per_seed = {seed: {method: StoredRun}}``), in percent (fluency x100, as the tables). ``pairs(run_a, run_b,
+    metric)`` gives the aligned values of one seed (default: per record, by case id)."""
     from .evaluation.stats import paired_comparison
 
     xs, ys, strata, seeds = [], [], [], []
@@ -267,13 +283,13 @@ def paired_claim_test(per_seed: dict, a: str, b: str, metric: str, n_resamples: 
         runs = per_seed[s]
         if a not in runs or b not in runs:
             continue
-        ids = sorted(set(runs[a].by_case()) & set(runs[b].by_case()), key=str)
-        x, y = _values(runs[a], metric, ids), _values(runs[b], metric, ids)
-        if x is None or y is None:
+        xy = pairs(runs[a], runs[b], metric)
+        if xy is None:
             continue
+        x, y = xy
         xs.append(x)
         ys.append(y)
-        strata += [s] * len(ids)
+        strata += [s] * len(x)
         seeds.append(s)
     if not seeds:
         return {"measured": False}
@@ -301,6 +317,23 @@ def paired_claim_test(per_seed: dict, a: str, b: str, metric: str, n_resamples: 
         "p": r["pvalue"],
     }
     return out
+
+
+def _not_measured() -> dict:
+    """A paired test's fields where both editors ran but the metric was not measured."""
+    return {
+        "test": "not measured in these runs",
+        "n_pairs": 0,
+        "seeds": [],
+        "per_seed_diff": [],
+        "mean_a": np.nan,
+        "mean_b": np.nan,
+        "diff": np.nan,
+        "diff_low": np.nan,
+        "diff_high": np.nan,
+        "p": np.nan,
+        "measured": False,
+    }
 
 
 def _verdict(sign: int, diff: float, p_adj: float, alpha: float = ALPHA) -> str:
@@ -338,19 +371,7 @@ def detail_frame(results: str | Path, alpha: float = ALPHA, n_resamples: int = 9
                     cache[key] = paired_claim_test(idx[(label, c.dataset, n)], c.a, c.b, c.metric, n_resamples)
                 t = cache[key]
                 if not t["measured"]:  # both editors ran, but without this metric (e.g. no generation)
-                    t = {
-                        "test": "not measured in these runs",
-                        "n_pairs": 0,
-                        "seeds": [],
-                        "per_seed_diff": [],
-                        "mean_a": np.nan,
-                        "mean_b": np.nan,
-                        "diff": np.nan,
-                        "diff_low": np.nan,
-                        "diff_high": np.nan,
-                        "p": np.nan,
-                        "measured": False,
-                    }
+                    t = _not_measured()
                 runs = idx[(label, c.dataset, n)]
                 used = [r for s in (t["seeds"] or runs) for r in runs[s].values()]
                 rows.append(
@@ -377,6 +398,9 @@ def detail_frame(results: str | Path, alpha: float = ALPHA, n_resamples: int = 9
             _verdict(s, d, p, alpha) if n else "not measured in these runs"
             for s, d, p, n in zip(df.sign, df["diff"], df.p_holm, df.n_pairs)
         ]
+    seq = sequential_detail(_sequential_runs(results), alpha, n_resamples)
+    if len(seq):
+        df = seq if df.empty else pd.concat([df, seq], ignore_index=True)
     return df
 
 
@@ -471,7 +495,191 @@ def descriptive_frame(results: str | Path) -> pd.DataFrame:
                             "verdict": v,
                         }
                     )
+    rows += sequential_descriptive(_sequential_runs(results))
     return pd.DataFrame(rows)
+
+
+# ---- beyond the paper: sequential editing (issue 19) -------------------------------------------------------
+SEQUENTIAL = "Sequential"
+SEQ_BLOCK = "beyond the paper (issue 19)"
+SEQ_PAIRS = (("pmet", "memit"), ("pmet-ns", "pmet"), ("memit-ns", "memit"))
+SEQ_METRICS = {
+    "efficacy": "efficacy of all past edits",
+    "generalization": "generalization of all past edits",
+    "retention_neighborhood": "retention of neighbourhood prompts",
+    "retention_known": "retention of known facts",
+}
+SEQ_FLOOR = 50.0  # descriptive: the first round where efficacy of all past edits is below this (%)
+
+
+def sequential_claim_list() -> list[Claim]:
+    """The Sequential block's claims -- ours, not the paper's (it edits in one batch): after the last round of a
+    sequential run, A's values of the same edits / prompts exceed B's, for PMET vs MEMIT (*holds*: PMET collapses
+    later; *does not hold*: earlier) and for each method with the null-space projection vs without (*holds*: the
+    projection slows the collapse), on each metric of :data:`SEQ_METRICS`."""
+    return [Claim(SEQUENTIAL, SEQ_BLOCK, "counterfact", a, b, m, 1, "—", 0) for a, b in SEQ_PAIRS for m in SEQ_METRICS]
+
+
+def _seq_text(c: Claim) -> str:
+    return f"{DISPLAY.get(c.a, c.a)} > {DISPLAY.get(c.b, c.b)} on {SEQ_METRICS[c.metric]} after the last round"
+
+
+def _sequential_runs(results) -> list:
+    from .runstore import iter_runs
+
+    return list(iter_runs(results, kind="sequential")) if Path(results).exists() else []
+
+
+def _seq_index(runs) -> dict:
+    """``{(label, n_edits, rounds, batch, n_retention, n_known): {seed: {method: run}}}``: runs of one key edited the
+    same records in the same rounds (seed, rounds, batch) and measured retention on the same prompts. The label is
+    the model (with the values' precision), overrides other than the null-space ones (those make PMET-ns what it
+    is) and a record pool other than the subsets, as :func:`_index_runs`'."""
+    idx: dict = defaultdict(lambda: defaultdict(dict))
+    for r in runs:
+        s = r.spec
+        label = model_label(s.get("model", "?"), s.get("value_autocast") or s.get("precision"))
+        over = {k: v for k, v in (s.get("overrides") or {}).items() if not k.startswith("null_space")}
+        if over:
+            label += " [" + ", ".join(f"{k}={v}" for k, v in sorted(over.items())) + "]"
+        label += _pool_suffix(s)
+        key = (
+            label,
+            int(s["n_edits"]),
+            int(s["rounds"]),
+            int(s["batch"]),
+            int(s.get("n_retention") or 0),
+            int(s.get("n_known") or 0),
+        )
+        idx[key][int(s.get("seed") or 0)][s.get("method")] = r
+    return idx
+
+
+def _seq_pairs(run_a, run_b, metric: str):
+    """Aligned values of two sequential runs: per edited record (by case id) for efficacy / generalization, per
+    retention prompt (same seed and counts: the same prompts, in the same order) for retention; None if absent."""
+    if not metric.startswith("retention_"):
+        return _paired_values(run_a, run_b, metric)
+    kind = metric.removeprefix("retention_")
+    x, y = ((r.summary.get("retained") or {}).get(kind) for r in (run_a, run_b))
+    if not x or not y or len(x) != len(y):
+        return None
+    return np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+
+
+def sequential_detail(runs, alpha: float = ALPHA, n_resamples: int = 9999) -> pd.DataFrame:
+    """The Sequential block's paired tests on the committed sequential runs ``runs`` (one row per claim and run
+    key of :func:`_seq_index`), Holm-corrected over the block's claims of one key; the ledger shows each model's
+    largest number of edits."""
+    from .evaluation.stats import holm
+
+    idx = _seq_index(runs)
+    largest: dict = {}
+    for key in idx:
+        largest[key[0]] = max(largest.get(key[0], 0), key[1])
+    out = []
+    for key, per_seed in sorted(idx.items()):
+        label, n, rounds, batch = key[:4]
+        rows = []
+        for c in sequential_claim_list():
+            if not any(c.a in r and c.b in r for r in per_seed.values()):
+                continue
+            t = paired_claim_test(per_seed, c.a, c.b, c.metric, n_resamples, pairs=_seq_pairs)
+            if not t["measured"]:
+                t = _not_measured()
+            rows.append(
+                {
+                    "artifact": SEQUENTIAL,
+                    "block": SEQ_BLOCK,
+                    "model": label,
+                    "n_edits": n,
+                    "paper_n_edits": 0,
+                    "claim": _seq_text(c),
+                    "metric": c.metric,
+                    "sign": c.sign,
+                    "paper": "—",
+                    "ledger": n == largest[label],
+                    "rounds": rounds,
+                    "batch": batch,
+                    "unit": "prompts" if c.metric.startswith("retention_") else "edits",
+                    **{k: v for k, v in t.items() if k != "measured"},
+                }
+            )
+        if rows:
+            p_holm = holm(np.array([r["p"] for r in rows], dtype=np.float64))
+            for r, q in zip(rows, p_holm):
+                r["p_holm"] = q
+                r["verdict"] = (
+                    _verdict(r["sign"], r["diff"], q, alpha) if r["n_pairs"] else "not measured in these runs"
+                )
+        out += rows
+    return pd.DataFrame(out)
+
+
+def sequential_descriptive(runs) -> list[dict]:
+    """Descriptive lines of every committed sequential run (no test): the first round where efficacy of all past
+    edits is below :data:`SEQ_FLOOR`, and the growth of the total ``‖ΔW‖_F`` from round 1 to the last round."""
+    rows = []
+    for key, per_seed in sorted(_seq_index(runs).items()):
+        label, n, rounds, batch = key[:4]
+        for seed, by in sorted(per_seed.items()):
+            for method, run in by.items():
+                per_round = run.summary.get("rounds") or []
+                if len(per_round) < 2:
+                    continue
+                shape = f"{rounds} rounds x {batch} edits, seed {seed}"
+                name = DISPLAY.get(method, method)
+                low = next(
+                    (r for r in per_round[1:] if r.get("efficacy") is not None and r["efficacy"] < SEQ_FLOOR), None
+                )
+                last = per_round[-1]
+                ours = (
+                    f"round {low['round']} ({low['n_edits']} edits) of {shape}"
+                    if low
+                    else f"none of {shape} (last round {last.get('efficacy', float('nan')):.1f}%)"
+                )
+                d1, dt = per_round[1].get("delta_fro"), last.get("delta_fro")
+                growth = (
+                    f"{d1:.3g} after round 1, {dt:.3g} after round {last['round']}: x{dt / d1:.2f} ({shape})"
+                    if d1 and dt is not None
+                    else f"n/a ({shape})"
+                )
+                base = {"artifact": SEQUENTIAL, "block": SEQ_BLOCK, "model": label, "n_edits": n, "seed": seed}
+                for claim, value in (
+                    (f"{name}: first round where efficacy of all past edits < {SEQ_FLOOR:g}%", ours),
+                    (f"{name}: growth of total ‖ΔW‖_F from round 1 to the last round", growth),
+                ):
+                    rows.append(
+                        {**base, "claim": claim, "paper": "—", "ours": value, "verdict": "descriptive (no test)"}
+                    )
+    return rows
+
+
+def _seq_missing_rows(detail: pd.DataFrame, descriptive: pd.DataFrame) -> list[dict]:
+    """Ledger rows for Sequential claims no committed run answers: one line when there is no sequential run at
+    all, else one per model and pair of editors not both run."""
+    blank = {"artifact": SEQUENTIAL, "block": SEQ_BLOCK, "paper": "—", "ours": "—", "difference [95% CI]": ""}
+    blank.update({"p (Holm)": "", "verdict": "not yet run with per-record results"})
+    seq = detail[detail.artifact == SEQUENTIAL] if len(detail) else pd.DataFrame(columns=["model", "claim"])
+    models = set(seq.model)
+    if len(descriptive):  # runs without a partner leave descriptive lines only
+        models |= set(descriptive[descriptive.artifact == SEQUENTIAL].model)
+    pairs = ", ".join(f"{DISPLAY.get(a, a)} vs {DISPLAY.get(b, b)}" for a, b in SEQ_PAIRS)
+    if not models:
+        claim = (
+            f"sequential editing (notebooks/sequential.ipynb): {pairs} on efficacy, generalization and retention "
+            "after the last round"
+        )
+        return [{**blank, "model": "—", "claim": claim}]
+    rows = []
+    for label in sorted(models):
+        have = set(seq[seq.model == label].claim)
+        for a, b in SEQ_PAIRS:
+            texts = {_seq_text(c) for c in sequential_claim_list() if (c.a, c.b) == (a, b)}
+            if not texts & have:
+                claim = f"{DISPLAY.get(a, a)} vs {DISPLAY.get(b, b)} after the last round (no run of both)"
+                rows.append({**blank, "model": label, "claim": claim})
+    return rows
 
 
 def _fig2_rows(tables: Path) -> list[dict]:
@@ -602,7 +810,7 @@ def ledger_frame(detail: pd.DataFrame, descriptive: pd.DataFrame, tables: Path) 
                         "block": r.block,
                         "model": r.model,
                         "claim": r.claim,
-                        "paper": _paper_text(_claim_like(r)),
+                        "paper": "—" if r.artifact == SEQUENTIAL else _paper_text(_claim_like(r)),
                         "ours": f"— ({r.n_edits} edits)",
                         "difference [95% CI]": "",
                         "p (Holm)": "",
@@ -613,14 +821,17 @@ def ledger_frame(detail: pd.DataFrame, descriptive: pd.DataFrame, tables: Path) 
             seeds = f", seeds {','.join(map(str, r.seeds))}" if len(r.seeds) > 1 else ""
             spread = (" (per seed " + " / ".join(f"{d:+.1f}" for d in r.per_seed_diff) + ")") if r.per_seed_diff else ""
             size = f"{r.n_edits} edits" + (f" vs paper row {r.paper_n_edits:,}" if r.artifact == "Table 3" else "")
+            unit = "records"
+            if r.artifact == SEQUENTIAL:
+                size, unit = f"after {int(r.rounds)} rounds x {int(r.batch)} edits", r.unit
             rows.append(
                 {
                     "artifact": r.artifact,
                     "block": r.block,
                     "model": r.model,
                     "claim": r.claim,
-                    "paper": _paper_text(_claim_like(r)),
-                    "ours": f"{r.mean_a:.1f} vs {r.mean_b:.1f} ({size}, {r.n_pairs} paired records{seeds})",
+                    "paper": "—" if r.artifact == SEQUENTIAL else _paper_text(_claim_like(r)),
+                    "ours": f"{r.mean_a:.1f} vs {r.mean_b:.1f} ({size}, {r.n_pairs} paired {unit}{seeds})",
                     "difference [95% CI]": f"{r.diff:+.1f} [{r.diff_low:+.1f}, {r.diff_high:+.1f}]{spread}",
                     "p (Holm)": f"{_fmt_p(r.p)} ({_fmt_p(r.p_holm)}); {r.test}",
                     "verdict": r.verdict,
@@ -672,9 +883,12 @@ def ledger_frame(detail: pd.DataFrame, descriptive: pd.DataFrame, tables: Path) 
             )
     for r in _fig2_rows(tables):
         rows.append({**r, "difference [95% CI]": "", "p (Holm)": ""})
+    rows += _seq_missing_rows(detail, descriptive)
     order = {
         a: i
-        for i, a in enumerate(["Fig. 2", "Table 1", "Table 2", "Fig. 3", "Table 3", "Fig. 4 / App. A", "Appendix D"])
+        for i, a in enumerate(
+            ["Fig. 2", "Table 1", "Table 2", "Fig. 3", "Table 3", "Fig. 4 / App. A", "Appendix D", SEQUENTIAL]
+        )
     }
     df = pd.DataFrame(
         rows,
@@ -715,6 +929,15 @@ Rules:
   ratio in [0.8, 1.25]; Fig. 2 similarities) are compared directly, without a test.
 - *not yet run with per-record results*: no committed run file pairs the two editors yet; older marginal means
   from `tables/*.json` are shown where they exist, and no verdict is given.
+- **Sequential** (*beyond the paper (issue 19)*; paper column "—": the paper edits in one batch):
+  `notebooks/sequential.ipynb`'s runs (`results/<model>/sequential/`: T rounds of b edits, each on the model the
+  earlier rounds left). After the last round, the same edits' per-record efficacy and generalization (all past
+  edits, paired by case id) and the same held-out prompts' retention (neighbourhood prompts, known facts: top-1
+  token still the unedited model's; paired by prompt) are compared with the tests above: PMET > MEMIT (*holds*:
+  PMET collapses later; *does not hold*: earlier), PMET-ns > PMET and MEMIT-ns > MEMIT (*holds*: the null-space
+  projection slows the collapse). Holm over the block's claims of one model and run (rounds x edits, seed(s));
+  shown at the largest number of edits. Descriptive, without a test: the first round where efficacy of all past
+  edits falls below {floor:g}%, and the growth of the total ‖ΔW‖_F from round 1 to the last round.
 """
 
 
@@ -745,7 +968,7 @@ def write_claims(
         shown = results.resolve().relative_to(out_dir.resolve())
     except ValueError:
         shown = results
-    text = HEADER.format(results=f"{shown}/", alpha=alpha)
+    text = HEADER.format(results=f"{shown}/", alpha=alpha, floor=SEQ_FLOOR)
     (tables / "claims.md").write_text(text + "\n" + markdown_table(ledger) + "\n")
     return ledger
 

@@ -12,6 +12,9 @@ File format (``<folder>/<run_id>.jsonl.gz``, written deterministically: gzip mti
 
 The same run always gives the same bytes, so re-committing an unchanged run is a no-op in git.
 
+A sequential run (:mod:`pmet.sequential`) is stored the same way under ``<folder>/<model>/sequential/``, its spec
+marked ``"kind": "sequential"``; :func:`iter_runs` yields the one-batch runs unless asked for another kind.
+
 :func:`recomputed_summary` recomputes a run's metrics from its rows with the summariser the experiments use
 (:func:`pmet.evaluation.summarize_counterfact` / :func:`~pmet.evaluation.summarize_zsre`), so a table rebuilt
 from these files (:func:`pmet.report.regenerate_tables`) rests on the per-record values, not on the stored
@@ -29,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 SUFFIX = ".jsonl.gz"
+KIND_EDIT = "edit"  # a run spec without ``kind``: one batch of edits, then evaluated
 
 
 @dataclass
@@ -82,12 +86,19 @@ def read_run(path: str | os.PathLike) -> StoredRun:
         ) from exc
 
 
-def iter_runs(folder: str | os.PathLike, **match) -> Iterator[StoredRun]:
-    """Every run under ``folder`` (recursively, sorted by path) whose spec has ``spec[k] == v`` for each
-    ``k=v`` in ``match``."""
+def run_kind(spec: dict) -> str:
+    """What a run file holds: ``"edit"`` (one batch of edits, then evaluated: a spec without ``kind``) or the
+    spec's ``kind`` (``"sequential"``: :func:`pmet.sequential.save_sequential_run`)."""
+    return spec.get("kind") or KIND_EDIT
+
+
+def iter_runs(folder: str | os.PathLike, kind: str | None = KIND_EDIT, **match) -> Iterator[StoredRun]:
+    """Every run under ``folder`` (recursively, sorted by path) of that ``kind`` (:func:`run_kind`; None: every
+    kind) whose spec has ``spec[k] == v`` for each ``k=v`` in ``match``. The default reads the one-batch runs
+    only, so the tables, their claims and the diagnostics never see a sequential run."""
     for p in sorted(Path(folder).rglob(f"*{SUFFIX}")):
         run = read_run(p)
-        if all(run.spec.get(k) == v for k, v in match.items()):
+        if (kind is None or run_kind(run.spec) == kind) and all(run.spec.get(k) == v for k, v in match.items()):
             yield run
 
 

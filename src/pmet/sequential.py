@@ -30,6 +30,11 @@ plus ``Kp Kpᵀ`` for the null-space variants) of the last finished round (writt
 the previous round's file is removed after it). An interrupted run resumes at the next
 round; a longer run (larger ``rounds``, same ``batch`` and seed) extends a shorter one, since the records of
 round ``t`` do not depend on ``rounds``. The run folder is locked while it runs (:func:`pmet.experiments.run_lock`).
+
+:func:`save_sequential_runs` writes each method's result as a committed run file
+(``results/<model>/sequential/<method>_r<T>x<b>_...jsonl.gz``, :mod:`pmet.runstore`): the per-record values of
+every edit after the last round, the per-prompt retention, every round's numbers. :mod:`pmet.claims` reads them,
+offline, for the "Sequential" block of ``tables/claims.md`` (paired tests on the same edits and prompts).
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ from .experiments import (
     method_hparams,
     run_lock,
     table_records,
+    table_selection,
 )
 from .paths import cache_dir
 
@@ -64,13 +70,15 @@ __all__ = [
     "perplexity",
     "plot_sequential",
     "run_sequential",
+    "save_sequential_run",
+    "save_sequential_runs",
     "sequential_claims",
     "sequential_frame",
     "top_tokens",
     "weight_stats",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: rounds record their spec, the per-prompt retention and the records they edited
 
 
 # ------------------------------------------------------------------------------------------ measurements
@@ -163,11 +171,14 @@ def _measure(model, tok, past, prompts, reference, windows, originals, first_ids
         out["records"] = {
             str(r["case_id"]): [r.get("efficacy"), r.get("generalization"), r.get("specificity")] for r in rows
         }
+    out["retained"] = {}
     for kind in ("neighborhood", "known"):
         ps = prompts[kind]
         if ps:
             now = top_tokens(model, tok, ps, eval_batch_size)
-            out[f"retention_{kind}"] = 100.0 * sum(a == b for a, b in zip(now, reference[kind])) / len(ps)
+            same = [int(a == b) for a, b in zip(now, reference[kind])]
+            out["retained"][kind] = same
+            out[f"retention_{kind}"] = 100.0 * sum(same) / len(ps)
     out["perplexity"] = perplexity(model, windows)
     weights = {n: weight_stats(w0, model.get_parameter(n)) for n, w0 in originals.items()}
     out["weights"] = weights
@@ -235,7 +246,8 @@ def run_sequential(
     if rounds < 1 or batch < 1:
         raise ValueError(f"rounds and batch must be >= 1, got rounds={rounds}, batch={batch}")
     get_editor(method)  # an unknown method is one clear error
-    pool_size = len(table_records(dataset, None, seed))
+    pool_records, pool = table_selection(dataset, None, seed)
+    pool_size = len(pool_records)
     if rounds * batch + n_retention > pool_size:
         raise ValueError(
             f"{rounds} rounds x {batch} edits + {n_retention} held-out records need "
@@ -258,6 +270,7 @@ def run_sequential(
     fp0 = model_fingerprint(model)
     originals = {n: model.get_parameter(n).detach().clone() for n in _edited_weight_names(model, hp)}
     key = json.dumps({"v": FORMAT_VERSION, "model": fp0, "hp": hp_id, "batch": batch, "seed": seed})
+    spec = _run_spec(name, dataset, method, batch, seed, hp, hp_id, overrides, pool, n_retention, n_known, ppl_tokens)
 
     with run_lock(out), contextlib.ExitStack() as restore:
         restore.callback(_put_back, model, originals)
@@ -276,7 +289,10 @@ def run_sequential(
             p = out / f"round_{t:03d}.json"
             if not p.exists():
                 break
-            results.append(json.loads(p.read_text()))
+            row = json.loads(p.read_text())
+            if (row.get("spec") or {}).get("format") != FORMAT_VERSION:
+                break  # written in an earlier format: measured again
+            results.append(row)
         done = len(results) - 1  # rounds finished (-1: not even round 0)
         if done >= rounds:
             return results[: rounds + 1]
@@ -307,6 +323,8 @@ def run_sequential(
                 hparams=hp_id,
                 edit_seconds=0.0,
                 eval_seconds=0.0,
+                new_ids=[],
+                spec=spec,
             )
             _write_json(out / "round_000.json", r0)
             results, done = [r0], 0
@@ -356,6 +374,8 @@ def run_sequential(
                 hparams=hp_id,
                 edit_seconds=t1 - t0,
                 eval_seconds=time.perf_counter() - t1,
+                new_ids=[r.case_id for r in chunk],
+                spec=spec,
             )
             tensors = {n: model.get_parameter(n).detach() for n in originals}
             tensors.update({f"prior::{n}": g for n, g in prior.items()})
@@ -369,10 +389,36 @@ def run_sequential(
     return results
 
 
+def _run_spec(name, dataset, method, batch, seed, hp, hp_id, overrides, pool, n_retention, n_known, ppl_tokens):
+    """What a sequential run is (every round records it; the committed file's spec is this plus its length):
+    JSON data, so a round read back from its file equals the round as measured."""
+    spec = {
+        "kind": "sequential",
+        "format": FORMAT_VERSION,
+        "model": name,
+        "dataset": dataset,
+        "method": method,
+        "batch": batch,
+        "seed": seed,
+        "pool": pool,
+        "hparams_id": hp_id,
+        "hparams_values": hp.to_dict() if hasattr(hp, "to_dict") else None,
+        "value_autocast": getattr(hp, "v_autocast", None) or None,
+        "overrides": {k: v for k, v in (overrides or {}).items() if v is not None and k != "v_autocast"},
+        "n_retention": n_retention,
+        "n_known": n_known,
+        "ppl_tokens": ppl_tokens,
+    }
+    return json.loads(json.dumps(spec, sort_keys=True, default=str))
+
+
 def _put_back(model, originals: dict) -> None:
     with torch.no_grad():
         for n, w0 in originals.items():
             model.get_parameter(n).copy_(w0)
+
+
+_DETAIL = ("records", "weights", "retained", "new_ids", "spec")  # a round's fields that are not one number
 
 
 def sequential_frame(runs) -> pd.DataFrame:
@@ -381,8 +427,59 @@ def sequential_frame(runs) -> pd.DataFrame:
     import pandas as pd
 
     lists = runs.values() if isinstance(runs, dict) else [runs]
-    rows = [{k: v for k, v in r.items() if k not in ("records", "weights")} for rs in lists for r in rs]
+    rows = [{k: v for k, v in r.items() if k not in _DETAIL} for rs in lists for r in rs]
     return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------- the committed result file
+def sequential_results_path(root: str | Path, spec: dict) -> Path:
+    """Where a sequential run's committed file goes: ``<root>/results/<model>/sequential/<method>_r<T>x<b>_seed<s>_
+    hp<hparams id>[_full].jsonl.gz`` (``spec``: a file's spec, with ``rounds``)."""
+    from .runstore import SUFFIX
+
+    full = "_full" if spec.get("pool") == "full" else ""
+    name = f"{spec['method']}_r{spec['rounds']}x{spec['batch']}_seed{spec['seed']}_hp{spec['hparams_id']}{full}"
+    return Path(root) / "results" / spec["model"] / "sequential" / f"{name}{SUFFIX}"
+
+
+def save_sequential_run(rows: list[dict], out_dir: str | Path) -> Path:
+    """Write one :func:`run_sequential` result (its rounds, round 0 first) as a committed run file
+    (:mod:`pmet.runstore`, path :func:`sequential_results_path`), so :mod:`pmet.claims` reads it without a model:
+
+    * spec: the run's (every round records it; ``"kind": "sequential"``) plus ``rounds`` and ``n_edits`` of its
+      last round;
+    * summary: the last round's numbers, ``rounds`` (every round's numbers and per-weight statistics, round 0
+      first) and ``retained`` (``{"neighborhood": [...], "known": [...]}``: per retention prompt, in a fixed order
+      given by the seed, 1 if its top-1 token after the last round is still the unedited model's);
+    * rows: one per edited record, in edit order: ``case_id``, the ``round`` that edited it, and its
+      ``efficacy`` / ``generalization`` / ``specificity`` after the last round.
+    """
+    from .notebook import _finite
+    from .runstore import write_run
+
+    last = rows[-1]
+    spec = dict(last.get("spec") or {})
+    if spec.get("format") != FORMAT_VERSION:
+        raise ValueError("these rounds record no run specification (an earlier format): run them again")
+    if int(last["round"]) < 1:
+        raise ValueError("a sequential run with no finished round has nothing to save")
+    spec.update(rounds=int(last["round"]), n_edits=int(last["n_edits"]), generation=False)
+    scores = last.get("records") or {}
+    parts = ("efficacy", "generalization", "specificity")
+    out_rows = [
+        {"case_id": cid, "round": int(r["round"]), **dict(zip(parts, scores.get(str(cid), [None] * 3)))}
+        for r in rows[1:]
+        for cid in r.get("new_ids") or []
+    ]
+    summary = {k: v for k, v in last.items() if k not in _DETAIL}
+    summary["rounds"] = [{k: v for k, v in r.items() if k not in _DETAIL or k == "weights"} for r in rows]
+    summary["retained"] = last.get("retained") or {}
+    return write_run(sequential_results_path(out_dir, spec), _finite(spec), _finite(summary), _finite(out_rows))
+
+
+def save_sequential_runs(runs: dict[str, list[dict]], out_dir: str | Path) -> list[Path]:
+    """:func:`save_sequential_run` for every method of ``{method: run_sequential(...)}``."""
+    return [save_sequential_run(rows, out_dir) for rows in runs.values()]
 
 
 # ------------------------------------------------------------------------------------- reading the runs
