@@ -127,7 +127,7 @@ def test_committed_tables_each_regenerated_or_named(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     manifest = json.loads((TABLES / "manifest.json").read_text())
     stems = sorted(k.removesuffix(".csv") for k in manifest if k.endswith(".csv"))
-    assert sorted(line.split(":")[0].split(".")[0].removeprefix("tables/").split(" ")[-1] for line in lines) == stems
+    assert sorted(line.split(":")[0].split(".")[0].split(" ")[-1].removeprefix("tables/") for line in lines) == stems
     for line in lines:
         if line.startswith("wrote tables/"):
             stem = line.removeprefix("wrote tables/").split(".")[0]
