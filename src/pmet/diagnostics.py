@@ -42,6 +42,7 @@ from pathlib import Path
 
 FIELD = "value_diagnostics"  # the per-record field in the committed results
 RUN_FILE = "value_diagnostics.json"  # in the run folder
+TABLE_STEM = "value_diagnostics_"  # tables/value_diagnostics_<model>.*
 AT_CLAMP_TOL = 1e-3  # a ratio within this relative distance below the clamp counts as at the clamp
 SITES = ("attn", "mlp", "block")  # table order
 SITE_VECTORS = {"attn": "|δ^a|/|a^L|", "mlp": "|δ^m|/|m^L|", "block": "|δ|/|h^L|"}
@@ -285,7 +286,7 @@ def write_tables(out_dir: str | Path, results: str | Path | None = None) -> list
         df, skipped = diagnostics_frame(runs)
         if not len(df):
             continue
-        name = f"value_diagnostics_{model}"
+        name = f"{TABLE_STEM}{model}"
         cap = caption(model, skipped)
         texts = {
             ".csv": df.to_csv(index=False),

@@ -801,9 +801,12 @@ def regenerate_table(stem: str, entry: dict, recorded: dict | None, runs) -> Reg
     per-record file with the same identity; its summary is recomputed from the rows
     (:func:`pmet.runstore.recomputed_summary`) and the table laid out by its notebook's function, with its
     notebook's caption (:func:`regenerated_caption`). Pure: nothing is read or written."""
+    from .diagnostics import TABLE_STEM
     from .runstore import recomputed_summary, run_identity
 
     kind = table_kind(stem, entry)
+    if kind is None and stem.startswith(TABLE_STEM):
+        return RegeneratedTable(stem, reason="written from the same results by pmet.diagnostics.write_tables instead")
     if kind is None:
         return RegeneratedTable(stem, reason="not made from edit runs (no per-record run files; needs a model)")
     if not recorded:
