@@ -1,6 +1,6 @@
 """Does the fast value path change what an edit scores? float32 against bf16 + ``v_fast`` on 100 val edits.
 
-    python -m benchmarks.fast_vs_float32 --threads 2          # ~25 min on a quiet 2-core machine
+    python -m benchmarks.fast_vs_float32 --threads 2   # took 116 min at --threads 1 beside two other jobs
 
 Issue 20 ("Results must not change"): a fast path that changes numerics must give the same edit outcomes as
 float32 on the value benchmark's requests (``benchmarks.values_speed``) *and* scores within the CIs on 100
