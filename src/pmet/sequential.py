@@ -53,6 +53,7 @@ from tqdm.auto import tqdm
 
 from .experiments import (
     _artifact_id,
+    _has_field,
     _hparams_id,
     method_hparams,
     run_lock,
@@ -404,7 +405,10 @@ def _run_spec(name, dataset, method, batch, seed, hp, hp_id, overrides, pool, n_
         "hparams_id": hp_id,
         "hparams_values": hp.to_dict() if hasattr(hp, "to_dict") else None,
         "value_autocast": getattr(hp, "v_autocast", None) or None,
-        "overrides": {k: v for k, v in (overrides or {}).items() if v is not None and k != "v_autocast"},
+        # the overrides this method has (method_hparams drops the others, e.g. v_fast for ROME)
+        "overrides": {
+            k: v for k, v in (overrides or {}).items() if v is not None and k != "v_autocast" and _has_field(hp, k)
+        },
         "n_retention": n_retention,
         "n_known": n_known,
         "ppl_tokens": ppl_tokens,
