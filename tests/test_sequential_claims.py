@@ -71,6 +71,51 @@ def test_a_tiny_sequential_run_is_saved_and_read_back_by_the_ledger(tiny_models,
     assert "beyond the paper (issue 19)" in md and "results/<model>/sequential/" in md
 
 
+@pytest.mark.usefixtures("one_thread")
+def test_a_committed_run_reads_back_as_run_and_is_reused_only_when_identical(
+    tiny_models, tmp_cache, tmp_path, monkeypatch
+):
+    """load_sequential_run inverts save_sequential_run (same bytes when saved again), and run_sequential(committed=)
+    returns the committed file of exactly its run without editing; any other specification runs."""
+    import pmet.editing
+    from pmet.sequential import (
+        load_sequential_run,
+        run_sequential,
+        save_sequential_run,
+        sequential_claims,
+        sequential_frame,
+    )
+
+    model, tok = tiny_models["tiny-llama"]
+    runs_dir = tmp_path / "runs"
+    rows = run_sequential(model, tok, "memit", rounds=2, batch=2, runs_dir=runs_dir, **SMALL)
+    path = save_sequential_run(rows, tmp_path / "repo")
+    loaded = load_sequential_run(path)
+    assert [r["round"] for r in loaded] == [0, 1, 2] and [r["new_ids"] for r in loaded] == [r["new_ids"] for r in rows]
+    assert loaded[-1]["records"] == rows[-1]["records"] and loaded[-1]["retained"] == rows[-1]["retained"]
+    assert loaded[-1]["spec"] == rows[-1]["spec"] and loaded[1]["weights"] == rows[1]["weights"]
+    assert "records" not in loaded[1]  # the file keeps the last round's per-record values only
+    columns = sorted(sequential_frame(rows).columns)  # the file stores keys sorted
+    assert sequential_frame(loaded)[columns].equals(sequential_frame(rows)[columns])
+    assert sequential_claims({"memit": loaded}) == sequential_claims({"memit": rows})
+    again = save_sequential_run(loaded, tmp_path / "again")
+    assert again.read_bytes() == path.read_bytes()
+
+    calls = []
+    real = pmet.editing.edit
+    monkeypatch.setattr(pmet.editing, "edit", lambda *a, **k: calls.append(1) or real(*a, **k))
+    fresh = tmp_path / "other-runs"  # an empty run cache: only the committed file can answer without editing
+    reused = run_sequential(
+        model, tok, "memit", rounds=2, batch=2, runs_dir=fresh, committed=tmp_path / "repo", **SMALL
+    )
+    assert calls == [] and reused == loaded
+    run_sequential(model, tok, "memit", rounds=1, batch=2, runs_dir=fresh, committed=tmp_path / "repo", **SMALL)
+    assert calls == [1]  # another length: no committed file of that run
+    other = {**SMALL, "n_known": 3}
+    run_sequential(model, tok, "memit", rounds=2, batch=2, runs_dir=fresh, committed=tmp_path / "repo", **other)
+    assert calls == [1, 1, 1]  # another specification with the same file name is not reused
+
+
 def _write_seq(tmp_path, method, eff, gen=None, known=None, seed=0, rounds=2, batch=10, model="m", tag="", **spec):
     """A synthetic sequential run file: ``eff``/``gen`` per edited record, ``known`` per known-fact prompt."""
     n = len(eff)

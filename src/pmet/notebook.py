@@ -39,7 +39,18 @@ from .runspec import RunSpec, artifact_name, config_of, results_path
 
 SMALL_ENV = "PMET_NOTEBOOK_SMALL"
 # parameters that change how or where a notebook runs, not what it computes (not part of a configuration)
-RUNTIME = {"device", "data_dir", "cache_dir", "out_dir", "overwrite", "threads", "batch_size", "max_batch", "small"}
+RUNTIME = {
+    "device",
+    "data_dir",
+    "cache_dir",
+    "out_dir",
+    "overwrite",
+    "threads",
+    "batch_size",
+    "max_batch",
+    "small",
+    "reuse_committed",
+}
 OUT_FOLDER = "out"
 
 

@@ -67,6 +67,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "collapse_point",
+    "load_sequential_run",
     "null_space_dims",
     "perplexity",
     "plot_sequential",
@@ -229,6 +230,7 @@ def run_sequential(
     cache: str | Path | None = None,
     eval_batch_size: int = 32,
     progress: bool = True,
+    committed: str | Path | None = None,
 ) -> list[dict]:
     """``rounds`` rounds of ``batch`` edits with ``method`` on the already edited model (module docstring);
     returns one dict per round, round 0 (unedited) first. The model is left unedited afterwards.
@@ -237,6 +239,10 @@ def run_sequential(
     ``rounds * batch`` of the table's seeded permutation (:func:`pmet.experiments.table_records`), round
     ``t`` (1-based) edits records ``(t-1)*b .. t*b - 1``. Only CounterFact is supported. ``method``: any
     registered editor (ROME applies each round's requests one after another, as it always does).
+
+    ``committed``: a folder holding ``results/`` (e.g. the repository). If it has the committed file of exactly
+    this run (:func:`sequential_results_path`; same ``rounds`` and a specification equal in every field), the
+    run is read from it (:func:`load_sequential_run`, printed) instead of edited and measured again.
     """
     from .editing import edit, get_editor
     from .models import model_fingerprint
@@ -272,6 +278,12 @@ def run_sequential(
     originals = {n: model.get_parameter(n).detach().clone() for n in _edited_weight_names(model, hp)}
     key = json.dumps({"v": FORMAT_VERSION, "model": fp0, "hp": hp_id, "batch": batch, "seed": seed})
     spec = _run_spec(name, dataset, method, batch, seed, hp, hp_id, overrides, pool, n_retention, n_known, ppl_tokens)
+    if committed is not None:
+        stored = _committed_run(committed, spec, rounds, batch)
+        if stored is not None:
+            if progress:
+                print(f"{method}: read from the committed run {stored} (same specification)")
+            return load_sequential_run(stored)
 
     with run_lock(out), contextlib.ExitStack() as restore:
         restore.callback(_put_back, model, originals)
@@ -467,7 +479,7 @@ def save_sequential_run(rows: list[dict], out_dir: str | Path) -> Path:
         raise ValueError("these rounds record no run specification (an earlier format): run them again")
     if int(last["round"]) < 1:
         raise ValueError("a sequential run with no finished round has nothing to save")
-    spec.update(rounds=int(last["round"]), n_edits=int(last["n_edits"]), generation=False)
+    spec = _file_spec(spec, last["round"], last["n_edits"])
     scores = last.get("records") or {}
     parts = ("efficacy", "generalization", "specificity")
     out_rows = [
@@ -478,7 +490,43 @@ def save_sequential_run(rows: list[dict], out_dir: str | Path) -> Path:
     summary = {k: v for k, v in last.items() if k not in _DETAIL}
     summary["rounds"] = [{k: v for k, v in r.items() if k not in _DETAIL or k == "weights"} for r in rows]
     summary["retained"] = last.get("retained") or {}
-    return write_run(sequential_results_path(out_dir, spec), _finite(spec), _finite(summary), _finite(out_rows))
+    return write_run(sequential_results_path(out_dir, spec), spec, _finite(summary), _finite(out_rows))
+
+
+def _file_spec(spec: dict, rounds: int, n_edits: int) -> dict:
+    """A committed file's spec: the rounds' spec plus the run's length (:func:`save_sequential_run`)."""
+    from .notebook import _finite
+
+    return _finite({**spec, "rounds": int(rounds), "n_edits": int(n_edits), "generation": False})
+
+
+def _committed_run(root: str | Path, spec: dict, rounds: int, batch: int) -> Path | None:
+    """The committed file of the run ``spec`` with ``rounds`` rounds under ``root``, if it holds exactly that run."""
+    from .runstore import read_run
+
+    want = _file_spec(spec, rounds, rounds * batch)
+    path = sequential_results_path(root, want)
+    return path if path.exists() and read_run(path).spec == want else None
+
+
+def load_sequential_run(path: str | Path) -> list[dict]:
+    """The rounds of a committed sequential run file, round 0 first, as :func:`run_sequential` returned them
+    (the inverse of :func:`save_sequential_run`: saving them again writes the same bytes). Every round has its
+    numbers, per-weight statistics, edited case ids and spec; the file keeps the per-record values
+    (``records``) and per-prompt retention (``retained``) of the last round only, so only the last round has
+    them -- all that :func:`sequential_frame`, :func:`sequential_claims` and :func:`plot_sequential` read."""
+    from .runstore import read_run
+
+    run = read_run(path)
+    spec = {k: v for k, v in run.spec.items() if k not in ("rounds", "n_edits", "generation")}
+    parts = ("efficacy", "generalization", "specificity")
+    rounds = [dict(r) for r in run.summary["rounds"]]
+    for r in rounds:
+        r["new_ids"] = [row["case_id"] for row in run.rows if row["round"] == r["round"]]
+        r["spec"] = dict(spec)
+    rounds[-1]["records"] = {str(row["case_id"]): [row.get(k) for k in parts] for row in run.rows}
+    rounds[-1]["retained"] = run.summary.get("retained") or {}
+    return rounds
 
 
 def save_sequential_runs(runs: dict[str, list[dict]], out_dir: str | Path) -> list[Path]:
