@@ -266,3 +266,26 @@ def test_runs_of_different_record_pools_are_never_paired(tmp_path):
     eff = eff.set_index("model")
     assert sorted(eff.index) == ["m", "m [full pool]"]
     assert (eff.n_pairs == n).all() and eff.test.str.startswith("exact McNemar (20:0").all()
+
+
+def test_null_space_block_pairs_each_variant_with_its_base(tmp_path):
+    """One batch: MEMIT-ns keeps 15 more records' specificity-like values than MEMIT and never does worse
+    (holds), PMET-ns loses efficacy on 20 records against PMET (does not hold); only the pairs -ns vs base are
+    tested, labelled beyond the paper, with no paper number."""
+    rng = np.random.default_rng(1)
+    n = 60
+    gen = rng.choice([0.0, 0.5, 1.0], n)
+    spec = rng.random(n) * 0.5
+    _run(tmp_path, "memit", _cf_rows([1.0] * n, gen, spec))
+    _run(tmp_path, "memit-ns", _cf_rows([1.0] * n, gen, spec + np.r_[[0.3] * 15, [0.0] * 45]))
+    _run(tmp_path, "pmet", _cf_rows([1.0] * n, gen, spec))
+    _run(tmp_path, "pmet-ns", _cf_rows([1.0] * 40 + [0.0] * 20, gen, spec))
+    ledger = write_claims(tmp_path, n_resamples=999)
+    ns = ledger[ledger.artifact == "Null space"].set_index("claim")
+    assert len(ns) == 8 and (ns.paper == "—").all() and (ns.block == "beyond the paper (issue 19)").all()
+    assert ns.loc["MEMIT-ns (AlphaEdit) > MEMIT on specificity"].verdict == "holds"
+    assert ns.loc["PMET-ns > PMET on efficacy"].verdict == "does not hold"
+    assert ns.loc["PMET-ns > PMET on specificity"].verdict == "inconclusive"  # identical per record
+    assert "60 paired records" in ns.loc["PMET-ns > PMET on efficacy"].ours
+    assert not ledger.claim.str.contains("PMET-ns > MEMIT|MEMIT-ns .* > PMET").any()
+    assert "**Null space**" in (tmp_path / "tables" / "claims.md").read_text()

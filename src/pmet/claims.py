@@ -23,6 +23,10 @@ Rules (also printed in the header of ``claims.md``):
 * A claim without committed per-record runs says **not yet run with per-record results**; where an older
   summary exists in ``tables/*.json`` its marginal means are shown, marked as such: no verdict is given.
 
+* The "Null space" block (beyond the paper, issue 19): one-batch runs of PMET-ns / MEMIT-ns (the null-space
+  projection, AlphaEdit) against PMET / MEMIT on the same records, with the rules above; the direction tested is
+  AlphaEdit's (the projection at least as good on every metric), not a claim of the PMET paper
+  (:func:`null_space_claims`).
 * The "Sequential" block (beyond the paper, issue 19) reads the committed sequential runs
   (``results/<model>/sequential/``, :func:`pmet.sequential.save_sequential_run`): the same tests on the same
   edits and retention prompts after the last round, PMET vs MEMIT and each null-space variant vs its base
@@ -175,6 +179,19 @@ def paper_claims() -> list[Claim]:
     return out
 
 
+NULL_SPACE = "Null space"
+NS_PAIRS = (("pmet-ns", "pmet"), ("memit-ns", "memit"))
+NS_METRICS = ("score", "efficacy", "generalization", "specificity")
+
+
+def null_space_claims() -> list[Claim]:
+    """The "Null space" block -- ours, not the paper's: in one batch of edits, each method with the null-space
+    projection (``-ns``) above the same method without it on Score, efficacy, generalization and specificity
+    (the direction AlphaEdit reports; *does not hold*: the projection costs that metric). Judged on the
+    committed Table 1 runs, with the paper's rules, at every size where both ran (the ledger shows the largest)."""
+    return [Claim(NULL_SPACE, SEQ_BLOCK, "counterfact", a, b, m, 1, "—") for a, b in NS_PAIRS for m in NS_METRICS]
+
+
 # ---- committed runs -------------------------------------------------------------------------------------
 def _index_runs(runs) -> dict:
     """``{(model label, dataset, n_edits): {seed: {method: run}}}`` from run specs (``model``, ``dataset``,
@@ -233,7 +250,10 @@ def _has_values(method) -> bool:
 
 
 def _block_applies(model: str, block: str) -> bool:
-    """Our GPT-J / NeoX runs answer their own block's claims; any other model answers both blocks."""
+    """Our GPT-J / NeoX runs answer their own block's claims; any other model answers both blocks; every model
+    answers the claims beyond the paper."""
+    if block == SEQ_BLOCK:
+        return True
     base = model.split(" ")[0]
     if base in ("gptj", "gpt-j"):
         return block == "GPT-J"
@@ -355,7 +375,7 @@ def detail_frame(results: str | Path, alpha: float = ALPHA, n_resamples: int = 9
     idx = _index_runs(runs)
     cache: dict = {}
     rows = []
-    for c in paper_claims():
+    for c in paper_claims() + null_space_claims():
         groups = defaultdict(list)
         for (label, dataset, n), per_seed in idx.items():
             if (
@@ -810,7 +830,7 @@ def ledger_frame(detail: pd.DataFrame, descriptive: pd.DataFrame, tables: Path) 
                         "block": r.block,
                         "model": r.model,
                         "claim": r.claim,
-                        "paper": "—" if r.artifact == SEQUENTIAL else _paper_text(_claim_like(r)),
+                        "paper": "—" if r.artifact in (SEQUENTIAL, NULL_SPACE) else _paper_text(_claim_like(r)),
                         "ours": f"— ({r.n_edits} edits)",
                         "difference [95% CI]": "",
                         "p (Holm)": "",
@@ -830,7 +850,7 @@ def ledger_frame(detail: pd.DataFrame, descriptive: pd.DataFrame, tables: Path) 
                     "block": r.block,
                     "model": r.model,
                     "claim": r.claim,
-                    "paper": "—" if r.artifact == SEQUENTIAL else _paper_text(_claim_like(r)),
+                    "paper": "—" if r.artifact in (SEQUENTIAL, NULL_SPACE) else _paper_text(_claim_like(r)),
                     "ours": f"{r.mean_a:.1f} vs {r.mean_b:.1f} ({size}, {r.n_pairs} paired {unit}{seeds})",
                     "difference [95% CI]": f"{r.diff:+.1f} [{r.diff_low:+.1f}, {r.diff_high:+.1f}]{spread}",
                     "p (Holm)": f"{_fmt_p(r.p)} ({_fmt_p(r.p_holm)}); {r.test}",
@@ -887,7 +907,17 @@ def ledger_frame(detail: pd.DataFrame, descriptive: pd.DataFrame, tables: Path) 
     order = {
         a: i
         for i, a in enumerate(
-            ["Fig. 2", "Table 1", "Table 2", "Fig. 3", "Table 3", "Fig. 4 / App. A", "Appendix D", SEQUENTIAL]
+            [
+                "Fig. 2",
+                "Table 1",
+                "Table 2",
+                "Fig. 3",
+                "Table 3",
+                "Fig. 4 / App. A",
+                "Appendix D",
+                NULL_SPACE,
+                SEQUENTIAL,
+            ]
         )
     }
     df = pd.DataFrame(
@@ -929,6 +959,10 @@ Rules:
   ratio in [0.8, 1.25]; Fig. 2 similarities) are compared directly, without a test.
 - *not yet run with per-record results*: no committed run file pairs the two editors yet; older marginal means
   from `tables/*.json` are shown where they exist, and no verdict is given.
+- **Null space** (*beyond the paper (issue 19)*; paper column "—"): one batch of edits with the null-space
+  projection (PMET-ns, MEMIT-ns = AlphaEdit) against the same method without it, on the same records, with the
+  tests and Holm correction above; the sign tested is AlphaEdit's (the projection above on every metric), not a
+  claim of the PMET paper.
 - **Sequential** (*beyond the paper (issue 19)*; paper column "—": the paper edits in one batch):
   `notebooks/sequential.ipynb`'s runs (`results/<model>/sequential/`: T rounds of b edits, each on the model the
   earlier rounds left). After the last round, the same edits' per-record efficacy and generalization (all past
