@@ -27,7 +27,7 @@ def test_a_tiny_sequential_run_is_saved_and_read_back_by_the_ledger(tiny_models,
     }
     paths = save_sequential_runs(runs, tmp_path / "out")
     assert [p.relative_to(tmp_path / "out").parts[:3] for p in paths] == [("results", "tiny-llama", "sequential")] * 2
-    assert paths[0].name.startswith("pmet_r2x2_seed0_hp") and paths[0].name.endswith(".jsonl.gz")
+    assert paths[0].name.startswith("pmet_r2x2_seed0_hp") and paths[0].name.endswith("_ret3_known4_ppl512.jsonl.gz")
     assert save_sequential_runs(runs, tmp_path / "out") == paths  # same run, same file
 
     stored = read_run(paths[0])
@@ -113,7 +113,7 @@ def test_a_committed_run_reads_back_as_run_and_is_reused_only_when_identical(
     assert calls == [1]  # another length: no committed file of that run
     other = {**SMALL, "n_known": 3}
     run_sequential(model, tok, "memit", rounds=2, batch=2, runs_dir=fresh, committed=tmp_path / "repo", **other)
-    assert calls == [1, 1, 1]  # another specification with the same file name is not reused
+    assert calls == [1, 1, 1]  # another specification is not reused
 
 
 def _write_seq(tmp_path, method, eff, gen=None, known=None, seed=0, rounds=2, batch=10, model="m", tag="", **spec):

@@ -450,11 +450,17 @@ def sequential_frame(runs) -> pd.DataFrame:
 # ----------------------------------------------------------------------------- the committed result file
 def sequential_results_path(root: str | Path, spec: dict) -> Path:
     """Where a sequential run's committed file goes: ``<root>/results/<model>/sequential/<method>_r<T>x<b>_seed<s>_
-    hp<hparams id>[_full].jsonl.gz`` (``spec``: a file's spec, with ``rounds``)."""
+    hp<hparams id>[_ret<n>_known<n>_ppl<n>][_full].jsonl.gz`` (``spec``: a file's spec, with ``rounds``; the
+    measurement sizes are named only where they differ from :func:`run_sequential`'s defaults, so two runs that
+    measured differently never share a file)."""
     from .runstore import SUFFIX
 
     full = "_full" if spec.get("pool") == "full" else ""
-    name = f"{spec['method']}_r{spec['rounds']}x{spec['batch']}_seed{spec['seed']}_hp{spec['hparams_id']}{full}"
+    sizes = (spec.get("n_retention", 50), spec.get("n_known", 50), spec.get("ppl_tokens", 4096))
+    measured = "" if sizes == (50, 50, 4096) else "_ret{}_known{}_ppl{}".format(*sizes)
+    name = (
+        f"{spec['method']}_r{spec['rounds']}x{spec['batch']}_seed{spec['seed']}_hp{spec['hparams_id']}{measured}{full}"
+    )
     return Path(root) / "results" / spec["model"] / "sequential" / f"{name}{SUFFIX}"
 
 
