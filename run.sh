@@ -82,24 +82,33 @@ run_tests() {
 # hour on a 2-core CPU from a fresh cache (MEND is trained on first use). Stage lines, progress bars with
 # records done/total and ETAs reach the terminal through papermill's --log-output. Outputs go to a fresh,
 # git-ignored folder; nothing committed is touched. Extra arguments go to papermill (e.g. -p n_edits 100).
-MAIN_PARAMS=(-p model smollm2 -p n_edits 50 -p generation False -p value_autocast bfloat16 -p train_mend True -p mend_steps 300
+MAIN_PARAMS=(-p model smollm2 -p n_edits 50 -p generation False -p train_mend True -p mend_steps 300
   -p size_reason "the main job (./run.sh main): 50 edits and a 300-step MEND took 15 min on a 2-core CPU from a fresh cache")
+# bf16 value vectors only where the CPU has bf16 matrix units (AVX-512 BF16 / AMX); without them PyTorch's bf16
+# products are many times slower than float32 (benchmarks/results/bf16_gemm.json), so float32 is used there
+main_precision() {
+  "$VENV/bin/python" -c "import torch; from pmet.models import fast_low_precision as f; print('bfloat16' if f('cpu', torch.bfloat16) else 'float32')"
+}
 main_job() {
   export TOKENIZERS_PARALLELISM=false
-  local out
+  local out precision stem
   out="out/main-$(date +%Y%m%d-%H%M%S)"
   mkdir -p "$out"
-  echo "main job: Table 1 (unedited, FT-W, MEND, ROME, MEMIT, PMET) on smollm2 -> $out/" >&2
+  precision=$(main_precision)
+  stem=table1_smollm2
+  local extra=()
+  if [ "$precision" = bfloat16 ]; then extra=(-p value_autocast bfloat16); stem=table1_smollm2_bfloat16; fi
+  echo "main job: Table 1 (unedited, FT-W, MEND, ROME, MEMIT, PMET) on smollm2, $precision value vectors -> $out/" >&2
   local t0=$SECONDS
   "$VENV/bin/papermill" notebooks/table1.ipynb "$out/table1.ipynb" --cwd notebooks --log-output --progress-bar \
-    "${MAIN_PARAMS[@]}" -p out_dir "$PWD/$out" "$@"
+    "${MAIN_PARAMS[@]}" "${extra[@]}" -p out_dir "$PWD/$out" "$@"
   echo "main job done in $(( (SECONDS - t0) / 60 )) min. Outputs:"
-  echo "  table:              $out/tables/table1_smollm2_bfloat16.md (.csv, .tex; run summaries .json; claims.md)"
-  echo "  figure:             $out/figures/table1_smollm2_bfloat16.png (.pdf)"
+  echo "  table:              $out/tables/$stem.md (.csv, .tex; run summaries .json; claims.md)"
+  echo "  figure:             $out/figures/$stem.png (.pdf)"
   echo "  per-record results: $out/results/smollm2/counterfact/"
   echo "  rendered notebook:  $out/table1.ipynb"
   echo "The full size (1,000 edits with generation; about 11 h on this CPU by benchmarks/results/*.json):"
-  echo "  $VENV/bin/papermill notebooks/table1.ipynb out/table1-full.ipynb --cwd notebooks --log-output -p value_autocast bfloat16"
+  echo "  $VENV/bin/papermill notebooks/table1.ipynb out/table1-full.ipynb --cwd notebooks --log-output ${extra[*]}"
 }
 
 reproduce() {

@@ -137,3 +137,26 @@ def test_fast_option_is_in_the_cache_key_only_when_set():
     assert "v_fast" not in hp.to_dict() and replace(hp, v_fast=True).to_dict()["v_fast"] is True
     with pytest.raises(ValueError, match="v_fast"):
         replace(hp, v_fast="yes")
+
+
+def test_low_precision_warns_only_where_the_cpu_lacks_its_matrix_units(tiny_models, tmp_cache, monkeypatch):
+    """bf16 products on a CPU without bf16 units fall back to PyTorch's reference kernel (17x slower than
+    float32 on an AVX2 machine: benchmarks/results/bf16_gemm.json): bf16 value vectors there warn, with the fix."""
+    import warnings
+
+    import pmet.models
+    from pmet.models import SlowPrecisionWarning, fast_low_precision
+
+    model, tok, reqs, flat, L = _setup(tiny_models)
+    hp = load_hparams("memit", model, v_num_grad_steps=1, v_batch_size=2, v_autocast="bfloat16")
+    monkeypatch.setattr(pmet.models, "_mkldnn_supports", lambda dtype: False)
+    assert not fast_low_precision("cpu", "bfloat16") and fast_low_precision("cpu", torch.float32)
+    assert fast_low_precision("cuda", torch.bfloat16) and fast_low_precision("meta", "float16")
+    with pytest.warns(SlowPrecisionWarning, match="value_autocast=None"):
+        compute_values(model, tok, reqs, hp, flat, L, use_cache=False, progress=False)
+    monkeypatch.setattr(pmet.models, "_mkldnn_supports", lambda dtype: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SlowPrecisionWarning)
+        compute_values(model, tok, reqs, hp, flat, L, use_cache=False, progress=False)
+        monkeypatch.setattr(pmet.models, "_mkldnn_supports", lambda dtype: False)
+        compute_values(model, tok, reqs, replace(hp, v_autocast=None), flat, L, use_cache=False, progress=False)

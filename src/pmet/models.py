@@ -247,6 +247,47 @@ def load_model(
     return model, tok
 
 
+class SlowPrecisionWarning(UserWarning):
+    """A low-precision option (bf16/fp16 value vectors or sampling) on a device without fast kernels for it."""
+
+
+def _mkldnn_supports(dtype: torch.dtype) -> bool:
+    """Whether oneDNN has fast CPU matrix products in ``dtype`` on this CPU (bf16: AVX-512 BF16 or AMX; fp16:
+    AVX-512 FP16 or AMX-FP16). Without them PyTorch multiplies bf16/fp16 matrices with its reference kernel."""
+    try:
+        if dtype == torch.bfloat16:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        if dtype == torch.float16:
+            return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    except (AttributeError, RuntimeError):  # a PyTorch without these probes: assume the fast kernels
+        return True
+    return True
+
+
+def fast_low_precision(device, dtype: torch.dtype | str) -> bool:
+    """Whether matrix products in ``dtype`` are fast on ``device``: always on accelerators; on a CPU only with
+    bf16/fp16 matrix units (:func:`_mkldnn_supports`). On an AVX2-only CPU a bf16 product and its backward ran
+    17x slower than in float32 (``benchmarks/results/bf16_gemm.json``), so bf16 autocast there is a slowdown."""
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    if torch.device(device).type != "cpu" or dtype not in (torch.bfloat16, torch.float16):
+        return True
+    return _mkldnn_supports(dtype)
+
+
+def warn_slow_low_precision(device, dtype: torch.dtype | str, what: str) -> None:
+    """Warn (:class:`SlowPrecisionWarning`) when ``what`` (e.g. "value vectors") is asked to run in ``dtype`` on a
+    device where that is slower than float32 (:func:`fast_low_precision`); the results are still correct."""
+    if not fast_low_precision(device, dtype):
+        name = dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
+        warnings.warn(
+            f"{what} in {name} on a CPU without {name} matrix units ({torch.backends.cpu.get_cpu_capability()}): "
+            "PyTorch falls back to a reference kernel, many times slower than float32 (17x for a product and its "
+            "backward on an AVX2 CPU: benchmarks/results/bf16_gemm.json); keep float32 (value_autocast=None) here",
+            SlowPrecisionWarning,
+            stacklevel=3,
+        )
+
+
 def model_fingerprint(model: nn.Module) -> str:
     """A short id of the model's identity for cache keys: name + config + a checksum of a few weights.
 

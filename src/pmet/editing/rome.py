@@ -259,6 +259,10 @@ def apply_rome(
     ckpt_key = _checkpoint_key(hp, name, originals[name]) if ckpt_path is not None else ""
     stored = load_checkpoint(ckpt_path, ckpt_key, reqs)
     in_hook = [0.0]  # seconds spent in on_step (the caller's evaluations), not editing time
+    if hp.v_autocast:
+        from ..models import warn_slow_low_precision
+
+        warn_slow_low_precision(W.device, hp.v_autocast, "ROME's value vectors")
     attn = attention_implementation(model, "eager") if hp.v_autocast else contextlib.nullcontext()
 
     def apply(f, v, k_r, info, secs):

@@ -65,7 +65,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..hooks import Trace
-from ..models import model_fingerprint
+from ..models import model_fingerprint, warn_slow_low_precision
 from ..paths import cache_dir as default_cache_dir
 from ..tensor_cache import load_entry, save_entry
 from .hparams import EditHparams
@@ -404,6 +404,8 @@ def compute_values(
     rebuilt = {i for b in batches for i in b}
     rest = [i for i in todo if i not in rebuilt]
     batches += [rest[s : s + hp.v_batch_size] for s in range(0, len(rest), hp.v_batch_size)]
+    if hp.v_autocast and todo:
+        warn_slow_low_precision(device, hp.v_autocast, "value vectors")
     attn = attention_implementation(model, "eager") if hp.v_autocast else contextlib.nullcontext()
     # under autocast the matrices of blocks L..end are cast once here rather than at every use (same numbers)
     blocks = low_precision_blocks(model, layer, getattr(torch, hp.v_autocast)) if hp.v_autocast and todo else None

@@ -115,6 +115,9 @@ def generate_fast(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if dtype is not None:
+        from ..models import warn_slow_low_precision
+
+        warn_slow_low_precision(next(model.parameters()).device, dtype, "sampling")
         model = _cast_copy(model, dtype)
     use_fast = fast_path_ok(model) if fast is None else bool(fast)
     parts = body_and_head(model) if use_fast else None
