@@ -28,3 +28,45 @@ def test_damaged_file_named(tmp_path):
         read_run(p)
     with pytest.raises(ValueError, match="end with"):
         write_run(tmp_path / "x.json", {}, {}, [])
+
+
+def test_a_committed_run_is_read_instead_of_run_and_only_when_it_is_that_run(
+    tiny_models, tmp_cache, tmp_path, monkeypatch
+):
+    """``committed=``: a run whose committed per-record file (same path, same identity, every record) exists is
+    read into the empty cache -- nothing edited or evaluated -- and the notebooks write the same file from it;
+    another run, or a file that is not exactly that run, is run as before."""
+    import pmet.editing
+    import pmet.evaluation
+    from pmet.diagnostics import FIELD, read_run_diagnostics
+    from pmet.experiments import run_edit_eval
+    from pmet.notebook import Notebook
+    from pmet.runspec import RunSpec
+
+    model, tok = tiny_models["tiny-llama"]
+    spec = RunSpec("tiny-llama", "pmet", n_edits=3, overrides=(("v_num_grad_steps", 5),))
+    summary = run_edit_eval(model, tok, spec, progress=False)
+    repo = tmp_path / "repo"
+    (path,) = Notebook("t", {"out_dir": str(repo)}).save_runs({"tiny-llama": {"pmet": summary}})
+    committed = path.read_bytes()
+
+    monkeypatch.setenv("PMET_CACHE_DIR", str(tmp_path / "fresh"))  # a fresh machine: nothing cached
+    monkeypatch.setattr(pmet.editing, "edit", lambda *a, **k: pytest.fail("edited again"))
+    monkeypatch.setattr(pmet.evaluation, "evaluate_counterfact", lambda *a, **k: pytest.fail("evaluated again"))
+    again = run_edit_eval(model, tok, spec, progress=False, committed=repo)
+    assert again == read_run(path).summary
+    folder = next((tmp_path / "fresh" / "runs").rglob("summary.json")).parent
+    assert len(read_run_diagnostics(folder)) == 3 and all(FIELD in r for r in read_run(path).rows)
+    (path2,) = Notebook("t", {"out_dir": str(tmp_path / "b")}).save_runs({"tiny-llama": {"pmet": again}})
+    assert path2.read_bytes() == committed  # the committed file, written again from the cache it filled
+
+    other = spec.replace(overrides=(("v_num_grad_steps", 4),))  # another run: not in the repository
+    with pytest.raises(pytest.fail.Exception, match="edited again"):
+        run_edit_eval(model, tok, other, progress=False, committed=repo)
+    # the file at the run's path but not that run (one record short; another seed): run, not read
+    stored = read_run(path)
+    for bad in ({"rows": stored.rows[:2]}, {"spec": {**stored.spec, "seed": 1}}):
+        write_run(path, bad.get("spec", stored.spec), stored.summary, bad.get("rows", stored.rows))
+        monkeypatch.setenv("PMET_CACHE_DIR", str(tmp_path / f"fresh{len(bad)}{'spec' in bad}"))
+        with pytest.raises(pytest.fail.Exception, match="edited again"):
+            run_edit_eval(model, tok, spec, progress=False, committed=repo)

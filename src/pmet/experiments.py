@@ -33,8 +33,16 @@ import torch
 
 from .diagnostics import save_run_diagnostics, value_diagnostics, write_run_diagnostics
 from .editing import UNEDITED, MethodUnavailable, get_editor, load_hparams, sequential_methods
-from .runcache import EditedWeights, read_summary, run_folder, run_lock, trajectory_path, write_summary
-from .runspec import RunSpec
+from .runcache import (
+    EditedWeights,
+    read_summary,
+    run_folder,
+    run_lock,
+    seed_from_committed,
+    trajectory_path,
+    write_summary,
+)
+from .runspec import RunSpec, results_path
 
 POOL_SUBSET, POOL_FULL = "subset", "full"
 COMPLETE_FILES = {"counterfact": "counterfact.json", "zsre": "zsre_mem_eval.json"}  # the paper's complete sets
@@ -241,6 +249,7 @@ def run_edit_eval(
     cache: str | Path | None = None,
     eval_batch_size: int = 32,
     progress: bool = True,
+    committed: str | Path | None = None,
 ) -> dict:
     """Run ``spec`` (edit its ``n_edits`` records with its method, ``"none"`` = unedited; evaluate; restore) on
     the loaded ``model``/``tok``; return the summary.
@@ -257,11 +266,21 @@ def run_edit_eval(
     The summary holds the metrics in percent with 95% intervals (the per-metric rule of
     :func:`pmet.evaluation.stats.metric_ci`) and their n's, the editor's timings, ``delta_norms``
     (Frobenius norm of Δ per edited weight, for Fig. 4) and ``spec``.
+
+    ``committed``: a folder holding ``results/`` (e.g. the repository). Where the cache has no finished run
+    but that folder has the committed per-record file of exactly this run (:func:`committed_run`: same path,
+    same identity), the run is read from the file into the cache (printed) instead of edited and evaluated
+    again: adding one editor to a committed table then costs that editor only.
     """
     from . import distributed
     from .editing import edit
 
     if distributed.world_size() > 1:  # torchrun: values and evaluation shard over the ranks
+        if committed is not None:
+            raise ValueError(
+                "committed= (reading committed runs) runs in one process, not under torchrun: read them once "
+                "without torchrun (they are then in the cache), and torchrun the rest"
+            )
         return distributed.run_edit_eval_sharded(
             model,
             tok,
@@ -284,6 +303,10 @@ def run_edit_eval(
         if done is not None:
             _stage(progress, run.spec, "done (cached)")
             return _completed(done, run)
+        stored = committed_run(committed, run, len(records)) if committed is not None else None
+        if stored is not None:
+            _stage(progress, run.spec, f"read from the committed run {_shown(stored.path, committed)}")
+            return seed_from_committed(run.folder, stored, run.meta)
         if spec.method == UNEDITED:
             _stage(progress, run.spec, f"evaluating {len(records)} records")
             return _evaluate_and_save(model, tok, records, run, eval_batch_size, progress)
@@ -313,6 +336,32 @@ def run_edit_eval(
             edited.restore()
         saved.path.unlink(missing_ok=True)  # complete: the summary is the result
         return summary
+
+
+def committed_run(root: str | Path, run: SimpleNamespace, n_records: int | None = None):
+    """The committed per-record file of ``run`` (:func:`locate`) under ``root`` as a
+    :class:`pmet.runstore.StoredRun`, if the file at its path (:func:`pmet.runspec.results_path`) holds exactly
+    this run: the same identity (:func:`pmet.runstore.run_identity`: model, dataset, method, size, seed, value
+    precision, generation, pool, hyperparameter id, overrides) and, given ``n_records``, that many rows.
+    Else None."""
+    from .runstore import read_run, run_identity
+
+    path = results_path(root, run.spec, run.hp_id)
+    if not path.exists():
+        return None
+    stored = read_run(path)
+    want = run_identity({**run.spec.to_dict(), "hparams_id": run.hp_id})
+    if run_identity(stored.spec) != want or (n_records is not None and len(stored.rows) != n_records):
+        return None
+    return stored
+
+
+def _shown(path: Path, root) -> str:
+    """``path`` relative to ``root`` where it lies inside it (the repository's results/...), else as given."""
+    try:
+        return str(Path(path).resolve().relative_to(Path(root).resolve()))
+    except ValueError:
+        return str(path)
 
 
 def _evaluate_and_save(

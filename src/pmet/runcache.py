@@ -92,6 +92,26 @@ def records_in_order(folder: Path, case_ids: list) -> list[dict]:
     return [by_id[c] for c in case_ids]
 
 
+def seed_from_committed(folder: Path, stored, meta: dict | None = None) -> dict:
+    """Fill the run folder ``folder`` from a committed run file's contents ``stored``
+    (:class:`pmet.runstore.StoredRun`): its rows as ``records.jsonl`` (with ``meta``), their value diagnostics
+    as ``value_diagnostics.json`` (where the rows carry them) and its summary as ``summary.json`` (last: the run
+    is then complete). Whatever reads the run folder afterwards -- the notebooks' per-record files included --
+    sees the committed run. Returns the summary."""
+    from .diagnostics import FIELD, write_run_diagnostics
+    from .evaluation.results import ResultsFile
+
+    folder = Path(folder)
+    (folder / "records.jsonl").unlink(missing_ok=True)  # a partial evaluation is replaced, not mixed in
+    rows = [{k: v for k, v in r.items() if k != FIELD} for r in stored.rows]
+    ResultsFile(folder / "records.jsonl", meta).append(rows)
+    diags = [{"case_id": r["case_id"], **r[FIELD]} for r in stored.rows if r.get(FIELD) is not None]
+    if diags:
+        write_run_diagnostics(folder, diags, stored.spec.get("method"))
+    write_summary(folder, stored.summary)
+    return stored.summary
+
+
 class EditedWeights:
     """The weights an edit changed, saved in its run folder so the evaluation can resume without editing
     again. ``load`` puts them into the model (exact copies) and returns a handle whose ``restore()`` puts the
