@@ -33,6 +33,7 @@ import torch
 
 from .diagnostics import save_run_diagnostics, value_diagnostics, write_run_diagnostics
 from .editing import UNEDITED, MethodUnavailable, get_editor, load_hparams, sequential_methods
+from .paths import shown
 from .runcache import (
     EditedWeights,
     read_summary,
@@ -305,7 +306,7 @@ def run_edit_eval(
             return _completed(done, run)
         stored = committed_run(committed, run, len(records)) if committed is not None else None
         if stored is not None:
-            _stage(progress, run.spec, f"read from the committed run {_shown(stored.path, committed)}")
+            _stage(progress, run.spec, f"read from the committed run {shown(stored.path, committed)}")
             return seed_from_committed(run.folder, stored, run.meta)
         if spec.method == UNEDITED:
             _stage(progress, run.spec, f"evaluating {len(records)} records")
@@ -354,14 +355,6 @@ def committed_run(root: str | Path, run: SimpleNamespace, n_records: int | None 
     if run_identity(stored.spec) != want or (n_records is not None and len(stored.rows) != n_records):
         return None
     return stored
-
-
-def _shown(path: Path, root) -> str:
-    """``path`` relative to ``root`` where it lies inside it (the repository's results/...), else as given."""
-    try:
-        return str(Path(path).resolve().relative_to(Path(root).resolve()))
-    except ValueError:
-        return str(path)
 
 
 def _evaluate_and_save(

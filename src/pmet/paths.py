@@ -12,6 +12,15 @@ def in_source_checkout() -> bool:
     return (REPO_ROOT / "pyproject.toml").exists()
 
 
+def shown(path: str | os.PathLike, root: str | os.PathLike) -> str:
+    """``path`` relative to ``root`` where it lies inside it (a committed file as ``results/...``), else as given:
+    how messages name a file of the repository."""
+    try:
+        return str(Path(path).resolve().relative_to(Path(root).resolve()))
+    except ValueError:
+        return str(path)
+
+
 def data_dir() -> Path:
     """``$PMET_DATA_DIR``; else the shared copy ``<repo>/../shared/data`` when it exists; else ``<repo>/data``
     (``~/.cache/pmet/data`` outside a source checkout). Missing files are downloaded there (see pmet.data)."""

@@ -60,7 +60,7 @@ from .experiments import (
     table_records,
     table_selection,
 )
-from .paths import cache_dir
+from .paths import cache_dir, shown
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -282,7 +282,7 @@ def run_sequential(
         stored = _committed_run(committed, spec, rounds, batch)
         if stored is not None:
             if progress:
-                print(f"{method}: read from the committed run {stored} (same specification)")
+                print(f"{method}: read from the committed run {shown(stored, committed)} (same specification)")
             return load_sequential_run(stored)
 
     with run_lock(out), contextlib.ExitStack() as restore:
