@@ -102,7 +102,8 @@ def seed_from_committed(folder: Path, stored, meta: dict | None = None) -> dict:
     from .evaluation.results import ResultsFile
 
     folder = Path(folder)
-    (folder / "records.jsonl").unlink(missing_ok=True)  # a partial evaluation is replaced, not mixed in
+    for partial in ("records.jsonl", "edited_weights.safetensors"):  # an interrupted run's files: replaced
+        (folder / partial).unlink(missing_ok=True)
     rows = [{k: v for k, v in r.items() if k != FIELD} for r in stored.rows]
     ResultsFile(folder / "records.jsonl", meta).append(rows)
     diags = [{"case_id": r["case_id"], **r[FIELD]} for r in stored.rows if r.get(FIELD) is not None]
