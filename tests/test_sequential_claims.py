@@ -216,3 +216,11 @@ def test_the_ledger_says_when_no_sequential_run_is_committed(tmp_path):
         "2 after round 1, 4 after round 2: x2.00"
     )
     assert len(seq[seq.verdict == "not yet run with per-record results"]) == 3  # no pair of editors ran
+
+    # a block holding only editors of no pair (ROME, whose spec has no v_fast: a block of its own) misses nothing
+    _write_seq(tmp_path, "rome", [1.0] * 20, tag="_rome", overrides={"v_fast": False})
+    ledger = write_claims(tmp_path, n_resamples=99)
+    seq = ledger[ledger.artifact == SEQUENTIAL]
+    rome = seq[seq.model != "m"]
+    assert len(rome) == 2 and rome.claim.str.startswith("ROME: ").all()
+    assert len(seq[seq.verdict == "not yet run with per-record results"]) == 3  # still PMET's three pairs

@@ -677,7 +677,7 @@ def sequential_descriptive(runs) -> list[dict]:
 
 def _seq_missing_rows(detail: pd.DataFrame, descriptive: pd.DataFrame) -> list[dict]:
     """Ledger rows for Sequential claims no committed run answers: one line when there is no sequential run at
-    all, else one per model and pair of editors not both run."""
+    all, else one per model and pair of editors not both run (none for a block where no editor of a pair ran)."""
     blank = {"artifact": SEQUENTIAL, "block": SEQ_BLOCK, "paper": "—", "ours": "—", "difference [95% CI]": ""}
     blank.update({"p (Holm)": "", "verdict": "not yet run with per-record results"})
     seq = detail[detail.artifact == SEQUENTIAL] if len(detail) else pd.DataFrame(columns=["model", "claim"])
@@ -694,6 +694,12 @@ def _seq_missing_rows(detail: pd.DataFrame, descriptive: pd.DataFrame) -> list[d
     rows = []
     for label in sorted(models):
         have = set(seq[seq.model == label].claim)
+        ran = set()  # the editors with a run in this block (their descriptive lines are "<editor>: ...")
+        if len(descriptive):
+            d = descriptive[(descriptive.artifact == SEQUENTIAL) & (descriptive.model == label)]
+            ran = {c.split(":")[0] for c in d.claim}
+        if ran and not ran & {DISPLAY.get(m, m) for pair in SEQ_PAIRS for m in pair}:
+            continue  # no editor of any pair ran in this block (e.g. ROME's, whose spec has no v_fast)
         for a, b in SEQ_PAIRS:
             texts = {_seq_text(c) for c in sequential_claim_list() if (c.a, c.b) == (a, b)}
             if not texts & have:
