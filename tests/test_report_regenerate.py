@@ -8,8 +8,7 @@ import pandas as pd
 import pytest
 
 from pmet.paths import REPO_ROOT
-from pmet.report import DISPLAY, fmt_ci, recorded_identity
-from pmet.runstore import iter_runs, read_run, recomputed_summary, run_identity, write_run
+from pmet.runstore import iter_runs, read_run, recomputed_summary, write_run
 
 RESULTS = REPO_ROOT / "results"
 TABLES = REPO_ROOT / "tables"
@@ -62,8 +61,10 @@ def test_regenerated_table_equals_the_notebooks_and_a_changed_record_changes_it(
     from pmet.cli import main
 
     shutil.copytree(RESULTS, tmp_path / "results")
-    runs = [
-        r for r in iter_runs(tmp_path / "results", n_edits=100) if r.spec["method"] in ("none", "ft", "memit", "pmet")
+    runs = [  # the four runs without generation (the six with it make the committed Table 1)
+        r
+        for r in iter_runs(tmp_path / "results", n_edits=100, generation=False)
+        if r.spec["method"] in ("none", "ft", "memit", "pmet")
     ]
     stem = _notebook_table(tmp_path, runs)
     before = {ext: stem.with_suffix(ext).read_text() for ext in (".csv", ".md", ".tex")}
@@ -115,8 +116,7 @@ def test_a_table_whose_runs_lack_files_is_named_with_the_reason(tmp_path):
 def test_committed_tables_each_regenerated_or_named(tmp_path, capsys):
     """From the committed run files and the committed tables' records (manifest + summaries; the committed CSVs
     are not copied): every committed table gets one line; a regenerated one equals the committed CSV; Table 1
-    (smollm2, bf16) is named -- its ROME and MEND rows have no per-record files and its other rows were evaluated
-    with generation (fluency, consistency), their committed files without."""
+    (smollm2, bf16) is one of them."""
     from pmet.cli import main
 
     (tmp_path / "tables").mkdir()
@@ -132,37 +132,6 @@ def test_committed_tables_each_regenerated_or_named(tmp_path, capsys):
         if line.startswith("wrote tables/"):
             stem = line.removeprefix("wrote tables/").split(".")[0]
             assert (tmp_path / "tables" / f"{stem}.csv").read_text() == (TABLES / f"{stem}.csv").read_text(), stem
-    t1 = next(line for line in lines if line.startswith(f"tables/{TABLE1}:"))
-    assert "not regenerated" in t1 and "ROME" in t1 and "MEND" in t1 and "differs in generation" in t1
-    assert not (tmp_path / "tables" / f"{TABLE1}.csv").exists()
-
-
-@needs_committed_runs
-def test_committed_table1_cells_follow_from_the_per_record_files():
-    """The committed Table 1 (smollm2, bf16, written 2026-12-01 with normal-approximation intervals, "mean
-    (half-width)" cells) and the committed per-record files agree: for each row with a file (same run but
-    without generation), efficacy/generalization/specificity and the Score recomputed from the records under the
-    rule the table was made with equal the committed cells."""
-    from pmet.evaluation import summarize_counterfact
-
-    table = pd.read_csv(TABLES / f"{TABLE1}.csv").set_index("Editor")
-    recorded = json.loads((TABLES / f"{TABLE1}.json").read_text())["smollm2"]
-    runs = {run_identity(r.spec): r for r in iter_runs(RESULTS)}
-    checked = []
-    for method, s in recorded.items():
-        want = recorded_identity(s)
-        run = runs.get(want[:6] + (False,) + want[7:])  # the identity with generation off
-        if run is None:
-            continue
-        normal = summarize_counterfact(run.rows, ci="normal")
-        row = table.loc["smollm2" if method == "none" else DISPLAY[method]]
-        for col, key in (
-            ("Efficacy", "efficacy"),
-            ("Generalization", "generalization"),
-            ("Specificity", "specificity"),
-        ):
-            lo, hi = normal[f"{key}_ci"]
-            assert row[col] == fmt_ci(normal[key], (hi - lo) / 2), (method, col)
-        assert float(row["Score"]) == pytest.approx(normal["score"], abs=0.05)
-        checked.append(method)
-    assert sorted(checked) == ["ft", "memit", "none", "pmet"]
+    # Table 1 (smollm2, bf16, 100 edits with generation): all six editors' runs are committed, so it is rebuilt,
+    # equal to the committed CSV (checked above)
+    assert any(line.startswith(f"wrote tables/{TABLE1}") for line in lines), lines
