@@ -155,6 +155,7 @@ def _merge_rank_files(out: Path, records) -> None:
     """Append the rows of every per-rank file to ``records.jsonl`` in ``records`` order (rows already there are
     kept), then delete the per-rank files."""
     from .evaluation.results import ResultsFile, load_results
+    from .runcache import RECORDS
 
     files = _rank_files(out)
     if not files:
@@ -164,7 +165,7 @@ def _merge_rank_files(out: Path, records) -> None:
         m, rs = load_results(f)
         meta = meta or m
         rows.update((r["case_id"], r) for r in rs)
-    store = ResultsFile(out / "records.jsonl", meta)
+    store = ResultsFile(out / RECORDS, meta)
     done = store.done_ids()
     store.append([rows[r.case_id] for r in records if r.case_id in rows and r.case_id not in done])
     for f in files:
@@ -174,8 +175,9 @@ def _merge_rank_files(out: Path, records) -> None:
 def _evaluate_shard(model, tok, records, dataset, out: Path, meta, generation, eval_batch_size, progress) -> None:
     from .evaluation import evaluate_counterfact, evaluate_zsre
     from .evaluation.results import load_results
+    from .runcache import RECORDS
 
-    main = out / "records.jsonl"
+    main = out / RECORDS
     done = {r["case_id"] for r in load_results(main)[1]} if main.exists() else set()
     todo = [r for r in records if r.case_id not in done]
     mine = [todo[i] for b in shard_batches(len(todo), eval_batch_size, rank(), world_size()) for i in b]
@@ -205,7 +207,7 @@ def run_edit_eval_sharded(
     from .diagnostics import save_run_diagnostics
     from .editing import edit
     from .editing.hparams import METHODS
-    from .runcache import EditedWeights, run_lock, trajectory_path
+    from .runcache import EDITED_WEIGHTS, SUMMARY, EditedWeights, run_lock, trajectory_path
 
     r, k = rank(), world_size()
     method = spec.method
@@ -214,7 +216,7 @@ def run_edit_eval_sharded(
     run = ex.locate(model, spec, hp, runs_dir, cache, pool)
     out = run.folder
     trajectory = trajectory_path(run.spec, ex._hparams_id(hp), runs_dir) if method in ex.SEQUENTIAL else None
-    summary_path = out / "summary.json"
+    summary_path = out / SUMMARY
     with contextlib.ExitStack() as locks:
         if r == 0:
             if trajectory is not None:
@@ -225,7 +227,7 @@ def run_edit_eval_sharded(
         t0 = time.perf_counter()
         edited = None
         if method != ex.UNEDITED:
-            saved = EditedWeights(out / "edited_weights.safetensors", model, run.hp_id)
+            saved = EditedWeights(out / EDITED_WEIGHTS, model, run.hp_id)
             edited = saved.load() if r == 0 else None
             if broadcast(edited is None if r == 0 else None):  # not edited yet
                 if method in METHODS:

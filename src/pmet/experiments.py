@@ -35,6 +35,8 @@ from .diagnostics import save_run_diagnostics, value_diagnostics, write_run_diag
 from .editing import UNEDITED, MethodUnavailable, get_editor, load_hparams, sequential_methods
 from .paths import shown
 from .runcache import (
+    EDITED_WEIGHTS,
+    RECORDS,
     EditedWeights,
     read_summary,
     run_folder,
@@ -312,7 +314,7 @@ def run_edit_eval(
             _stage(progress, run.spec, f"evaluating {len(records)} records")
             return _evaluate_and_save(model, tok, records, run, eval_batch_size, progress)
 
-        saved = EditedWeights(run.folder / "edited_weights.safetensors", model, run.hp_id)
+        saved = EditedWeights(run.folder / EDITED_WEIGHTS, model, run.hp_id)
         edited = saved.load()
         if edited is None:
             _stage(progress, run.spec, f"editing {len(records)} records")
@@ -374,7 +376,7 @@ def _evaluate_and_save(
             records,
             batch_size=eval_batch_size,
             generation=spec.generation,
-            out_path=out / "records.jsonl",
+            out_path=out / RECORDS,
             progress=progress,
             meta=run.meta,
         )
@@ -386,7 +388,7 @@ def _evaluate_and_save(
             tok,
             records,
             batch_size=eval_batch_size,
-            out_path=out / "records.jsonl",
+            out_path=out / RECORDS,
             progress=progress,
             meta=run.meta,
         )

@@ -21,6 +21,10 @@ import torch
 from .paths import cache_dir
 from .runspec import RunSpec
 
+RECORDS = "records.jsonl"  # a run folder's per-record rows (module docstring)
+SUMMARY = "summary.json"  # written last: the run is complete
+EDITED_WEIGHTS = "edited_weights.safetensors"  # kept only while an evaluation is incomplete
+
 
 def runs_root(runs_dir=None) -> Path:
     """``runs_dir`` or ``$PMET_CACHE_DIR/runs``."""
@@ -68,13 +72,13 @@ def run_lock(path: Path):
 
 def read_summary(folder: Path) -> dict | None:
     """The run's summary, or None while the run is not complete."""
-    path = Path(folder) / "summary.json"
+    path = Path(folder) / SUMMARY
     return json.loads(path.read_text()) if path.exists() else None
 
 
 def write_summary(folder: Path, summary: dict) -> None:
     """Write ``summary.json`` atomically (written last: it marks the run complete)."""
-    path = Path(folder) / "summary.json"
+    path = Path(folder) / SUMMARY
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(summary, indent=1, sort_keys=True, default=str))
     os.replace(tmp, path)
@@ -84,11 +88,11 @@ def records_in_order(folder: Path, case_ids: list) -> list[dict]:
     """The per-record rows of a complete run, in the order of ``case_ids`` (the run's record order)."""
     from .evaluation.results import load_results
 
-    _, rows = load_results(Path(folder) / "records.jsonl")
+    _, rows = load_results(Path(folder) / RECORDS)
     by_id = {r["case_id"]: r for r in rows}
     missing = [c for c in case_ids if c not in by_id]
     if missing:
-        raise ValueError(f"{folder}/records.jsonl lacks {len(missing)} of the run's records (first: {missing[0]})")
+        raise ValueError(f"{folder}/{RECORDS} lacks {len(missing)} of the run's records (first: {missing[0]})")
     return [by_id[c] for c in case_ids]
 
 
@@ -102,10 +106,10 @@ def seed_from_committed(folder: Path, stored, meta: dict | None = None) -> dict:
     from .evaluation.results import ResultsFile
 
     folder = Path(folder)
-    for partial in ("records.jsonl", "edited_weights.safetensors"):  # an interrupted run's files: replaced
+    for partial in (RECORDS, EDITED_WEIGHTS):  # an interrupted run's files: replaced
         (folder / partial).unlink(missing_ok=True)
     rows = [{k: v for k, v in r.items() if k != FIELD} for r in stored.rows]
-    ResultsFile(folder / "records.jsonl", meta).append(rows)
+    ResultsFile(folder / RECORDS, meta).append(rows)
     diags = [{"case_id": r["case_id"], **r[FIELD]} for r in stored.rows if r.get(FIELD) is not None]
     if diags:
         write_run_diagnostics(folder, diags, stored.spec.get("method"))
