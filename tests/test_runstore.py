@@ -70,3 +70,39 @@ def test_a_committed_run_is_read_instead_of_run_and_only_when_it_is_that_run(
         monkeypatch.setenv("PMET_CACHE_DIR", str(tmp_path / f"fresh{len(bad)}{'spec' in bad}"))
         with pytest.raises(pytest.fail.Exception, match="edited again"):
             run_edit_eval(model, tok, spec, progress=False, committed=repo)
+
+
+def test_a_sweep_reads_its_committed_points(tiny_models, tmp_path, monkeypatch):
+    """``run_sweep(..., committed=)``: each committed point is read, not run; for ROME (one trajectory for all
+    points) a missing point still runs, and a point read from its file is the same as the one it ran."""
+    import pmet.editing
+    from pmet.experiments import run_sweep
+    from pmet.notebook import Notebook
+    from pmet.runspec import RunSpec
+
+    model, tok = tiny_models["tiny-gptj"]
+    monkeypatch.setenv("PMET_CACHE_DIR", str(tmp_path / "first"))
+    specs = {m: RunSpec("tiny-gptj", m, overrides=(("v_num_grad_steps", 3),)) for m in ("rome", "memit")}
+    swept = {}
+    for m, spec in specs.items():
+        swept.update({(n, m): s for n, s in run_sweep(model, tok, spec, [1, 2], progress=False).items()})
+    repo = tmp_path / "repo"
+    paths = Notebook("t", {"out_dir": str(repo)}).save_runs(swept)
+    assert len(paths) == 4
+
+    monkeypatch.setenv("PMET_CACHE_DIR", str(tmp_path / "fresh"))  # a fresh machine: nothing cached
+    real_edit = pmet.editing.edit
+    monkeypatch.setattr(pmet.editing, "edit", lambda *a, **k: pytest.fail("edited again"))
+    for m, spec in specs.items():
+        again = run_sweep(model, tok, spec, [1, 2], progress=False, committed=repo)
+        assert again == {n: read_run(p).summary for p in paths for n in (1, 2) if f"{m}_n{n}_" in p.name}
+
+    # ROME with only its first point committed: the trajectory runs to 2 (edits), point 1 comes from the file
+    next(p for p in paths if "rome_n2_" in p.name).unlink()
+    monkeypatch.setenv("PMET_CACHE_DIR", str(tmp_path / "fresh2"))
+    calls = []
+    monkeypatch.setattr(pmet.editing, "edit", lambda *a, **k: calls.append(len(a[2])) or real_edit(*a, **k))
+    again = run_sweep(model, tok, specs["rome"], [1, 2], progress=False, committed=repo)
+    assert calls == [2] and again[1] == read_run(next(p for p in paths if "rome_n1_" in p.name)).summary
+    for key in ("efficacy", "generalization", "specificity"):
+        assert again[2][key] == swept[(2, "rome")][key]

@@ -242,6 +242,12 @@ def _completed(summary: dict, run: SimpleNamespace) -> dict:
     return summary
 
 
+_COMMITTED_UNDER_TORCHRUN = (
+    "committed= (reading committed runs) runs in one process, not under torchrun: read them once without "
+    "torchrun (they are then in the cache), and torchrun the rest"
+)
+
+
 def run_edit_eval(
     model,
     tok,
@@ -280,10 +286,7 @@ def run_edit_eval(
 
     if distributed.world_size() > 1:  # torchrun: values and evaluation shard over the ranks
         if committed is not None:
-            raise ValueError(
-                "committed= (reading committed runs) runs in one process, not under torchrun: read them once "
-                "without torchrun (they are then in the cache), and torchrun the rest"
-            )
+            raise ValueError(_COMMITTED_UNDER_TORCHRUN)
         return distributed.run_edit_eval_sharded(
             model,
             tok,
@@ -429,7 +432,16 @@ SEQUENTIAL = sequential_methods()  # editors that apply the requests one after a
 
 
 def run_sweep(
-    model, tok, spec: RunSpec, sizes, *, runs_dir=None, cache=None, eval_batch_size: int = 32, progress: bool = True
+    model,
+    tok,
+    spec: RunSpec,
+    sizes,
+    *,
+    runs_dir=None,
+    cache=None,
+    eval_batch_size: int = 32,
+    progress: bool = True,
+    committed: str | Path | None = None,
 ) -> dict[int, dict]:
     """:func:`run_edit_eval` of ``spec`` at every size of ``sizes`` (Fig. 3; the spec's own ``n_edits`` is
     replaced by each size); ``{n: summary}``.
@@ -441,15 +453,20 @@ def run_sweep(
     one per point. Edits already in ROME's trajectory file are replayed, not recomputed (any earlier run
     with the same first records, of any size). The summaries land where :func:`run_edit_eval` would put
     them, and are the same.
+
+    ``committed``: as for :func:`run_edit_eval`, point by point: a size whose committed per-record file holds
+    exactly that run is read from it; for ROME the trajectory then runs only to the largest size still missing.
     """
     sizes = sorted(set(int(n) for n in sizes))
     opts = dict(runs_dir=runs_dir, cache=cache, eval_batch_size=eval_batch_size, progress=progress)
     if spec.method not in SEQUENTIAL:
-        return {n: run_edit_eval(model, tok, spec.replace(n_edits=n), **opts) for n in sizes}
+        return {n: run_edit_eval(model, tok, spec.replace(n_edits=n), committed=committed, **opts) for n in sizes}
     from . import distributed
     from .editing import edit
 
     if distributed.world_size() > 1:  # a sequential editor cannot shard its edits: rank 0 runs the sweep
+        if committed is not None:
+            raise ValueError(_COMMITTED_UNDER_TORCHRUN)
         return distributed.on_rank0(run_sweep, model, tok, spec, sizes, **opts)
     hp = run_hparams(model, spec)
     records, pool = spec_records(spec.replace(n_edits=sizes[-1]), model)
@@ -457,6 +474,10 @@ def run_sweep(
     trajectory = trajectory_path(where[sizes[-1]].spec, _hparams_id(hp), runs_dir)
     with run_lock(trajectory):  # one process extends the trajectory and evaluates its points at a time
         out = {n: _completed(s, run) for n, run in where.items() if (s := read_summary(run.folder)) is not None}
+        for n in sizes if committed is not None else []:  # points committed as per-record files: read, not run
+            if n not in out and (stored := committed_run(committed, where[n], n)) is not None:
+                _stage(progress, where[n].spec, f"read from the committed run {shown(stored.path, committed)}")
+                out[n] = seed_from_committed(where[n].folder, stored, where[n].meta)
         missing = [n for n in sizes if n not in out]
         if not missing:
             return out
