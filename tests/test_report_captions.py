@@ -204,7 +204,7 @@ def test_a_table_recorded_without_configuration_keeps_its_recorded_caption():
     [
         ("table3_smollm2", lambda reason: report.table3_caption("smollm2", [10, 32, 100, 316], None)),
         ("table3_smollm2_bfloat16", lambda reason: report.table3_caption("smollm2", [100, 316, 1000], "bfloat16")),
-        ("fig4_delta_norms_smollm2", lambda reason: report.fig4_caption("smollm2", 100)),
+        ("fig4_delta_norms_smollm2_bfloat16", lambda reason: report.fig4_caption("smollm2", 100, "bfloat16")),
         (
             "table1_smollm2_bfloat16",
             lambda reason: report.table1_caption(["smollm2"], [100], "bfloat16", None, reason, 1000, None),
@@ -234,7 +234,7 @@ def test_delta_norm_frame_orders_rows_by_editor_layer_and_block():
     b = report.delta_norm_frame({"pmet-with-attn-weights": {"delta_norms": dict(reversed(norms.items()))}})
     pd.testing.assert_frame_equal(a, b)
     assert list(zip(a.layer, a.weight)) == [(9, "MHSA"), (9, "FFN"), (10, "MHSA"), (10, "FFN")]
-    committed = pd.read_csv(TABLES / "fig4_delta_norms_smollm2.csv")
+    committed = pd.read_csv(TABLES / "fig4_delta_norms_smollm2_bfloat16.csv")
     order = {m: i for i, m in enumerate(dict.fromkeys(committed.method))}
     key = committed.apply(lambda r: (order[r.method], r.layer, r.weight == "FFN"), axis=1)
     assert list(key) == sorted(key)

@@ -162,6 +162,11 @@ def test_claims_command_runs_on_the_committed_files(tmp_path):
     ):
         assert claim in md, claim
     assert "inconclusive (no CI)" not in md
+    from pmet.claims import FIG4_CLAIMS
+
+    fig4 = [line for line in md.splitlines() if line.startswith("| Fig. 4")]
+    assert all(any(c in line for line in fig4) for c in FIG4_CLAIMS)
+    assert not any("not yet run" in line for line in fig4)  # the committed ablation runs measure all three
     assert "Table 2" in md and "GPT-NeoX" in md and "10,000 edits" in md and "5,623 edits" in md
 
 

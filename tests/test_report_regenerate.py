@@ -135,3 +135,5 @@ def test_committed_tables_each_regenerated_or_named(tmp_path, capsys):
     # Table 1 (smollm2, bf16, 100 edits with generation): all six editors' runs are committed, so it is rebuilt,
     # equal to the committed CSV (checked above)
     assert any(line.startswith(f"wrote tables/{TABLE1}") for line in lines), lines
+    # Fig. 4's data (100 edits, bf16) comes from Table 3's four committed ablation runs
+    assert any(line.startswith("wrote tables/fig4_delta_norms_smollm2_bfloat16") for line in lines), lines

@@ -282,9 +282,10 @@ def fig3_caption(model: str, N: int, value_autocast: str | None, size_reason: st
     )
 
 
-def fig4_caption(model: str, n_edits: int) -> str:
-    """The caption of Fig. 4's data table."""
-    return f"Figure 4 data: Frobenius norm of Δ per edited weight, {model}, {n_edits} CounterFact edits."
+def fig4_caption(model: str, n_edits: int, value_autocast: str | None = None) -> str:
+    """The caption of Fig. 4's data table (the values' precision as in Fig. 3's)."""
+    precision = f", values {value_autocast}" if value_autocast else ""
+    return f"Figure 4 data: Frobenius norm of Δ per edited weight, {model}, {n_edits} CounterFact edits{precision}."
 
 
 def table_caption(kind: str, config: dict, summaries: dict) -> str:
@@ -316,7 +317,7 @@ def table_caption(kind: str, config: dict, summaries: dict) -> str:
     if kind == "fig3_sweep":
         return fig3_caption(c["model"], c["N"], c["value_autocast"], c["size_reason"], c["default_n_max"])
     if kind == "fig4_delta_norms":
-        return fig4_caption(c["model"], c["n_edits"])
+        return fig4_caption(c["model"], c["n_edits"], c.get("value_autocast"))
     raise KeyError(f"no caption function for {kind!r}")
 
 
