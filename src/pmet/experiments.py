@@ -309,10 +309,8 @@ def run_edit_eval(
         if done is not None:
             _stage(progress, run.spec, "done (cached)")
             return _completed(done, run)
-        stored = committed_run(committed, run, len(records)) if committed is not None else None
-        if stored is not None:
-            _stage(progress, run.spec, f"read from the committed run {shown(stored.path, committed)}")
-            return seed_from_committed(run.folder, stored, run.meta)
+        if (summary := _read_committed(committed, run, len(records), progress)) is not None:
+            return summary
         if spec.method == UNEDITED:
             _stage(progress, run.spec, f"evaluating {len(records)} records")
             return _evaluate_and_save(model, tok, records, run, eval_batch_size, progress)
@@ -360,6 +358,16 @@ def committed_run(root: str | Path, run: SimpleNamespace, n_records: int | None 
     if run_identity(stored.spec) != want or (n_records is not None and len(stored.rows) != n_records):
         return None
     return stored
+
+
+def _read_committed(committed, run: SimpleNamespace, n_records: int, progress: bool) -> dict | None:
+    """``run`` read from its committed per-record file under ``committed`` (:func:`committed_run`) into its cache
+    folder, with a stage line; its summary. None when ``committed`` is None or holds no such file."""
+    stored = committed_run(committed, run, n_records) if committed is not None else None
+    if stored is None:
+        return None
+    _stage(progress, run.spec, f"read from the committed run {shown(stored.path, committed)}")
+    return seed_from_committed(run.folder, stored, run.meta)
 
 
 def _evaluate_and_save(
@@ -474,10 +482,9 @@ def run_sweep(
     trajectory = trajectory_path(where[sizes[-1]].spec, _hparams_id(hp), runs_dir)
     with run_lock(trajectory):  # one process extends the trajectory and evaluates its points at a time
         out = {n: _completed(s, run) for n, run in where.items() if (s := read_summary(run.folder)) is not None}
-        for n in sizes if committed is not None else []:  # points committed as per-record files: read, not run
-            if n not in out and (stored := committed_run(committed, where[n], n)) is not None:
-                _stage(progress, where[n].spec, f"read from the committed run {shown(stored.path, committed)}")
-                out[n] = seed_from_committed(where[n].folder, stored, where[n].meta)
+        for n in sizes:  # points committed as per-record files: read, not run
+            if n not in out and (summary := _read_committed(committed, where[n], n, progress)) is not None:
+                out[n] = summary
         missing = [n for n in sizes if n not in out]
         if not missing:
             return out

@@ -221,6 +221,11 @@ def _precision_clause(value_autocast: str | None) -> str:
     return f" value vectors optimised under {value_autocast} autocast;" if value_autocast else ""
 
 
+def _values_clause(value_autocast: str | None) -> str:
+    """``", values bfloat16"`` (the figures' captions); empty for float32 values."""
+    return f", values {value_autocast}" if value_autocast else ""
+
+
 def _overrides_clause(overrides: dict | None) -> str:
     """``" overrides {'a': 1, 'v_fast': True};"``: keys sorted and values as JSON data, so the notebook's
     parameter and the manifest's copy of it (:func:`pmet.runspec.config_of`) read the same."""
@@ -276,15 +281,15 @@ def table3_caption(model: str, edit_counts, value_autocast: str | None) -> str:
 def fig3_caption(model: str, N: int, value_autocast: str | None, size_reason: str | None, default_n_max: int) -> str:
     """The caption of Fig. 3's data table: the sweep up to ``N`` edits, the values' precision, the reduced size
     against ``default_n_max``."""
-    precision = f", values {value_autocast}" if value_autocast else ""
+    precision = _values_clause(value_autocast)
     return f"Figure 3 data: {model}, CounterFact, n_i = exp(ln({N}) i/16) edits{precision}." + size_note(
         N, default_n_max, size_reason
     )
 
 
 def fig4_caption(model: str, n_edits: int, value_autocast: str | None = None) -> str:
-    """The caption of Fig. 4's data table (the values' precision as in Fig. 3's)."""
-    precision = f", values {value_autocast}" if value_autocast else ""
+    """The caption of Fig. 4's data table."""
+    precision = _values_clause(value_autocast)
     return f"Figure 4 data: Frobenius norm of Δ per edited weight, {model}, {n_edits} CounterFact edits{precision}."
 
 
