@@ -270,11 +270,11 @@ def table2_caption(models, sizes, value_autocast: str | None, size_reason: str |
     )
 
 
-def table3_caption(model: str, edit_counts, value_autocast: str | None) -> str:
-    """Table 3's caption: the ablations of ``model`` at ``edit_counts``, the values' precision."""
+def table3_caption(model: str, edit_counts, value_autocast: str | None, overrides: dict | None = None) -> str:
+    """Table 3's caption: the ablations of ``model`` at ``edit_counts``, the values' precision, overrides."""
     return (
         f"Table 3: PMET ablations on {model}, CounterFact, {'/'.join(map(str, edit_counts))} edits;"
-        f"{_precision_clause(value_autocast)} differences to PMET in parentheses."
+        f"{_precision_clause(value_autocast)}{_overrides_clause(overrides)} differences to PMET in parentheses."
     )
 
 
@@ -318,7 +318,7 @@ def table_caption(kind: str, config: dict, summaries: dict) -> str:
             c["default_n"],
         )
     if kind == "table3":
-        return table3_caption(c["model"], c["edit_counts"], c["value_autocast"])
+        return table3_caption(c["model"], c["edit_counts"], c["value_autocast"], c.get("overrides"))
     if kind == "fig3_sweep":
         return fig3_caption(c["model"], c["N"], c["value_autocast"], c["size_reason"], c["default_n_max"])
     if kind == "fig4_delta_norms":
