@@ -72,6 +72,34 @@ def test_a_committed_run_is_read_instead_of_run_and_only_when_it_is_that_run(
             run_edit_eval(model, tok, spec, progress=False, committed=repo)
 
 
+def test_the_committed_run_wins_over_a_cached_one_that_differs(tiny_models, tmp_cache, tmp_path, capsys):
+    """With ``committed=`` a finished cached run that reports other results than the committed file (another
+    CPU's last bits) is replaced by the committed run, with a stage line; one with the same results is kept."""
+    from pmet.experiments import run_edit_eval, same_results
+    from pmet.notebook import Notebook
+    from pmet.runspec import RunSpec
+
+    model, tok = tiny_models["tiny-llama"]
+    spec = RunSpec("tiny-llama", "none", n_edits=3)
+    cached = run_edit_eval(model, tok, spec, progress=False)
+    repo = tmp_path / "repo"
+    (path,) = Notebook("t", {"out_dir": str(repo)}).save_runs({"tiny-llama": {"none": cached}})
+    assert same_results(cached, read_run(path).summary)
+    assert same_results(run_edit_eval(model, tok, spec, committed=repo), cached)
+    assert "the same as the committed run" in capsys.readouterr().err
+
+    stored = read_run(path)  # the committed file as another machine made it: one record's outcome differs
+    rows = [dict(stored.rows[0], efficacy=1.0 - stored.rows[0]["efficacy"]), *stored.rows[1:]]
+    other = {**stored.summary, "efficacy": stored.summary["efficacy"] + 1.0, "eval_seconds": 1.0}
+    write_run(path, stored.spec, other, rows)
+    assert not same_results(cached, other) and same_results(other, {**other, "eval_seconds": 9.0})
+    assert run_edit_eval(model, tok, spec, committed=repo) == other
+    assert "differs from the committed one" in capsys.readouterr().err
+    assert run_edit_eval(model, tok, spec) == other  # the cache now holds the committed run
+    (again,) = Notebook("t", {"out_dir": str(tmp_path / "b")}).save_runs({"tiny-llama": {"none": other}})
+    assert read_run(again).rows == rows
+
+
 def test_a_sweep_reads_its_committed_points(tiny_models, tmp_path, monkeypatch):
     """``run_sweep(..., committed=)``: each committed point is read, not run; for ROME (one trajectory for all
     points) a missing point still runs, and a point read from its file is the same as the one it ran."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import random
 import sys
 import time
@@ -276,10 +277,11 @@ def run_edit_eval(
     :func:`pmet.evaluation.stats.metric_ci`) and their n's, the editor's timings, ``delta_norms``
     (Frobenius norm of Δ per edited weight, for Fig. 4) and ``spec``.
 
-    ``committed``: a folder holding ``results/`` (e.g. the repository). Where the cache has no finished run
-    but that folder has the committed per-record file of exactly this run (:func:`committed_run`: same path,
-    same identity), the run is read from the file into the cache (printed) instead of edited and evaluated
-    again: adding one editor to a committed table then costs that editor only.
+    ``committed``: a folder holding ``results/`` (e.g. the repository). Where that folder has the committed
+    per-record file of exactly this run (:func:`committed_run`: same path, same identity), the run is read
+    from the file into the cache (printed) instead of edited and evaluated again: adding one editor to a
+    committed table then costs that editor only. The file wins over a finished cached run whose results
+    differ (:func:`_finished`).
     """
     from . import distributed
     from .editing import edit
@@ -305,11 +307,7 @@ def run_edit_eval(
         if trajectory is not None:  # the trajectory first, as run_sweep locks it (and only it)
             locks.enter_context(run_lock(trajectory))
         locks.enter_context(run_lock(run.folder))
-        done = read_summary(run.folder)
-        if done is not None:
-            _stage(progress, run.spec, "done (cached)")
-            return _completed(done, run)
-        if (summary := _read_committed(committed, run, len(records), progress)) is not None:
+        if (summary := _finished(run, committed, len(records), progress)) is not None:
             return summary
         if spec.method == UNEDITED:
             _stage(progress, run.spec, f"evaluating {len(records)} records")
@@ -360,14 +358,44 @@ def committed_run(root: str | Path, run: SimpleNamespace, n_records: int | None 
     return stored
 
 
-def _read_committed(committed, run: SimpleNamespace, n_records: int, progress: bool) -> dict | None:
-    """``run`` read from its committed per-record file under ``committed`` (:func:`committed_run`) into its cache
-    folder, with a stage line; its summary. None when ``committed`` is None or holds no such file."""
+def _finished(run: SimpleNamespace, committed, n_records: int, progress: bool) -> dict | None:
+    """The summary of ``run`` if it is finished: read from its committed per-record file under ``committed``
+    (:func:`committed_run`) into its cache folder where that file exists, else from the cache; None if neither.
+
+    The committed file comes first: a finished cached run whose results differ from it (computed on another
+    CPU, or by an earlier version) is replaced by it, and a stage line says so -- so a rendering with
+    ``committed`` never rewrites a committed file with other last bits."""
+    done = read_summary(run.folder)
     stored = committed_run(committed, run, n_records) if committed is not None else None
     if stored is None:
+        if done is not None:
+            _stage(progress, run.spec, "done (cached)")
+            return _completed(done, run)
         return None
+    if done is not None and same_results(done, stored.summary):
+        _stage(progress, run.spec, "done (cached, the same as the committed run)")
+        return _completed(done, run)
+    if done is not None:
+        _stage(progress, run.spec, "the cached run differs from the committed one: the committed run replaces it")
     _stage(progress, run.spec, f"read from the committed run {shown(stored.path, committed)}")
     return seed_from_committed(run.folder, stored, run.meta)
+
+
+TIMING_KEYS = frozenset({"edit_seconds", "eval_seconds", "timings", "values_cached", "torch", "device"})
+
+
+def same_results(a: dict, b: dict) -> bool:
+    """Whether two run summaries report the same results: every entry equal except where and how fast the run
+    was made (:data:`TIMING_KEYS`); NaN (in the cache) and None (in a committed file) count as equal."""
+
+    def plain(x):
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items() if k not in TIMING_KEYS}
+        if isinstance(x, (list, tuple)):
+            return [plain(v) for v in x]
+        return None if isinstance(x, float) and not math.isfinite(x) else x
+
+    return plain(a) == plain(b)
 
 
 def _evaluate_and_save(
@@ -481,10 +509,7 @@ def run_sweep(
     where = {n: locate(model, spec.replace(n_edits=n), hp, runs_dir, cache, pool) for n in sizes}
     trajectory = trajectory_path(where[sizes[-1]].spec, _hparams_id(hp), runs_dir)
     with run_lock(trajectory):  # one process extends the trajectory and evaluates its points at a time
-        out = {n: _completed(s, run) for n, run in where.items() if (s := read_summary(run.folder)) is not None}
-        for n in sizes:  # points committed as per-record files: read, not run
-            if n not in out and (summary := _read_committed(committed, where[n], n, progress)) is not None:
-                out[n] = summary
+        out = {n: s for n in sizes if (s := _finished(where[n], committed, n, progress)) is not None}
         missing = [n for n in sizes if n not in out]
         if not missing:
             return out
