@@ -187,6 +187,14 @@ def test_the_caption_branches(tmp_path, offline_notebook):
     assert report.fig3_caption("m", 200, None, None, 1000).endswith(
         "exp(ln(200) i/16) edits. Fewer edits than the notebook's default of 1,000."
     )
+    v_fast = {"v_fast": True}  # tables 2-3 and Fig. 3 name their overrides too, also when regenerated
+    assert "on m; overrides {'v_fast': True}; mean" in report.table2_caption(["m"], [200], None, None, 1000, v_fast)
+    assert "bfloat16 autocast; overrides {'v_fast': True}; differences" in report.table3_caption(
+        "m", [100, 1000], "bfloat16", v_fast
+    )
+    assert "edits, overrides {'v_fast': True}. Fewer" in report.fig3_caption("m", 200, None, None, 1000, v_fast)
+    config = dict(model="m", edit_counts=[100], value_autocast=None, overrides=v_fast)
+    assert report.table_caption("table3", config, {}) == report.table3_caption("m", [100], None, v_fast)
 
 
 def test_a_table_recorded_without_configuration_keeps_its_recorded_caption():

@@ -260,12 +260,15 @@ def table1_caption(
     )
 
 
-def table2_caption(models, sizes, value_autocast: str | None, size_reason: str | None, default_n: int) -> str:
-    """Table 2's caption (zsRE): as :func:`table1_caption`, without overrides and MEND's training."""
+def table2_caption(
+    models, sizes, value_autocast: str | None, size_reason: str | None, default_n: int, overrides: dict | None = None
+) -> str:
+    """Table 2's caption (zsRE): as :func:`table1_caption`, without MEND's training."""
     n = _counts(sizes)
     return (
-        f"Table 2: {'/'.join(map(str, n))} zsRE edits on {', '.join(models)};{_precision_clause(value_autocast)} "
-        "mean [95% interval]; 'n records' = records behind efficacy/generalization/specificity."
+        f"Table 2: {'/'.join(map(str, n))} zsRE edits on {', '.join(models)};{_precision_clause(value_autocast)}"
+        f"{_overrides_clause(overrides)} mean [95% interval]; "
+        "'n records' = records behind efficacy/generalization/specificity."
         + size_note(max(n), default_n, size_reason)
     )
 
@@ -278,11 +281,19 @@ def table3_caption(model: str, edit_counts, value_autocast: str | None, override
     )
 
 
-def fig3_caption(model: str, N: int, value_autocast: str | None, size_reason: str | None, default_n_max: int) -> str:
-    """The caption of Fig. 3's data table: the sweep up to ``N`` edits, the values' precision, the reduced size
-    against ``default_n_max``."""
+def fig3_caption(
+    model: str,
+    N: int,
+    value_autocast: str | None,
+    size_reason: str | None,
+    default_n_max: int,
+    overrides: dict | None = None,
+) -> str:
+    """The caption of Fig. 3's data table: the sweep up to ``N`` edits, the values' precision, hyperparameter
+    overrides, the reduced size against ``default_n_max``."""
     precision = _values_clause(value_autocast)
-    return f"Figure 3 data: {model}, CounterFact, n_i = exp(ln({N}) i/16) edits{precision}." + size_note(
+    over = "," + _overrides_clause(overrides).rstrip(";") if overrides else ""
+    return f"Figure 3 data: {model}, CounterFact, n_i = exp(ln({N}) i/16) edits{precision}{over}." + size_note(
         N, default_n_max, size_reason
     )
 
@@ -316,11 +327,14 @@ def table_caption(kind: str, config: dict, summaries: dict) -> str:
             c["value_autocast"],
             c["size_reason"],
             c["default_n"],
+            c.get("overrides"),
         )
     if kind == "table3":
         return table3_caption(c["model"], c["edit_counts"], c["value_autocast"], c.get("overrides"))
     if kind == "fig3_sweep":
-        return fig3_caption(c["model"], c["N"], c["value_autocast"], c["size_reason"], c["default_n_max"])
+        return fig3_caption(
+            c["model"], c["N"], c["value_autocast"], c["size_reason"], c["default_n_max"], c.get("overrides")
+        )
     if kind == "fig4_delta_norms":
         return fig4_caption(c["model"], c["n_edits"], c.get("value_autocast"))
     raise KeyError(f"no caption function for {kind!r}")
