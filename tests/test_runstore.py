@@ -100,6 +100,34 @@ def test_the_committed_run_wins_over_a_cached_one_that_differs(tiny_models, tmp_
     assert read_run(again).rows == rows
 
 
+def test_the_extended_pool_runs_beyond_the_full_field_records(tiny_models, tmp_cache):
+    """``pool="extended"``: every full-field record first (the subset run's order, so a smaller run is a prefix
+    and its values are shared), then reduced ``counterfact-edit`` records; their run folder is apart (``_ext``),
+    generation metrics come from the full-field records only, and a size within the subset is the subset run."""
+    from pmet.data import load_counterfact
+    from pmet.experiments import run_edit_eval, spec_records, table_records
+    from pmet.runcache import run_folder
+    from pmet.runspec import RunSpec
+
+    subset = table_records("counterfact")
+    spec = RunSpec("tiny-llama", "none", n_edits=len(subset) + 3, generation=True, pool="extended")
+    records, pool = spec_records(spec)
+    assert pool == "extended" and records[: len(subset)] == subset
+    edit_ids = {r.case_id for r in load_counterfact("edit")}
+    assert all(not r.full_fields and r.case_id in edit_ids for r in records[len(subset) :])
+    assert spec_records(spec.replace(n_edits=4)) == (subset[:4], "subset")
+
+    model, tok = tiny_models["tiny-llama"]
+    summary = run_edit_eval(model, tok, spec, progress=False)
+    assert summary["efficacy_n"] == summary["specificity_n"] == len(subset) + 3
+    assert summary["fluency_n"] == len(subset) and summary["spec"]["pool"] == "extended"
+    assert run_folder(RunSpec.from_dict(summary["spec"]), summary["hparams"]).name.endswith("_gen_ext")
+    small = run_edit_eval(model, tok, spec.replace(n_edits=4, generation=False), progress=False)
+    assert small["spec"]["pool"] == "subset"  # the same run as the subset's: one folder, one file
+    with pytest.raises(ValueError, match="pool must be"):
+        RunSpec("tiny-llama", "none", pool="reduced")
+
+
 def test_a_sweep_reads_its_committed_points(tiny_models, tmp_path, monkeypatch):
     """``run_sweep(..., committed=)``: each committed point is read, not run; for ROME (one trajectory for all
     points) a missing point still runs, and a point read from its file is the same as the one it ran."""

@@ -48,7 +48,7 @@ from .runcache import (
 )
 from .runspec import RunSpec, results_path
 
-POOL_SUBSET, POOL_FULL = "subset", "full"
+POOL_SUBSET, POOL_FULL, POOL_EXTENDED = "subset", "full", "extended"
 COMPLETE_FILES = {"counterfact": "counterfact.json", "zsre": "zsre_mem_eval.json"}  # the paper's complete sets
 
 
@@ -76,11 +76,20 @@ def table_selection(
     dataset: str, n: int | None = None, seed: int = 0, full_fields_only: bool = True, full: bool | None = None
 ) -> tuple[list, str]:
     """``(records, pool)``: the records a table edits and evaluates (module docstring) and the pool they come
-    from, ``"subset"`` or ``"full"`` (see :func:`_pool_kind`). The full CounterFact pool is ROME's complete
-    ``counterfact.json`` (21,919 records) minus the ``counterfact-val`` case ids; the full zsRE pool is
-    ``zsre_mem_eval.json`` (19,086). ``n=None`` means all of them."""
+    from, ``"subset"``, ``"full"`` (see :func:`_pool_kind`) or ``"extended"``. The full CounterFact pool is
+    ROME's complete ``counterfact.json`` (21,919 records) minus the ``counterfact-val`` case ids; the full zsRE
+    pool is ``zsre_mem_eval.json`` (19,086). ``n=None`` means all of them.
+
+    ``full_fields_only=False`` (CounterFact, offline): where ``n`` exceeds the full-field records, the
+    reduced EasyEdit records of ``counterfact-edit`` (not full-field, outside val; one paraphrase and one
+    neighbourhood prompt each, no generation prompts) follow them -- every full-field record first, in the
+    subset's order, then the reduced ones in their own seeded order -- so the first 1,590 records of a 10,000-edit
+    run are exactly the 1,590-edit run's (its value vectors are reused) and generation metrics come from them;
+    the pool is then ``"extended"``. ``counterfact-train`` is left out: MEND trains on it
+    (:func:`table_pool_ids`)."""
     from .data import load_counterfact, load_zsre
 
+    reduced: list = []
     if dataset == "counterfact":
         val_ids = {r.case_id for r in load_counterfact("val")}
         subset = [] if full else [r for r in load_counterfact("full") if r.case_id not in val_ids]
@@ -91,7 +100,8 @@ def table_selection(
             pool = subset
             if not full_fields_only and (n is None or n > len(pool)):
                 have = {r.case_id for r in pool}
-                pool += [r for r in load_counterfact("edit") if r.case_id not in have and r.case_id not in val_ids]
+                reduced = [r for r in load_counterfact("edit") if r.case_id not in have and r.case_id not in val_ids]
+                kind = POOL_EXTENDED
     elif dataset == "zsre":
         subset = [] if full else load_zsre("eval")
         kind = _pool_kind(dataset, n, len(subset), full)
@@ -100,12 +110,15 @@ def table_selection(
         raise ValueError(f"dataset must be 'counterfact' or 'zsre', not {dataset!r}")
     order = list(range(len(pool)))
     random.Random(seed).shuffle(order)
-    if n is not None and n > len(pool):
+    later = list(range(len(reduced)))  # the reduced records after every full-field one, in their own order
+    random.Random(f"{seed}/reduced").shuffle(later)
+    chosen = [pool[i] for i in order] + [reduced[i] for i in later]
+    if n is not None and n > len(chosen):
         raise ValueError(
-            f"{dataset}: asked for {n} records, only {len(pool)} available "
+            f"{dataset}: asked for {n} records, only {len(chosen)} available "
             f"({kind} pool, full_fields_only={full_fields_only})"
         )
-    return [pool[i] for i in order[: n if n is not None else len(pool)]], kind
+    return chosen[: n if n is not None else len(chosen)], kind
 
 
 def table_records(
@@ -185,6 +198,8 @@ def run_hparams(model, spec: RunSpec, hparams=None):
 def spec_records(spec: RunSpec, model=None) -> tuple[list, str]:
     """``(records, pool)`` of the run ``spec`` (:func:`table_selection`); ``spec.pool`` None means
     :func:`paper_pool` of ``model`` (the complete files for the paper's models, else automatic)."""
+    if spec.pool == POOL_EXTENDED:
+        return table_selection(spec.dataset, spec.n_edits, spec.seed, full_fields_only=False, full=False)
     full = {"full": True, "subset": False}.get(spec.pool, paper_pool(model) if model is not None else None)
     return table_selection(spec.dataset, spec.n_edits, spec.seed, full=full)
 
@@ -591,6 +606,7 @@ def run_grid(
     overrides: dict | None = None,
     device: str = "cpu",
     train_mend: bool = False,
+    pool: str | None = None,
     **options,
 ) -> dict:
     """Run :func:`run_edit_eval` for every (model, method); returns ``{model: {method: summary}}``.
@@ -599,6 +615,8 @@ def run_grid(
     without a trained MEND); ``n_edits`` an int or a ``{model: n}`` dict (:func:`resolve_n_edits`);
     ``options`` go to :func:`run_edit_eval` (``runs_dir``, ``cache``, ``eval_batch_size``, ``progress``).
     ``train_mend``: train MEND first where its editor is missing (:func:`train_mend_if_missing`).
+    ``pool``: the record pool (:class:`pmet.runspec.RunSpec`), e.g. ``"extended"`` for CounterFact runs
+    beyond the 1,590 full-field records offline (:func:`table_selection`).
 
     A method that cannot run here records ``{"unavailable": reason}`` instead of a summary, so a table
     shows why a row is missing rather than silently dropping it.
@@ -623,6 +641,7 @@ def run_grid(
                 generation=generation,
                 value_autocast=value_autocast,
                 overrides=tuple((overrides or {}).items()),
+                pool=pool,
             )
             try:
                 out[name][method] = run_edit_eval(model, tok, spec, **options)

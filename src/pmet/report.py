@@ -268,8 +268,7 @@ def table2_caption(
     return (
         f"Table 2: {'/'.join(map(str, n))} zsRE edits on {', '.join(models)};{_precision_clause(value_autocast)}"
         f"{_overrides_clause(overrides)} mean [95% interval]; "
-        "'n records' = records behind efficacy/generalization/specificity."
-        + size_note(max(n), default_n, size_reason)
+        "'n records' = records behind efficacy/generalization/specificity." + size_note(max(n), default_n, size_reason)
     )
 
 

@@ -40,7 +40,7 @@ def trajectory_path(spec: RunSpec, hparams_id: str, runs_dir=None) -> Path:
     """Where the sequential ROME edits of ``(model, dataset, seed, hyperparameters)`` keep their trajectory.
     One file serves every run size: a run of ``n`` edits edits a prefix of a longer run's records, so Table 1's
     run and Fig. 3's sweep (any N) replay and extend the same trajectory."""
-    full = "_full" if spec.pool == "full" else ""
+    full = "_full" if spec.pool == "full" else ""  # the extended pool continues the subset's order: shared
     return (
         runs_root(runs_dir)
         / spec.model

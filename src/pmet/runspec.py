@@ -26,7 +26,8 @@ from typing import Any
 
 DATASETS = ("counterfact", "zsre")
 PRECISIONS = (None, "bfloat16", "float16")
-POOLS = (None, "subset", "full")
+POOLS = (None, "subset", "full", "extended")
+POOL_SUFFIX = {"full": "_full", "extended": "_ext"}  # in run folder and file names; the subset has none
 FLOAT32 = "float32"
 
 
@@ -39,8 +40,9 @@ class RunSpec:
     ``overrides``: further hyperparameter overrides (``{"clamp_norm_factor": 0.75}``), kept as sorted pairs
     so a spec is hashable; None values mean "the file's value" and are dropped.
     ``pool``: which records the table draws from -- ``"subset"`` (the offline subsets), ``"full"`` (ROME's
-    complete files) or None (decided when the run starts, :func:`pmet.experiments.table_selection`; the spec
-    recorded with the result names the pool used).
+    complete files), ``"extended"`` (the offline full-field records, then reduced ones: runs beyond 1,590
+    CounterFact edits without the complete file) or None (decided when the run starts,
+    :func:`pmet.experiments.table_selection`; the spec recorded with the result names the pool used).
     """
 
     model: str
@@ -55,7 +57,7 @@ class RunSpec:
 
     def __post_init__(self):
         if self.pool not in POOLS:
-            raise ValueError(f"pool must be None, 'subset' or 'full', not {self.pool!r}")
+            raise ValueError(f"pool must be None, 'subset', 'full' or 'extended', not {self.pool!r}")
         if self.dataset not in DATASETS:
             raise ValueError(f"dataset must be one of {', '.join(DATASETS)}, not {self.dataset!r}")
         if self.value_autocast not in PRECISIONS:
@@ -81,12 +83,12 @@ class RunSpec:
         return {**dict(self.overrides), **({"v_autocast": self.value_autocast} if self.value_autocast else {})}
 
     def run_tag(self, hparams_id: str) -> str:
-        """The run folder's name: ``n{n}_seed{seed}_hp{hparams_id}``, plus ``_gen`` with generation and ``_full``
-        for the complete files' pool."""
+        """The run folder's name: ``n{n}_seed{seed}_hp{hparams_id}``, plus ``_gen`` with generation, ``_full``
+        for the complete files' pool and ``_ext`` for the extended one (full-field + reduced records)."""
         return (
             f"n{self.n_edits}_seed{self.seed}_hp{hparams_id}"
             + ("_gen" if self.generation else "")
-            + ("_full" if self.pool == "full" else "")
+            + POOL_SUFFIX.get(self.pool, "")
         )
 
     def label(self) -> str:
