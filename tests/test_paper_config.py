@@ -142,6 +142,7 @@ def test_missing_file_cli_error_has_no_traceback(small_data, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("pmet: error: ") and CF_URL in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
+    assert "--pool extended" in err  # the offline way to more CounterFact edits
 
 
 def test_git_blob_checksum(tmp_path, monkeypatch):
@@ -201,3 +202,20 @@ def test_plan_sees_present_complete_file(full_data):
 
     text = str(make_plan("gptj", "table1"))
     assert "counterfact.json: present" in text and "minus counterfact-val ids" in text
+
+
+def test_plan_with_the_extended_pool(small_data, capsys):
+    """Offline, a CounterFact plan beyond the subset points at ``--pool extended``; with it the plan lists the
+    reduced records' file and estimates generation for the full-field records only."""
+    from pmet.cli import main
+    from pmet.plan import make_plan
+
+    auto = make_plan("smollm2", "table1", n_edits=10_000, methods=["pmet"])
+    assert "offline, --pool extended runs 10,000" in str(auto)
+    assert main(["plan", "--artifact", "table1", "--n-edits", "10000", "--methods", "pmet", "--pool", "extended"]) == 0
+    out = capsys.readouterr().out
+    assert "extended: the 1590 full-field records, then 8,410 reduced" in out and "counterfact-edit.json" in out
+    ext = make_plan("smollm2", "table1", n_edits=10_000, methods=["pmet"], pool="extended")
+    assert ext.estimate["eval_cpu_hours"] < auto.estimate["eval_cpu_hours"] / 2  # no generation on 8,410 of them
+    with pytest.raises(ValueError, match="CounterFact"):
+        make_plan("smollm2", "table2", n_edits=100, pool="extended")

@@ -152,6 +152,7 @@ def cmd_plan(args) -> int:
             methods=args.methods,
             devices=args.devices,
             verify=args.verify,
+            pool=args.pool,
         )
     )
     return 0
@@ -207,6 +208,7 @@ def cmd_run(args) -> int:
             generation=generation,
             value_autocast=value_autocast,
             overrides=overrides,
+            pool=args.pool,
         )
         try:
             if args.artifact == "fig3":
@@ -323,6 +325,13 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--methods", nargs="*", default=None)
     pl.add_argument("--devices", type=int, default=None, help="processes / GPUs to plan for")
     pl.add_argument("--verify", action="store_true", help="also checksum the data files that are present")
+    pl.add_argument(
+        "--pool",
+        default=None,
+        choices=["subset", "full", "extended"],
+        help="record pool (default: automatic); extended = the 1,590 full-field CounterFact records, then reduced "
+        "ones (beyond 1,590 edits offline)",
+    )
     pl.set_defaults(func=cmd_plan)
 
     ru = sub.add_parser("run", help="run an artifact's edits and evaluations into the cache (shards under torchrun)")
@@ -343,6 +352,13 @@ def build_parser() -> argparse.ArgumentParser:
     ru.add_argument("--eval-batch-size", type=int, default=32)
     ru.add_argument("--device", default="auto", help="auto: cuda where present (cuda:LOCAL_RANK under torchrun)")
     ru.add_argument("--cache-dir", default=None)
+    ru.add_argument(
+        "--pool",
+        default=None,
+        choices=["subset", "full", "extended"],
+        help="record pool (default: automatic); extended = the 1,590 full-field CounterFact records, then reduced "
+        "ones (beyond 1,590 edits offline)",
+    )
     ru.set_defaults(func=cmd_run)
 
     r = sub.add_parser("rerender", help="re-execute rendered notebooks with the parameters recorded in them")

@@ -56,7 +56,7 @@ def _pool_kind(dataset: str, n: int | None, subset_size: int, full: bool | None)
     """Which pool a table draws from: the complete file (:data:`COMPLETE_FILES`) when ``full`` is True
     (downloaded if missing; an error with its URL if that fails), when it is present in the data folder
     (``full=None``), or when ``n`` exceeds the subset (then downloaded as for True); else the subset."""
-    from .data import ensure_file
+    from .data import DataNotFoundError, ensure_file
 
     if full is False:
         return POOL_SUBSET
@@ -68,7 +68,15 @@ def _pool_kind(dataset: str, n: int | None, subset_size: int, full: bool | None)
         except FileNotFoundError:
             if n is None or n <= subset_size:
                 return POOL_SUBSET
-    ensure_file(rel)  # DataNotFoundError: one line with the URL and what to do
+    try:
+        ensure_file(rel)  # DataNotFoundError: one line with the URL and what to do
+    except DataNotFoundError as exc:
+        if dataset != "counterfact" or full is True or n is None:
+            raise
+        raise DataNotFoundError(
+            f"{exc} (or, offline, the extended pool: pool='extended' / --pool extended / -p pool extended edits "
+            f"the full-field records, then reduced ones)"
+        ) from None
     return POOL_FULL
 
 

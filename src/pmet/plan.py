@@ -150,9 +150,16 @@ def _bench() -> tuple[dict, dict]:
 
 
 def make_plan(
-    model: str, artifact: str, n_edits=None, methods=None, devices: int | None = None, verify: bool = False
+    model: str,
+    artifact: str,
+    n_edits=None,
+    methods=None,
+    devices: int | None = None,
+    verify: bool = False,
+    pool: str | None = None,
 ) -> Plan:
-    """What ``artifact`` on ``model`` would run and need (see the module docstring); runs nothing."""
+    """What ``artifact`` on ``model`` would run and need (see the module docstring); runs nothing. ``pool``:
+    the record pool of :class:`pmet.runspec.RunSpec` (None: automatic)."""
     import torch
 
     from .data import resolve_corpus
@@ -197,7 +204,12 @@ def make_plan(
         present = True
     except FileNotFoundError:
         present = False
-    uses_full = paper or present or max(sizes) > subset
+    if pool not in (None, "subset", "full", "extended"):
+        raise ValueError(f"pool must be None, 'subset', 'full' or 'extended', not {pool!r}")
+    if pool == "extended" and dataset != "counterfact":
+        raise ValueError("the extended pool is CounterFact's (full-field records, then reduced ones)")
+    uses_full = pool == "full" or (pool is None and (paper or present or max(sizes) > subset))
+    extended = pool == "extended" and max(sizes) > subset
     plan.add(
         "pool",
         (
@@ -205,13 +217,22 @@ def make_plan(
             if dataset == "counterfact" and uses_full
             else f"complete {full_rel}"
             if uses_full
+            else f"extended: the {subset} full-field records, then {max(sizes) - subset:,} reduced counterfact-edit "
+            f"records (no generation prompts: fluency/consistency from the {subset} only)"
+            if extended
             else f"the local subset ({subset} records; the complete {full_rel} is used when present)"
+        )
+        + (
+            f"; offline, --pool extended runs {max(sizes):,} CounterFact edits without it"
+            if uses_full and not present and pool is None and dataset == "counterfact" and max(sizes) <= 10_292
+            else ""
         ),
     )
     files = [full_rel] if uses_full else []
     if dataset == "counterfact":
         files += ["counterfact/easyedit_mend_format/counterfact-val.json"]
         files += [] if uses_full else ["counterfact/counterfact_subset_merged.json"]
+        files += ["counterfact/easyedit_mend_format/counterfact-edit.json"] if extended else []
     elif not uses_full:
         files += ["zsre/zsre_mend_eval_portability_gpt4.json"]
     for rel in files:
@@ -246,7 +267,9 @@ def make_plan(
     # estimate
     shape, how = _shape(model)
     bench, scale = _bench()
-    _estimate(plan, shape, how, bench, scale, methods, sizes, spec, model, k if gpus else 1)
+    _estimate(
+        plan, shape, how, bench, scale, methods, sizes, spec, model, k if gpus else 1, subset if extended else None
+    )
     return plan
 
 
@@ -254,7 +277,11 @@ def _gib(x: float) -> str:
     return f"{x:.1f} GiB" if x >= 0.1 else f"{x * 1024:.1f} MiB"
 
 
-def _estimate(plan: Plan, shape: dict, how: str, bench: dict, scale: dict, methods, sizes, spec, model, k) -> None:
+def _estimate(
+    plan: Plan, shape: dict, how: str, bench: dict, scale: dict, methods, sizes, spec, model, k, gen_cap=None
+) -> None:
+    """The memory and time lines of a plan. ``gen_cap``: at most that many records of a run have generation
+    prompts (the extended pool's full-field records); the others are evaluated at the plain rate."""
     P = shape["params"]
     weights = P * 4 / GIB
     value_methods = [m for m in methods if m not in ("none", "ft", "mend")]
@@ -275,15 +302,13 @@ def _estimate(plan: Plan, shape: dict, how: str, bench: dict, scale: dict, metho
         plan.add("time", "no benchmark figures (benchmarks/results/latest.json missing)")
         return
     ratio = P / KNOWN_SHAPES[BENCH_MODEL]["params"]
-    n_total = sum(sizes) * len([m for m in methods])
     v_rate = bench.get("values_batched_req_per_h")  # requests per hour, smollm2, 2 threads
-    e_rate = bench.get(
-        "eval_counterfact_generation_rec_per_s"
-        if spec["generation"]
-        else ("eval_zsre_rec_per_s" if spec["dataset"] == "zsre" else "eval_counterfact_rec_per_s")
-    )
+    plain = bench.get("eval_zsre_rec_per_s" if spec["dataset"] == "zsre" else "eval_counterfact_rec_per_s")
+    e_rate = bench.get("eval_counterfact_generation_rec_per_s") if spec["generation"] else plain
+    n_gen = sum(min(n, gen_cap if gen_cap is not None else n) for n in sizes)
     values_h = sum(sizes) * len(value_methods) / v_rate * ratio if v_rate else float("nan")
-    eval_h = n_total / e_rate / 3600 * ratio if e_rate else float("nan")
+    eval_s = n_gen / e_rate + (sum(sizes) - n_gen) / plain if e_rate and plain else float("nan")
+    eval_h = eval_s * len(methods) / 3600 * ratio
     solve = next((r for r in scale.get("rows", []) if r.get("model_shape") == model), None)
     solve_txt = (
         f"; Eq. 9 solve ~{solve['solve_s_6_layers_est'] / 3600:.1f} h per 10,000-edit run on 1 CPU thread "
