@@ -176,23 +176,26 @@ def test_the_caption_branches(tmp_path, offline_notebook):
     assert ns["caption"] == (
         "Table 1: 2/3 CounterFact edits on tiny-llama, tiny-gptj; value vectors optimised under bfloat16 autocast;"
         " overrides {'clamp_norm_factor': 3.0, 'v_lr': 0.4}; mean [95% interval]; 'n records' = records behind"
-        " efficacy/generalization/specificity/fluency/consistency. Fewer edits than the notebook's default of"
-        " 1,000: a test. MEND's editor trained for 5 steps only (shorter than its hyperparameter file's)."
+        " efficacy/generalization/specificity/fluency/consistency. The paper: 10,000 CounterFact edits on GPT-J"
+        " and on GPT-NeoX. Fewer edits than the notebook's default of 1,000: a test. MEND's editor trained for 5"
+        " steps only (shorter than its hyperparameter file's)."
     )
     plain = report.table1_caption(["m"], {"m": 1000}, None, None, None, 1000, None)
     assert plain == (
         "Table 1: 1000 CounterFact edits on m; mean [95% interval]; "
         "'n records' = records behind efficacy/generalization/specificity/fluency/consistency."
+        " The paper: 10,000 CounterFact edits on GPT-J and on GPT-NeoX."
     )
     assert report.fig3_caption("m", 200, None, None, 1000).endswith(
-        "exp(ln(200) i/16) edits. Fewer edits than the notebook's default of 1,000."
+        "exp(ln(200) i/16) edits. The paper: 17 sizes up to N = 10,000 CounterFact edits on GPT-J."
+        " Fewer edits than the notebook's default of 1,000."
     )
     v_fast = {"v_fast": True}  # tables 2-3 and Fig. 3 name their overrides too, also when regenerated
     assert "on m; overrides {'v_fast': True}; mean" in report.table2_caption(["m"], [200], None, None, 1000, v_fast)
     assert "bfloat16 autocast; overrides {'v_fast': True}; differences" in report.table3_caption(
         "m", [100, 1000], "bfloat16", v_fast
     )
-    assert "edits, overrides {'v_fast': True}. Fewer" in report.fig3_caption("m", 200, None, None, 1000, v_fast)
+    assert "edits, overrides {'v_fast': True}. The paper:" in report.fig3_caption("m", 200, None, None, 1000, v_fast)
     config = dict(model="m", edit_counts=[100], value_autocast=None, overrides=v_fast)
     assert report.table_caption("table3", config, {}) == report.table3_caption("m", [100], None, v_fast)
 
@@ -223,10 +226,23 @@ def test_a_table_recorded_without_configuration_keeps_its_recorded_caption():
 )
 def test_the_caption_functions_keep_the_committed_wording(stem, caption):
     """The committed captions (today's interval wording) are the caption functions' output for the committed
-    configurations (the reason for a reduced size read from the caption itself)."""
+    configurations (the reason for a reduced size read from the caption itself). Tables rendered before captions
+    named the paper's size, and not regenerable (no per-record files), lack that one sentence."""
     recorded = report.current_caption(json.loads((TABLES / "manifest.json").read_text())[f"{stem}.csv"]["caption"])
     reason = recorded.split("default of 1,000: ", 1)[1].removesuffix(".") if "default of 1,000: " in recorded else None
-    assert caption(reason) == recorded
+    expected = caption(reason)
+    if stem in BEFORE_PAPER_SIZES:
+        expected = expected.replace(report.paper_size(BEFORE_PAPER_SIZES[stem]), "")
+    assert expected == recorded
+
+
+# committed tables rendered before captions named the paper's size, without per-record files to regenerate them
+BEFORE_PAPER_SIZES = {
+    "table2_smollm2_bfloat16": "table2",
+    "fig3_sweep_smollm2_bfloat16": "fig3",
+    "table3_smollm2": "table3",
+    "table3_smollm2_bfloat16": "table3",  # until its rendering of 2026-12-03 (v_fast, per-record files) lands
+}
 
 
 def test_delta_norm_frame_orders_rows_by_editor_layer_and_block():

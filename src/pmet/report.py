@@ -217,6 +217,20 @@ def _counts(sizes) -> list[int]:
     return sorted(set(sizes.values() if isinstance(sizes, dict) else sizes))
 
 
+PAPER_SIZES_TEXT = {  # what the paper ran, for every caption (Tables 1-3, Fig. 3 of the paper; Fig. 4 = Table 3's runs)
+    "table1": "10,000 CounterFact edits on GPT-J and on GPT-NeoX",
+    "table2": "10,000 zsRE edits on GPT-J",
+    "table3": "1,000 / 5,623 / 10,000 CounterFact edits on GPT-J",
+    "fig3": "17 sizes up to N = 10,000 CounterFact edits on GPT-J",
+    "fig4": "Table 3's ablation runs on GPT-J (1,000 to 10,000 edits)",
+}
+
+
+def paper_size(kind: str) -> str:
+    """The caption sentence that says what size the paper used for the artifact ``kind``."""
+    return f" The paper: {PAPER_SIZES_TEXT[kind]}."
+
+
 def _precision_clause(value_autocast: str | None) -> str:
     return f" value vectors optimised under {value_autocast} autocast;" if value_autocast else ""
 
@@ -251,6 +265,7 @@ def table1_caption(
         f"Table 1: {'/'.join(map(str, n))} CounterFact edits on {', '.join(models)};"
         f"{_precision_clause(value_autocast)}{_overrides_clause(overrides)} mean [95% interval]; "
         "'n records' = records behind efficacy/generalization/specificity/fluency/consistency."
+        + paper_size("table1")
         + size_note(max(n), default_n, size_reason)
         + (
             f" MEND's editor trained for {mend_steps} steps only (shorter than its hyperparameter file's)."
@@ -268,7 +283,9 @@ def table2_caption(
     return (
         f"Table 2: {'/'.join(map(str, n))} zsRE edits on {', '.join(models)};{_precision_clause(value_autocast)}"
         f"{_overrides_clause(overrides)} mean [95% interval]; "
-        "'n records' = records behind efficacy/generalization/specificity." + size_note(max(n), default_n, size_reason)
+        "'n records' = records behind efficacy/generalization/specificity."
+        + paper_size("table2")
+        + size_note(max(n), default_n, size_reason)
     )
 
 
@@ -277,6 +294,7 @@ def table3_caption(model: str, edit_counts, value_autocast: str | None, override
     return (
         f"Table 3: PMET ablations on {model}, CounterFact, {'/'.join(map(str, edit_counts))} edits;"
         f"{_precision_clause(value_autocast)}{_overrides_clause(overrides)} differences to PMET in parentheses."
+        + paper_size("table3")
     )
 
 
@@ -292,15 +310,20 @@ def fig3_caption(
     overrides, the reduced size against ``default_n_max``."""
     precision = _values_clause(value_autocast)
     over = "," + _overrides_clause(overrides).rstrip(";") if overrides else ""
-    return f"Figure 3 data: {model}, CounterFact, n_i = exp(ln({N}) i/16) edits{precision}{over}." + size_note(
-        N, default_n_max, size_reason
+    return (
+        f"Figure 3 data: {model}, CounterFact, n_i = exp(ln({N}) i/16) edits{precision}{over}."
+        + paper_size("fig3")
+        + size_note(N, default_n_max, size_reason)
     )
 
 
 def fig4_caption(model: str, n_edits: int, value_autocast: str | None = None) -> str:
     """The caption of Fig. 4's data table."""
     precision = _values_clause(value_autocast)
-    return f"Figure 4 data: Frobenius norm of Δ per edited weight, {model}, {n_edits} CounterFact edits{precision}."
+    return (
+        f"Figure 4 data: Frobenius norm of Δ per edited weight, {model}, {n_edits} CounterFact edits{precision}."
+        + paper_size("fig4")
+    )
 
 
 def table_caption(kind: str, config: dict, summaries: dict) -> str:
