@@ -15,7 +15,9 @@ the ``counterfact-val`` split (hyperparameters are tuned on that split only). zs
 records; ``zsre_mem_eval.json``, 19,086), for the paper's models (gptj, neox), and for any run larger than
 the subset, the pool is the complete file instead (downloaded and checksummed when missing), again minus the
 val ids (:func:`table_selection`); such runs are kept apart in the cache (``_full`` in the run folder name).
-Nested permutations mean that a smaller run edits a prefix of a larger run's records.
+Offline, the *extended* pool (``RunSpec(pool="extended")``) goes beyond the full-field records with reduced
+``counterfact-edit`` records placed after all of them (``_ext``). Nested permutations mean that a smaller run
+edits a prefix of a larger run's records.
 """
 
 from __future__ import annotations
