@@ -103,11 +103,14 @@ def seed_from_committed(folder: Path, stored, meta: dict | None = None) -> dict:
     is then complete). Whatever reads the run folder afterwards -- the notebooks' per-record files included --
     sees the committed run. Returns the summary."""
     from .diagnostics import FIELD, write_run_diagnostics
+    from .diagnostics import RUN_FILE as FIELD_FILE
     from .evaluation.results import ResultsFile
 
     folder = Path(folder)
-    for partial in (RECORDS, EDITED_WEIGHTS):  # an interrupted run's files: replaced
-        (folder / partial).unlink(missing_ok=True)
+    # an interrupted run's files, or a finished one's that the committed run replaces: the summary first (the
+    # run is incomplete until the new one is written), then every by-product of the evaluation
+    for old in (SUMMARY, RECORDS, EDITED_WEIGHTS, FIELD_FILE, "portability.json"):
+        (folder / old).unlink(missing_ok=True)
     rows = [{k: v for k, v in r.items() if k != FIELD} for r in stored.rows]
     ResultsFile(folder / RECORDS, meta).append(rows)
     diags = [{"case_id": r["case_id"], **r[FIELD]} for r in stored.rows if r.get(FIELD) is not None]
