@@ -6,6 +6,9 @@
 #   ./run.sh reproduce    setup + every notebook at its default (the issue's) sizes, into out/reproduce-<time>/
 #   ./run.sh rerender     setup + every committed notebooks/rendered/ copy again, with the parameters recorded in it
 #                         (the only command that replaces committed tables/, figures/, results/ and renderings)
+#   ./run.sh background NOTEBOOK [papermill args]
+#                         one long notebook run in the background on one core (nohup, one thread), into
+#                         out/bg-<notebook>-<time>/ with its log there; the same command again resumes from the cache
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3.11}
@@ -122,6 +125,26 @@ reproduce() {
   echo "outputs in $out/"
 }
 
+# A long run that outlives the terminal: one thread (start one per core), its output folder and log printed.
+# Interrupted (or the machine restarted), the same command resumes: finished runs, values and evaluated records
+# are read from the cache (~/.cache/pmet or $PMET_CACHE_DIR).
+background() {
+  local name=${1:-}
+  shift || true
+  local nb="notebooks/${name%.ipynb}.ipynb"
+  if [ -z "$name" ] || [ ! -f "$nb" ]; then
+    echo "usage: ./run.sh background NOTEBOOK [papermill args], NOTEBOOK one of: $(cd notebooks && ls *.ipynb | tr '\n' ' ')" >&2
+    exit 2
+  fi
+  local out
+  out="out/bg-$(basename "$nb" .ipynb)-$(date +%Y%m%d-%H%M%S)"
+  mkdir -p "$out"
+  OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false nohup "$VENV/bin/papermill" "$nb" "$out/$(basename "$nb")" \
+    --cwd notebooks --log-output -p threads 1 -p out_dir "$PWD/$out" "$@" >"$out/run.log" 2>&1 &
+  echo "started $nb in the background (pid $!, one thread): outputs in $out/, log $out/run.log"
+  echo "  follow it:  tail -f $out/run.log     stop it:  kill $!     resume: the same command again"
+}
+
 cmd=${1:-}
 shift || true
 case "$cmd" in
@@ -130,5 +153,6 @@ case "$cmd" in
   main) setup; main_job "$@" ;;
   reproduce) setup; reproduce ;;
   rerender) setup; TOKENIZERS_PARALLELISM=false "$VENV/bin/python" -m pmet rerender "$@" ;;
-  *) echo "usage: ./run.sh {setup|test|main|reproduce|rerender}" >&2; exit 2 ;;
+  background) setup; background "$@" ;;
+  *) echo "usage: ./run.sh {setup|test|main|reproduce|rerender|background}" >&2; exit 2 ;;
 esac
