@@ -236,6 +236,18 @@ def cmd_run(args) -> int:
     return 0
 
 
+def _pool_argument(parser: argparse.ArgumentParser) -> None:
+    from .runspec import POOLS
+
+    parser.add_argument(
+        "--pool",
+        default=None,
+        choices=[p for p in POOLS if p],
+        help="record pool (default: automatic); extended = the 1,590 full-field CounterFact records, then reduced "
+        "ones (beyond 1,590 edits offline)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .editing import editor_names
     from .models import DEFAULT_MODEL
@@ -325,13 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--methods", nargs="*", default=None)
     pl.add_argument("--devices", type=int, default=None, help="processes / GPUs to plan for")
     pl.add_argument("--verify", action="store_true", help="also checksum the data files that are present")
-    pl.add_argument(
-        "--pool",
-        default=None,
-        choices=["subset", "full", "extended"],
-        help="record pool (default: automatic); extended = the 1,590 full-field CounterFact records, then reduced "
-        "ones (beyond 1,590 edits offline)",
-    )
+    _pool_argument(pl)
     pl.set_defaults(func=cmd_plan)
 
     ru = sub.add_parser("run", help="run an artifact's edits and evaluations into the cache (shards under torchrun)")
@@ -352,13 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     ru.add_argument("--eval-batch-size", type=int, default=32)
     ru.add_argument("--device", default="auto", help="auto: cuda where present (cuda:LOCAL_RANK under torchrun)")
     ru.add_argument("--cache-dir", default=None)
-    ru.add_argument(
-        "--pool",
-        default=None,
-        choices=["subset", "full", "extended"],
-        help="record pool (default: automatic); extended = the 1,590 full-field CounterFact records, then reduced "
-        "ones (beyond 1,590 edits offline)",
-    )
+    _pool_argument(ru)
     ru.set_defaults(func=cmd_run)
 
     r = sub.add_parser("rerender", help="re-execute rendered notebooks with the parameters recorded in them")
