@@ -55,3 +55,21 @@ def test_benchmark_runs_and_reports_every_stage(tmp_path, monkeypatch):
         assert isinstance(res[key], float) and math.isfinite(res[key]) and res[key] > 0, key
     assert res["extrapolated_10000_edit_hours"] > res["extrapolated_1000_edit_hours"]
     assert res["end_to_end_autocast"] == "bfloat16"
+
+
+def test_device_check_runs_its_agreement_part_on_the_cpu(tmp_path, monkeypatch):
+    """``benchmarks.device_check --device cpu --quick``: the GPU check's agreement part, CPU against CPU on the
+    tiny models, must find the same deltas and outcomes (so a difference on a GPU is the GPU's); without CUDA,
+    asking for it is a clear exit, not a traceback."""
+    from benchmarks import device_check
+
+    monkeypatch.setenv("PMET_CACHE_DIR", str(tmp_path / "cache"))
+    assert device_check.main(["--device", "cpu", "--quick", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "device_check_cpu_quick.json").read_text())
+    assert len(res["agreement"]) == 4 and res["speed_smollm2"] == {}
+    for check in res["agreement"]:
+        assert check["max_rel_delta_diff"] == 0.0 and check["same_outcomes"], check
+    import torch
+
+    if not torch.cuda.is_available():
+        assert device_check.main(["--device", "cuda", "--quick", "--out", str(tmp_path)]) == 2
