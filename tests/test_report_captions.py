@@ -190,6 +190,12 @@ def test_the_caption_branches(tmp_path, offline_notebook):
         "exp(ln(200) i/16) edits. The paper: 17 sizes up to N = 10,000 CounterFact edits on GPT-J."
         " Fewer edits than the notebook's default of 1,000."
     )
+    extended = report.table1_caption(["m"], [10_000], None, None, None, 1000, None, "extended")
+    assert "the extended pool" in extended and "the extended pool" not in plain
+    config = dict(model="m", value_autocast=None, overrides=None, size_reason=None, default_n=1000, mend_steps=None)
+    assert report.table_caption("table1", {**config, "pool": "extended"}, {"m": {"pmet": {"n_edits": 10_000}}}) == (
+        extended
+    )
     v_fast = {"v_fast": True}  # tables 2-3 and Fig. 3 name their overrides too, also when regenerated
     assert "on m; overrides {'v_fast': True}; mean" in report.table2_caption(["m"], [200], None, None, 1000, v_fast)
     assert "bfloat16 autocast; overrides {'v_fast': True}; differences" in report.table3_caption(

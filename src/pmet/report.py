@@ -226,6 +226,13 @@ PAPER_SIZES_TEXT = {  # what the paper ran, for every caption (Tables 1-3, Fig. 
 }
 
 
+EXTENDED_POOL_NOTE = (
+    " Records: every full-field CounterFact record outside counterfact-val first, then reduced ones (one"
+    " paraphrase, one neighbourhood prompt, no generation prompts; the extended pool), so fluency and consistency"
+    " come from the full-field records only."
+)
+
+
 def paper_size(kind: str) -> str:
     """The caption sentence that says what size the paper used for the artifact ``kind``."""
     return f" The paper: {PAPER_SIZES_TEXT[kind]}."
@@ -257,14 +264,17 @@ def table1_caption(
     size_reason: str | None,
     default_n: int,
     mend_steps: int | None,
+    pool: str | None = None,
 ) -> str:
     """Table 1's caption: the edit counts ``sizes`` (:func:`grid_sizes`) on ``models``, the values' precision,
-    hyperparameter overrides, the reduced size against ``default_n`` (:func:`size_note`) and a shortened MEND."""
+    hyperparameter overrides, the record pool where it is the extended one, the reduced size against
+    ``default_n`` (:func:`size_note`) and a shortened MEND."""
     n = _counts(sizes)
     return (
         f"Table 1: {'/'.join(map(str, n))} CounterFact edits on {', '.join(models)};"
         f"{_precision_clause(value_autocast)}{_overrides_clause(overrides)} mean [95% interval]; "
         "'n records' = records behind efficacy/generalization/specificity/fluency/consistency."
+        + (EXTENDED_POOL_NOTE if pool == "extended" else "")
         + paper_size("table1")
         + size_note(max(n), default_n, size_reason)
         + (
@@ -341,6 +351,7 @@ def table_caption(kind: str, config: dict, summaries: dict) -> str:
             c["size_reason"],
             c["default_n"],
             c["mend_steps"],
+            c.get("pool"),
         )
     if kind == "table2":
         return table2_caption(
