@@ -126,6 +126,8 @@ def test_the_extended_pool_runs_beyond_the_full_field_records(tiny_models, tmp_c
     assert small["spec"]["pool"] == "subset"  # the same run as the subset's: one folder, one file
     with pytest.raises(ValueError, match="pool must be"):
         RunSpec("tiny-llama", "none", pool="reduced")
+    with pytest.raises(ValueError, match="CounterFact's"):
+        RunSpec("tiny-llama", "none", "zsre", pool="extended")
 
 
 def test_a_sweep_reads_its_committed_points(tiny_models, tmp_path, monkeypatch):

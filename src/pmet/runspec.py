@@ -60,6 +60,8 @@ class RunSpec:
             raise ValueError(f"pool must be None, 'subset', 'full' or 'extended', not {self.pool!r}")
         if self.dataset not in DATASETS:
             raise ValueError(f"dataset must be one of {', '.join(DATASETS)}, not {self.dataset!r}")
+        if self.pool == "extended" and self.dataset != "counterfact":
+            raise ValueError("the extended pool is CounterFact's (full-field records, then reduced ones)")
         if self.value_autocast not in PRECISIONS:
             raise ValueError(f"value_autocast must be None, 'bfloat16' or 'float16', not {self.value_autocast!r}")
         if isinstance(self.n_edits, bool) or int(self.n_edits) != self.n_edits or self.n_edits < 1:
