@@ -62,9 +62,8 @@ def _cache(root: Path, name: str) -> Path:
 
 def _edit(name: str, device: str, method: str, records, overrides: dict, cache: Path):
     """Δ per weight (on the CPU) and per-request rewrite success of one edit of ``records`` on ``device``."""
+    from benchmarks.values_speed import rewrite_outcomes
     from pmet.editing import edit
-    from pmet.editing.tokens import pad_id_of
-    from pmet.evaluation.scoring import prompt_ids, score_id_pairs, target_ids
     from pmet.models import load_model
 
     model, tok = load_model(name, device=device)
@@ -73,14 +72,10 @@ def _edit(name: str, device: str, method: str, records, overrides: dict, cache: 
     )
     try:
         deltas = {k: d.detach().float().cpu() for k, d in res.deltas.items()}
-        pairs = []
-        for r in records:
-            p = prompt_ids(tok, r.prompt.format(r.subject))
-            pairs += [(p, target_ids(tok, r.target_new)), (p, target_ids(tok, r.target_true))]
-        s = score_id_pairs(model, pairs, pad_id=pad_id_of(tok))
+        outcomes = [o["success"] for o in rewrite_outcomes(model, tok, records)]
     finally:
         res.restore()
-    return deltas, [s[2 * i].nll < s[2 * i + 1].nll for i in range(len(records))]
+    return deltas, outcomes
 
 
 def agreement(name: str, device: str, method: str, n: int, overrides: dict, root: Path) -> dict:

@@ -119,25 +119,16 @@ def time_values(model, tok, reqs, hp, flat, L, copies: bool, cache_dir: Path):
     return time.perf_counter() - t, vals, info
 
 
-def edit_outcomes(model, tok, records, hp, cache_dir: Path) -> list[dict]:
-    """Edit with ``hp`` (values from ``cache_dir``), score each rewrite prompt, restore the model."""
-    from pmet.editing import normalize_requests
-    from pmet.editing.editor import apply_shared_editor
+def rewrite_outcomes(model, tok, records) -> list[dict]:
+    """Each record's rewrite prompt scored on ``model`` as it is: ``success`` = P(new) > P(true), ``p_new``."""
     from pmet.editing.tokens import pad_id_of
     from pmet.evaluation.scoring import prompt_ids, score_id_pairs, target_ids
 
-    reqs = normalize_requests([r.as_request() for r in records], tok)
-    res = apply_shared_editor(model, tok, reqs, hp, cache_dir=cache_dir, progress=False, context_templates=TEMPLATES)
-    try:
-        if not all(i.get("cached") for i in res.value_info):
-            raise RuntimeError("the editor recomputed values: cache keys of the benchmark and the editor differ")
-        pairs = []
-        for r in records:
-            p = prompt_ids(tok, r.prompt.format(r.subject))
-            pairs += [(p, target_ids(tok, r.target_new)), (p, target_ids(tok, r.target_true))]
-        s = score_id_pairs(model, pairs, pad_id=pad_id_of(tok))
-    finally:
-        res.restore()
+    pairs = []
+    for r in records:
+        p = prompt_ids(tok, r.prompt.format(r.subject))
+        pairs += [(p, target_ids(tok, r.target_new)), (p, target_ids(tok, r.target_true))]
+    s = score_id_pairs(model, pairs, pad_id=pad_id_of(tok))
     return [
         {
             "case_id": r.case_id,
@@ -146,6 +137,21 @@ def edit_outcomes(model, tok, records, hp, cache_dir: Path) -> list[dict]:
         }
         for i, r in enumerate(records)
     ]
+
+
+def edit_outcomes(model, tok, records, hp, cache_dir: Path) -> list[dict]:
+    """Edit with ``hp`` (values from ``cache_dir``), score each rewrite prompt, restore the model."""
+    from pmet.editing import normalize_requests
+    from pmet.editing.editor import apply_shared_editor
+
+    reqs = normalize_requests([r.as_request() for r in records], tok)
+    res = apply_shared_editor(model, tok, reqs, hp, cache_dir=cache_dir, progress=False, context_templates=TEMPLATES)
+    try:
+        if not all(i.get("cached") for i in res.value_info):
+            raise RuntimeError("the editor recomputed values: cache keys of the benchmark and the editor differ")
+        return rewrite_outcomes(model, tok, records)
+    finally:
+        res.restore()
 
 
 def merge_summary(path: Path, keys: dict) -> dict:
