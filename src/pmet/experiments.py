@@ -39,6 +39,7 @@ from .editing import UNEDITED, MethodUnavailable, get_editor, load_hparams, sequ
 from .paths import shown
 from .runcache import (
     EDITED_WEIGHTS,
+    PORTABILITY,
     RECORDS,
     EditedWeights,
     read_summary,
@@ -485,7 +486,7 @@ def _portability(model, tok, records, out: Path) -> dict:
 
     scores = score_portability(model, tok, records)
     if scores:
-        (out / "portability.json").write_text(json.dumps({str(k): v for k, v in scores.items()}, sort_keys=True))
+        (out / PORTABILITY).write_text(json.dumps({str(k): v for k, v in scores.items()}, sort_keys=True))
     return summarize_portability(scores)
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .experiments import COMPLETE_FILES, PAPER_SIZES, resolve_n_edits
+from .runspec import check_pool
 
 EDITORS = ["none", "ft", "mend", "rome", "memit", "pmet"]
 ABLATIONS = ["pmet", "pmet-no-attn-delta", "pmet-with-attn-weights", "pmet-even-spread"]
@@ -204,10 +205,7 @@ def make_plan(
         present = True
     except FileNotFoundError:
         present = False
-    if pool not in (None, "subset", "full", "extended"):
-        raise ValueError(f"pool must be None, 'subset', 'full' or 'extended', not {pool!r}")
-    if pool == "extended" and dataset != "counterfact":
-        raise ValueError("the extended pool is CounterFact's (full-field records, then reduced ones)")
+    check_pool(pool, dataset)
     uses_full = pool == "full" or (pool is None and (paper or present or max(sizes) > subset))
     extended = pool == "extended" and max(sizes) > subset
     plan.add(

@@ -24,6 +24,7 @@ from .runspec import RunSpec
 RECORDS = "records.jsonl"  # a run folder's per-record rows (module docstring)
 SUMMARY = "summary.json"  # written last: the run is complete
 EDITED_WEIGHTS = "edited_weights.safetensors"  # kept only while an evaluation is incomplete
+PORTABILITY = "portability.json"  # per-record portability of the records with a one-hop question
 
 
 def runs_root(runs_dir=None) -> Path:
@@ -109,7 +110,7 @@ def seed_from_committed(folder: Path, stored, meta: dict | None = None) -> dict:
     folder = Path(folder)
     # an interrupted run's files, or a finished one's that the committed run replaces: the summary first (the
     # run is incomplete until the new one is written), then every by-product of the evaluation
-    for old in (SUMMARY, RECORDS, EDITED_WEIGHTS, FIELD_FILE, "portability.json"):
+    for old in (SUMMARY, RECORDS, EDITED_WEIGHTS, FIELD_FILE, PORTABILITY):
         (folder / old).unlink(missing_ok=True)
     rows = [{k: v for k, v in r.items() if k != FIELD} for r in stored.rows]
     ResultsFile(folder / RECORDS, meta).append(rows)

@@ -31,6 +31,15 @@ POOL_SUFFIX = {"full": "_full", "extended": "_ext"}  # in run folder and file na
 FLOAT32 = "float32"
 
 
+def check_pool(pool: str | None, dataset: str) -> None:
+    """ValueError unless ``pool`` is one of :data:`POOLS` and available for ``dataset`` (the extended pool is
+    CounterFact's)."""
+    if pool not in POOLS:
+        raise ValueError(f"pool must be None, 'subset', 'full' or 'extended', not {pool!r}")
+    if pool == "extended" and dataset != "counterfact":
+        raise ValueError("the extended pool is CounterFact's (full-field records, then reduced ones)")
+
+
 @dataclass(frozen=True)
 class RunSpec:
     """One run: edit ``n_edits`` records of ``dataset`` (sample ``seed``) with ``method`` on ``model``.
@@ -56,12 +65,9 @@ class RunSpec:
     pool: str | None = None
 
     def __post_init__(self):
-        if self.pool not in POOLS:
-            raise ValueError(f"pool must be None, 'subset', 'full' or 'extended', not {self.pool!r}")
         if self.dataset not in DATASETS:
             raise ValueError(f"dataset must be one of {', '.join(DATASETS)}, not {self.dataset!r}")
-        if self.pool == "extended" and self.dataset != "counterfact":
-            raise ValueError("the extended pool is CounterFact's (full-field records, then reduced ones)")
+        check_pool(self.pool, self.dataset)
         if self.value_autocast not in PRECISIONS:
             raise ValueError(f"value_autocast must be None, 'bfloat16' or 'float16', not {self.value_autocast!r}")
         if isinstance(self.n_edits, bool) or int(self.n_edits) != self.n_edits or self.n_edits < 1:
