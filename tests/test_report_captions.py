@@ -204,6 +204,18 @@ def test_the_caption_branches(tmp_path, offline_notebook):
     assert "edits, overrides {'v_fast': True}. The paper:" in report.fig3_caption("m", 200, None, None, 1000, v_fast)
     config = dict(model="m", edit_counts=[100], value_autocast=None, overrides=v_fast)
     assert report.table_caption("table3", config, {}) == report.table3_caption("m", [100], None, v_fast)
+    # Table 3 and Fig. 3 beyond the full-field records say so, also when regenerated from their configuration
+    ext3 = report.table3_caption("m", [1000, 5623, 10_000], None, None, "extended")
+    assert "the extended pool" in ext3 and "the extended pool" not in report.table3_caption("m", [1000], None)
+    assert (
+        report.table_caption(
+            "table3", {**config, "edit_counts": [1000, 5623, 10_000], "overrides": None, "pool": "extended"}, {}
+        )
+        == ext3
+    )
+    fig3 = dict(model="m", N=10_000, value_autocast=None, size_reason=None, default_n_max=1000, overrides=None)
+    assert "the extended pool" in report.table_caption("fig3_sweep", {**fig3, "pool": "extended"}, {})
+    assert "the extended pool" not in report.table_caption("fig3_sweep", fig3, {})
 
 
 def test_a_table_recorded_without_configuration_keeps_its_recorded_caption():

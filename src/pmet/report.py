@@ -299,11 +299,15 @@ def table2_caption(
     )
 
 
-def table3_caption(model: str, edit_counts, value_autocast: str | None, overrides: dict | None = None) -> str:
-    """Table 3's caption: the ablations of ``model`` at ``edit_counts``, the values' precision, overrides."""
+def table3_caption(
+    model: str, edit_counts, value_autocast: str | None, overrides: dict | None = None, pool: str | None = None
+) -> str:
+    """Table 3's caption: the ablations of ``model`` at ``edit_counts``, the values' precision, overrides, the
+    record pool where it is the extended one."""
     return (
         f"Table 3: PMET ablations on {model}, CounterFact, {'/'.join(map(str, edit_counts))} edits;"
         f"{_precision_clause(value_autocast)}{_overrides_clause(overrides)} differences to PMET in parentheses."
+        + (EXTENDED_POOL_NOTE if pool == "extended" else "")
         + paper_size("table3")
     )
 
@@ -315,13 +319,15 @@ def fig3_caption(
     size_reason: str | None,
     default_n_max: int,
     overrides: dict | None = None,
+    pool: str | None = None,
 ) -> str:
     """The caption of Fig. 3's data table: the sweep up to ``N`` edits, the values' precision, hyperparameter
-    overrides, the reduced size against ``default_n_max``."""
+    overrides, the record pool where it is the extended one, the reduced size against ``default_n_max``."""
     precision = _values_clause(value_autocast)
     over = "," + _overrides_clause(overrides).rstrip(";") if overrides else ""
     return (
         f"Figure 3 data: {model}, CounterFact, n_i = exp(ln({N}) i/16) edits{precision}{over}."
+        + (EXTENDED_POOL_NOTE if pool == "extended" else "")
         + paper_size("fig3")
         + size_note(N, default_n_max, size_reason)
     )
@@ -363,10 +369,16 @@ def table_caption(kind: str, config: dict, summaries: dict) -> str:
             c.get("overrides"),
         )
     if kind == "table3":
-        return table3_caption(c["model"], c["edit_counts"], c["value_autocast"], c.get("overrides"))
+        return table3_caption(c["model"], c["edit_counts"], c["value_autocast"], c.get("overrides"), c.get("pool"))
     if kind == "fig3_sweep":
         return fig3_caption(
-            c["model"], c["N"], c["value_autocast"], c["size_reason"], c["default_n_max"], c.get("overrides")
+            c["model"],
+            c["N"],
+            c["value_autocast"],
+            c["size_reason"],
+            c["default_n_max"],
+            c.get("overrides"),
+            c.get("pool"),
         )
     if kind == "fig4_delta_norms":
         return fig4_caption(c["model"], c["n_edits"], c.get("value_autocast"))
