@@ -219,3 +219,16 @@ def test_plan_with_the_extended_pool(small_data, capsys):
     assert ext.estimate["eval_cpu_hours"] < auto.estimate["eval_cpu_hours"] / 2  # no generation on 8,410 of them
     with pytest.raises(ValueError, match="CounterFact"):
         make_plan("smollm2", "table2", n_edits=100, pool="extended")
+
+
+def test_plan_counts_each_editors_values_once():
+    """A sweep's smaller runs edit a prefix of its largest run and reuse its values: the values estimate of
+    Fig. 3 to 10,000 equals that of one 10,000-edit run; bf16 values use the benchmark's (faster) bf16 rate."""
+    from pmet.plan import make_plan
+
+    one = make_plan("smollm2", "table1", n_edits=10_000, methods=["pmet"], pool="extended")
+    sweep = make_plan("smollm2", "fig3", n_edits=10_000, methods=["pmet"], pool="extended")
+    assert sweep.estimate["values_cpu_hours"] == pytest.approx(one.estimate["values_cpu_hours"])
+    bf16 = make_plan("smollm2", "table1", n_edits=10_000, methods=["pmet"], pool="extended", value_autocast="bfloat16")
+    assert bf16.estimate["values_cpu_hours"] < one.estimate["values_cpu_hours"] / 2
+    assert "bf16 rate" in str(bf16) and "float32 rate" in str(one)

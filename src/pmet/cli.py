@@ -153,6 +153,7 @@ def cmd_plan(args) -> int:
             devices=args.devices,
             verify=args.verify,
             pool=args.pool,
+            value_autocast=args.value_autocast,
         )
     )
     return 0
@@ -337,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--methods", nargs="*", default=None)
     pl.add_argument("--devices", type=int, default=None, help="processes / GPUs to plan for")
     pl.add_argument("--verify", action="store_true", help="also checksum the data files that are present")
+    pl.add_argument("--value-autocast", default=None, choices=["bfloat16", "float16"], help="the values' precision")
     _pool_argument(pl)
     pl.set_defaults(func=cmd_plan)
 

@@ -158,9 +158,11 @@ def make_plan(
     devices: int | None = None,
     verify: bool = False,
     pool: str | None = None,
+    value_autocast: str | None = None,
 ) -> Plan:
     """What ``artifact`` on ``model`` would run and need (see the module docstring); runs nothing. ``pool``:
-    the record pool of :class:`pmet.runspec.RunSpec` (None: automatic)."""
+    the record pool of :class:`pmet.runspec.RunSpec` (None: automatic); ``value_autocast``: the values'
+    precision (``"bfloat16"``: the time estimate uses the benchmark's bf16 rate)."""
     import torch
 
     from .data import resolve_corpus
@@ -266,7 +268,18 @@ def make_plan(
     shape, how = _shape(model)
     bench, scale = _bench()
     _estimate(
-        plan, shape, how, bench, scale, methods, sizes, spec, model, k if gpus else 1, subset if extended else None
+        plan,
+        shape,
+        how,
+        bench,
+        scale,
+        methods,
+        sizes,
+        spec,
+        model,
+        k if gpus else 1,
+        subset if extended else None,
+        value_autocast,
     )
     return plan
 
@@ -276,10 +289,26 @@ def _gib(x: float) -> str:
 
 
 def _estimate(
-    plan: Plan, shape: dict, how: str, bench: dict, scale: dict, methods, sizes, spec, model, k, gen_cap=None
+    plan: Plan,
+    shape: dict,
+    how: str,
+    bench: dict,
+    scale: dict,
+    methods,
+    sizes,
+    spec,
+    model,
+    k,
+    gen_cap=None,
+    value_autocast: str | None = None,
 ) -> None:
     """The memory and time lines of a plan. ``gen_cap``: at most that many records of a run have generation
-    prompts (the extended pool's full-field records); the others are evaluated at the plain rate."""
+    prompts (the extended pool's full-field records); the others are evaluated at the plain rate.
+
+    Values are counted once per editor, for its largest run: a smaller run of the same seed edits a prefix of
+    the larger one's records (:func:`pmet.experiments.table_selection`) and reads their values from the cache
+    (ROME's sweep runs once to the largest size). ``value_autocast="bfloat16"`` uses the benchmark's bf16
+    rate (its float16 rate is not measured: the float32 one is used)."""
     P = shape["params"]
     weights = P * 4 / GIB
     value_methods = [m for m in methods if m not in ("none", "ft", "mend")]
@@ -300,11 +329,12 @@ def _estimate(
         plan.add("time", "no benchmark figures (benchmarks/results/latest.json missing)")
         return
     ratio = P / KNOWN_SHAPES[BENCH_MODEL]["params"]
-    v_rate = bench.get("values_batched_req_per_h")  # requests per hour, smollm2, 2 threads
+    bf16 = value_autocast == "bfloat16" and bench.get("values_batched_bfloat16_req_per_h")
+    v_rate = bench.get("values_batched_bfloat16_req_per_h" if bf16 else "values_batched_req_per_h")  # req/h, 2 threads
     plain = bench.get("eval_zsre_rec_per_s" if spec["dataset"] == "zsre" else "eval_counterfact_rec_per_s")
     e_rate = bench.get("eval_counterfact_generation_rec_per_s") if spec["generation"] else plain
     n_gen = sum(min(n, gen_cap if gen_cap is not None else n) for n in sizes)
-    values_h = sum(sizes) * len(value_methods) / v_rate * ratio if v_rate else float("nan")
+    values_h = max(sizes) * len(value_methods) / v_rate * ratio if v_rate else float("nan")
     eval_s = n_gen / e_rate + (sum(sizes) - n_gen) / plain if e_rate and plain else float("nan")
     eval_h = eval_s * len(methods) / 3600 * ratio
     solve = next((r for r in scale.get("rows", []) if r.get("model_shape") == model), None)
@@ -318,7 +348,9 @@ def _estimate(
     plan.add(
         "time",
         f"ESTIMATE on a CPU like the benchmark's ({bench.get('threads', '?')} threads): value "
-        f"optimisation ~{values_h:,.1f} h, evaluation ~{eval_h:,.1f} h in all (CPU rates measured on "
+        f"optimisation ~{values_h:,.1f} h ({max(sizes):,} requests per editor with values, "
+        f"{'bf16' if bf16 else 'float32'} rate; smaller runs reuse them; cached values are not counted), "
+        f"evaluation ~{eval_h:,.1f} h in all (CPU rates measured on "
         f"{BENCH_MODEL} in benchmarks/results/latest.json x {ratio:,.3g}, the ratio of parameter "
         f"counts){solve_txt}; with K processes both parts divide by ~K. GPU rates are not benchmarked.",
     )
