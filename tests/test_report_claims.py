@@ -137,6 +137,11 @@ def test_claims_from_two_synthetic_run_files(tmp_path):
     eff = detail[(detail.artifact == "Table 1") & (detail.claim == "PMET > MEMIT on efficacy")].iloc[0]
     assert eff.seeds == "0,1" and eff.n_pairs == 120 and eff.test.startswith("exact McNemar (30:0")
     assert [round(float(x), 1) for x in eff.per_seed_diff.split()] == [33.3, 16.7]
+    # ... and claims.md lists it in its record-samples section, with the per-seed differences
+    md = (tmp_path / "tables" / "claims.md").read_text()
+    section = md.split("## Several record samples (seeds)")[1]
+    line = next(x for x in section.splitlines() if "PMET > MEMIT on efficacy" in x and "| GPT-J |" in x)
+    assert "| 60 | 0, 1 | +25.0 [" in line and "| +33.3 / +16.7 |" in line and line.endswith("| holds |")
 
 
 def test_claims_command_runs_on_the_committed_files(tmp_path):
