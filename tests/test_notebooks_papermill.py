@@ -202,3 +202,16 @@ def test_a_default_run_leaves_every_committed_file_unchanged(tmp_path, monkeypat
             progress_bar=False,
             kernel_name=notebook_kernel(),
         )
+
+
+@pytest.mark.parametrize("path", sorted(NOTEBOOKS.glob("*.ipynb")), ids=lambda p: p.stem)
+def test_papermill_reads_every_parameter(path):
+    """``papermill --help-notebook`` lists every parameter of a notebook: papermill's parser skips a line it cannot
+    read (an ``=`` inside the comment, say), and that parameter then has no help."""
+    from papermill.translators import PythonTranslator
+
+    nb = json.loads(path.read_text())
+    (cell,) = [c for c in nb["cells"] if "parameters" in c["metadata"].get("tags", [])]
+    src = "".join(cell["source"])
+    names = [line.split("=")[0].strip() for line in src.splitlines() if line[:1].isalpha() and "=" in line]
+    assert names and [p.name for p in PythonTranslator.inspect({"source": src})] == names
