@@ -103,7 +103,7 @@ def test_default_out_dir_is_fresh_and_the_repository_needs_overwrite(monkeypatch
 
 def test_run_files_get_finite_summaries():
     """A one-record run's CI is NaN; the committed run file (strict JSON) gets None there instead."""
-    from pmet.notebook import _finite
+    from pmet.runstore import finite as _finite
 
     assert _finite({"a": [float("nan"), 1.0], "b": {"c": float("inf")}, "d": "x"}) == {
         "a": [None, 1.0],

@@ -27,7 +27,6 @@ is rebuilt in the repository only when ``overwrite=True``.
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 import time
@@ -202,7 +201,7 @@ class Notebook(SimpleNamespace):
         from .diagnostics import attach, read_run_diagnostics
         from .experiments import spec_records
         from .runcache import records_in_order, run_folder
-        from .runstore import write_run
+        from .runstore import finite, write_run
 
         written = []
         for s in _summaries_in(summaries):
@@ -212,7 +211,7 @@ class Notebook(SimpleNamespace):
             folder = run_folder(spec, hp_id)
             rows = attach(records_in_order(folder, case_ids), read_run_diagnostics(folder))  # + value diagnostics
             head = {**spec.to_dict(), "hparams_id": hp_id, "hparams_values": s.get("hparams_values")}
-            written.append(write_run(results_path(self.out_dir, spec, hp_id), _finite(head), _finite(s), rows))
+            written.append(write_run(results_path(self.out_dir, spec, hp_id), finite(head), finite(s), rows))
         return written
 
     def write_claims(self):
@@ -223,17 +222,6 @@ class Notebook(SimpleNamespace):
 
     def finish(self) -> None:
         print(f"outputs written to {self.out_dir}")
-
-
-def _finite(obj):
-    """JSON data with NaN/inf (e.g. the CI of a one-record run) replaced by None, as the per-record rows."""
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
 
 
 def _summaries_in(obj):

@@ -26,6 +26,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import math
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -47,6 +48,17 @@ class StoredRun:
     def by_case(self) -> dict:
         """``{case_id: row}``: the rows keyed for pairing with another run on the same records."""
         return {r["case_id"]: r for r in self.rows}
+
+
+def finite(obj):
+    """JSON data with NaN/inf (e.g. the CI of a one-record run) replaced by None: what a run file stores."""
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [finite(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
 
 
 def _dumps(obj) -> str:
@@ -158,4 +170,4 @@ def recomputed_summary(run: StoredRun) -> dict:
     ‖Δ‖ per weight, and portability, whose per-record values the file does not hold) are the stored summary's."""
     summarize, metrics = _summariser(run.spec.get("dataset") or run.summary.get("dataset"))
     kept = {k: v for k, v in run.summary.items() if not _is_metric_field(k, metrics)}
-    return {**kept, **summarize(run.rows)}
+    return finite({**kept, **summarize(run.rows)})  # as stored: a one-record run's NaN interval is None

@@ -476,7 +476,7 @@ def save_sequential_run(rows: list[dict], out_dir: str | Path) -> Path:
     * rows: one per edited record, in edit order: ``case_id``, the ``round`` that edited it, and its
       ``efficacy`` / ``generalization`` / ``specificity`` after the last round.
     """
-    from .notebook import _finite
+    from .runstore import finite as _finite
     from .runstore import write_run
 
     last = rows[-1]
@@ -501,7 +501,7 @@ def save_sequential_run(rows: list[dict], out_dir: str | Path) -> Path:
 
 def _file_spec(spec: dict, rounds: int, n_edits: int) -> dict:
     """A committed file's spec: the rounds' spec plus the run's length (:func:`save_sequential_run`)."""
-    from .notebook import _finite
+    from .runstore import finite as _finite
 
     return _finite({**spec, "rounds": int(rounds), "n_edits": int(n_edits), "generation": False})
 
