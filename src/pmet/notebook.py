@@ -201,7 +201,7 @@ class Notebook(SimpleNamespace):
         from .diagnostics import attach, read_run_diagnostics
         from .experiments import spec_records
         from .runcache import records_in_order, run_folder
-        from .runstore import finite, write_run
+        from .runstore import write_run
 
         written = []
         for s in _summaries_in(summaries):
@@ -211,7 +211,7 @@ class Notebook(SimpleNamespace):
             folder = run_folder(spec, hp_id)
             rows = attach(records_in_order(folder, case_ids), read_run_diagnostics(folder))  # + value diagnostics
             head = {**spec.to_dict(), "hparams_id": hp_id, "hparams_values": s.get("hparams_values")}
-            written.append(write_run(results_path(self.out_dir, spec, hp_id), finite(head), finite(s), rows))
+            written.append(write_run(results_path(self.out_dir, spec, hp_id), head, s, rows))
         return written
 
     def write_claims(self):

@@ -66,16 +66,17 @@ def _dumps(obj) -> str:
 
 
 def write_run(path: str | os.PathLike, spec: dict, summary: dict, rows: Iterable[dict]) -> Path:
-    """Write one run to ``path`` (``.jsonl.gz``), atomically and byte-reproducibly; return the path."""
+    """Write one run to ``path`` (``.jsonl.gz``), atomically and byte-reproducibly; return the path. NaN/inf
+    (e.g. a one-record run's interval) are stored as None (:func:`finite`): the file is strict JSON."""
     path = Path(path)
     if not path.name.endswith(SUFFIX):
         raise ValueError(f"{path}: committed run files end with {SUFFIX}")
     path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0, filename="") as gz:
-        gz.write((_dumps({"spec": spec, "summary": summary}) + "\n").encode("utf-8"))
+        gz.write((_dumps(finite({"spec": spec, "summary": summary})) + "\n").encode("utf-8"))
         for row in rows:
-            gz.write((_dumps(row) + "\n").encode("utf-8"))
+            gz.write((_dumps(finite(row)) + "\n").encode("utf-8"))
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     tmp.write_bytes(buf.getvalue())
     os.replace(tmp, path)

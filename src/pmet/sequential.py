@@ -476,7 +476,6 @@ def save_sequential_run(rows: list[dict], out_dir: str | Path) -> Path:
     * rows: one per edited record, in edit order: ``case_id``, the ``round`` that edited it, and its
       ``efficacy`` / ``generalization`` / ``specificity`` after the last round.
     """
-    from .runstore import finite as _finite
     from .runstore import write_run
 
     last = rows[-1]
@@ -496,7 +495,7 @@ def save_sequential_run(rows: list[dict], out_dir: str | Path) -> Path:
     summary = {k: v for k, v in last.items() if k not in _DETAIL}
     summary["rounds"] = [{k: v for k, v in r.items() if k not in _DETAIL or k == "weights"} for r in rows]
     summary["retained"] = last.get("retained") or {}
-    return write_run(sequential_results_path(out_dir, spec), spec, _finite(summary), _finite(out_rows))
+    return write_run(sequential_results_path(out_dir, spec), spec, summary, out_rows)
 
 
 def _file_spec(spec: dict, rounds: int, n_edits: int) -> dict:
