@@ -232,3 +232,20 @@ def test_plan_counts_each_editors_values_once():
     bf16 = make_plan("smollm2", "table1", n_edits=10_000, methods=["pmet"], pool="extended", value_autocast="bfloat16")
     assert bf16.estimate["values_cpu_hours"] < one.estimate["values_cpu_hours"] / 2
     assert "bf16 rate" in str(bf16) and "float32 rate" in str(one)
+
+
+def test_plan_counts_shared_values_once():
+    """PMET's "w/ W_O^MHSA" and "even spread" variants optimise PMET's values (they differ after Eq. 10), so
+    Table 3's plan counts three value optimisations' worth of values less than its four editors' naive sum;
+    "w/o δ^a" and MEMIT optimise their own."""
+    from pmet.plan import make_plan, value_groups
+
+    groups = value_groups(
+        ["none", "pmet", "pmet-no-attn-delta", "pmet-with-attn-weights", "pmet-even-spread"], "smollm2", "counterfact"
+    )
+    assert sorted(groups) == [("pmet", "pmet-with-attn-weights", "pmet-even-spread"), ("pmet-no-attn-delta",)]
+    assert value_groups(["memit", "pmet", "rome"], "smollm2", "counterfact") == [("memit",), ("pmet",), ("rome",)]
+    t3 = make_plan("smollm2", "table3", n_edits=1000)
+    one = make_plan("smollm2", "table1", n_edits=1000, methods=["pmet"])
+    assert t3.estimate["values_cpu_hours"] == pytest.approx(2 * one.estimate["values_cpu_hours"])
+    assert "counted once" in str(t3) and "2 value optimisation(s)" in str(t3)

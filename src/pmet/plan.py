@@ -254,6 +254,7 @@ def make_plan(
             corpora.add(getattr(hparams_for(m, model, dataset), "mom2_corpus", None))
         except Exception:  # noqa: BLE001 - a plan reports, it does not fail on one editor
             pass
+    groups = value_groups(methods, model, dataset)
     for c in sorted(x for x in corpora if x):
         used, note = resolve_corpus(c)
         plan.add("C0 corpus", note or f"{used} (local files)")
@@ -280,8 +281,44 @@ def make_plan(
         k if gpus else 1,
         subset if extended else None,
         value_autocast,
+        n_value_groups=len(groups),
     )
+    shared = [g for g in groups if len(g) > 1]
+    if shared:
+        plan.add(
+            "values",
+            "; ".join(" and ".join(g) for g in shared)
+            + " optimise the same values (same value fields and layer L): counted once",
+        )
     return plan
+
+
+def value_groups(methods, model: str, dataset: str) -> list[tuple[str, ...]]:
+    """The editors of ``methods`` that optimise value vectors, grouped by the values they optimise: editors
+    with the same :data:`~pmet.editing.value_cache.VALUE_FIELDS` and layer L share cache entries (e.g. PMET,
+    "w/ W_O^MHSA" and "even spread" differ only after Eq. 10), so a plan counts each group once. ROME (its
+    values are computed on the model its earlier edits left) and editors whose hyperparameters cannot be
+    read form groups of their own."""
+    from .editing import hparams_for
+    from .editing.hparams import EditHparams
+    from .editing.value_cache import LATER_VALUE_FIELDS, VALUE_FIELDS
+
+    keyed: dict[object, list[str]] = {}
+    for m in methods:
+        if m in ("none", "ft", "mend"):
+            continue
+        try:
+            hp = hparams_for(m, model, dataset)
+        except Exception:  # noqa: BLE001 - a plan reports, it does not fail on one editor
+            hp = None
+        if isinstance(hp, EditHparams):
+            key = tuple(getattr(hp, f) for f in VALUE_FIELDS + LATER_VALUE_FIELDS) + (
+                hp.layers[-1] if hp.layers else None,
+            )
+        else:
+            key = m
+        keyed.setdefault(key, []).append(m)
+    return [tuple(g) for g in keyed.values()]
 
 
 def _gib(x: float) -> str:
@@ -301,6 +338,7 @@ def _estimate(
     k,
     gen_cap=None,
     value_autocast: str | None = None,
+    n_value_groups: int | None = None,
 ) -> None:
     """The memory and time lines of a plan. ``gen_cap``: at most that many records of a run have generation
     prompts (the extended pool's full-field records); the others are evaluated at the plain rate.
@@ -308,7 +346,8 @@ def _estimate(
     Values are counted once per editor, for its largest run: a smaller run of the same seed edits a prefix of
     the larger one's records (:func:`pmet.experiments.table_selection`) and reads their values from the cache
     (ROME's sweep runs once to the largest size). ``value_autocast="bfloat16"`` uses the benchmark's bf16
-    rate (its float16 rate is not measured: the float32 one is used)."""
+    rate (its float16 rate is not measured: the float32 one is used). ``n_value_groups``: how many distinct
+    value optimisations the editors need (:func:`value_groups`; default: one per editor with values)."""
     P = shape["params"]
     weights = P * 4 / GIB
     value_methods = [m for m in methods if m not in ("none", "ft", "mend")]
@@ -334,7 +373,8 @@ def _estimate(
     plain = bench.get("eval_zsre_rec_per_s" if spec["dataset"] == "zsre" else "eval_counterfact_rec_per_s")
     e_rate = bench.get("eval_counterfact_generation_rec_per_s") if spec["generation"] else plain
     n_gen = sum(min(n, gen_cap if gen_cap is not None else n) for n in sizes)
-    values_h = max(sizes) * len(value_methods) / v_rate * ratio if v_rate else float("nan")
+    n_values = len(value_methods) if n_value_groups is None else n_value_groups
+    values_h = max(sizes) * n_values / v_rate * ratio if v_rate else float("nan")
     eval_s = n_gen / e_rate + (sum(sizes) - n_gen) / plain if e_rate and plain else float("nan")
     eval_h = eval_s * len(methods) / 3600 * ratio
     solve = next((r for r in scale.get("rows", []) if r.get("model_shape") == model), None)
@@ -348,7 +388,7 @@ def _estimate(
     plan.add(
         "time",
         f"ESTIMATE on a CPU like the benchmark's ({bench.get('threads', '?')} threads): value "
-        f"optimisation ~{values_h:,.1f} h ({max(sizes):,} requests per editor with values, "
+        f"optimisation ~{values_h:,.1f} h ({max(sizes):,} requests for each of {n_values} value optimisation(s), "
         f"{'bf16' if bf16 else 'float32'} rate; smaller runs reuse them; cached values are not counted), "
         f"evaluation ~{eval_h:,.1f} h in all (CPU rates measured on "
         f"{BENCH_MODEL} in benchmarks/results/latest.json x {ratio:,.3g}, the ratio of parameter "
