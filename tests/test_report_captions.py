@@ -232,7 +232,6 @@ def test_a_table_recorded_without_configuration_keeps_its_recorded_caption():
 @pytest.mark.parametrize(
     ("stem", "caption"),
     [
-        ("table3_smollm2", lambda reason: report.table3_caption("smollm2", [10, 32, 100, 316], None)),
         (
             "table3_smollm2_bfloat16",
             lambda reason: report.table3_caption("smollm2", [100, 316, 1000], "bfloat16", {"v_fast": True}),
@@ -264,7 +263,6 @@ def test_the_caption_functions_keep_the_committed_wording(stem, caption):
 # committed tables rendered before captions named the paper's size, without per-record files to regenerate them
 BEFORE_PAPER_SIZES = {
     "table2_smollm2_bfloat16": "table2",
-    "table3_smollm2": "table3",
 }
 
 
