@@ -241,7 +241,10 @@ def test_a_table_recorded_without_configuration_keeps_its_recorded_caption():
             "table1_smollm2_bfloat16",
             lambda reason: report.table1_caption(["smollm2"], [100], "bfloat16", None, reason, 1000, None),
         ),
-        ("table2_smollm2_bfloat16", lambda reason: report.table2_caption(["smollm2"], [200], "bfloat16", reason, 1000)),
+        (
+            "table2_smollm2_bfloat16",
+            lambda reason: report.table2_caption(["smollm2"], [200], "bfloat16", reason, 1000, {"v_fast": True}),
+        ),
         (
             "fig3_sweep_smollm2_bfloat16",
             lambda reason: report.fig3_caption("smollm2", 200, "bfloat16", reason, 1000, {"v_fast": True}),
@@ -250,20 +253,11 @@ def test_a_table_recorded_without_configuration_keeps_its_recorded_caption():
 )
 def test_the_caption_functions_keep_the_committed_wording(stem, caption):
     """The committed captions (today's interval wording) are the caption functions' output for the committed
-    configurations (the reason for a reduced size read from the caption itself). Tables rendered before captions
-    named the paper's size, and not regenerable (no per-record files), lack that one sentence."""
+    configurations (the reason for a reduced size read from the caption itself)."""
     recorded = report.current_caption(json.loads((TABLES / "manifest.json").read_text())[f"{stem}.csv"]["caption"])
     reason = recorded.split("default of 1,000: ", 1)[1].removesuffix(".") if "default of 1,000: " in recorded else None
     expected = caption(reason)
-    if stem in BEFORE_PAPER_SIZES:
-        expected = expected.replace(report.paper_size(BEFORE_PAPER_SIZES[stem]), "")
     assert expected == recorded
-
-
-# committed tables rendered before captions named the paper's size, without per-record files to regenerate them
-BEFORE_PAPER_SIZES = {
-    "table2_smollm2_bfloat16": "table2",
-}
 
 
 def test_delta_norm_frame_orders_rows_by_editor_layer_and_block():

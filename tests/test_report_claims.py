@@ -248,6 +248,39 @@ def test_editors_without_value_vectors_pair_with_every_value_precision(tmp_path)
     assert "PMET > MEMIT on efficacy" not in bf16.index or not bf16.loc["PMET > MEMIT on efficacy"].n_pairs
 
 
+def test_overrides_an_editor_lacks_do_not_separate_its_run(tmp_path):
+    """ROME has no ``v_fast`` field (its spec records no overrides), so its run pairs with PMET's and MEMIT's
+    ``v_fast`` runs on the same records; a MEMIT run without ``v_fast`` (MEMIT has the field) stays out of that
+    block and pairs only with the PMET run made without it."""
+    from pmet.claims import detail_frame
+    from pmet.runstore import write_run
+
+    n = 30
+    lose = _cf_rows([0.0] * 20 + [1.0] * 10, [0.5] * n, [0.5] * n)
+    win = _cf_rows([1.0] * n, [0.5] * n, [0.5] * n)
+
+    def write(method, rows, overrides, name):
+        spec = {"model": "m", "dataset": "counterfact", "method": method, "n_edits": n, "seed": 0}
+        write_run(tmp_path / "results" / f"{name}.jsonl.gz", {**spec, "overrides": overrides}, {}, rows)
+
+    write("pmet", win, {"v_fast": True}, "pmet_fast")
+    write("rome", lose, {}, "rome")
+    write("memit", lose, {}, "memit_plain")
+    detail = detail_frame(tmp_path / "results", n_resamples=99)
+    t1 = detail[(detail.artifact == "Table 1") & (detail.block == "GPT-J")]
+    rome = t1[t1.claim == "PMET > ROME on efficacy"].set_index("model")
+    assert list(rome.index) == ["m [v_fast=True]"] and rome.test.iloc[0].startswith("exact McNemar (20:0")
+    assert t1[t1.claim == "PMET > MEMIT on efficacy"].empty  # MEMIT without v_fast: not PMET's block
+    write("pmet", lose, {}, "pmet_plain")
+    detail = detail_frame(tmp_path / "results", n_resamples=99)
+    t1 = detail[(detail.artifact == "Table 1") & (detail.block == "GPT-J")]
+    memit = t1[t1.claim == "PMET > MEMIT on efficacy"].set_index("model")
+    assert list(memit.index) == ["m"] and memit.test.iloc[0].startswith("exact McNemar (0:0")
+    # in the plain block ROME pairs with the plain PMET run (made with exactly that block's overrides)
+    rome = t1[t1.claim == "PMET > ROME on efficacy"].set_index("model")
+    assert sorted(rome.index) == ["m", "m [v_fast=True]"]
+
+
 def test_runs_of_different_record_pools_are_never_paired(tmp_path):
     """RunSpec.pool: PMET drawn from the full files and MEMIT from the subsets (same model, size, seed, case ids)
     are different blocks, never paired; a run that records no pool is a subset run (written before pools were

@@ -197,35 +197,69 @@ def _index_runs(runs) -> dict:
     """``{(model label, dataset, n_edits): {seed: {method: run}}}`` from run specs (``model``, ``dataset``,
     ``method``, ``n_edits``, ``seed``, ``value_autocast`` or ``precision``, ``overrides``, ``pool``,
     ``generation``): runs of other overrides or another record pool (:func:`_pool_suffix`) get a label of their
-    own, so they are never paired; of
-    two runs of one method on the same records the one evaluated with generation wins (its rows carry every
-    metric)."""
+    own, so they are never paired -- except that an override an editor does not have cannot change its run:
+    a run also joins the blocks whose overrides add only fields its editor lacks (ROME, FT-W, MEND and the
+    unedited model have no ``v_fast``, so they pair with PMET and MEMIT run with it; a run made with exactly a
+    block's overrides is preferred there). Of two runs of one method on the same records the one evaluated with
+    generation wins (its rows carry every metric)."""
     idx: dict = defaultdict(lambda: defaultdict(dict))
     runs = list(runs)
     precisions = defaultdict(set)  # model -> the value precisions its runs used
+    override_sets = defaultdict(list)  # model -> the override dicts its runs used
     for r in runs:
-        precisions[r.spec.get("model", "?")].add(r.spec.get("precision") or r.spec.get("value_autocast"))
+        model = r.spec.get("model", "?")
+        precisions[model].add(r.spec.get("precision") or r.spec.get("value_autocast"))
+        over = dict(r.spec.get("overrides") or {})
+        if over not in override_sets[model]:
+            override_sets[model].append(over)
 
-    def put(r, precision):
+    def put(r, precision, over, exact):
         s = r.spec
         label = model_label(s.get("model", "?"), precision)
-        over = s.get("overrides") or {}
         if over:  # a variant (e.g. another clamp) is a model block of its own, never paired with the default
-            label += " [" + ", ".join(f"{k}={v}" for k, v in sorted(dict(over).items())) + "]"
+            label += " [" + ", ".join(f"{k}={v}" for k, v in sorted(over.items())) + "]"
         label += _pool_suffix(s)
         key = (label, s.get("dataset"), int(s.get("n_edits", len(r.rows))))
         slot = idx[key][int(s.get("seed", 0))]
         old = slot.get(s.get("method"))
-        if old is None or (s.get("generation") and not old.spec.get("generation")):
+        old_exact = old is not None and exact_in.get((id(old), key), False)
+        gen_wins = bool(s.get("generation")) and old is not None and not old.spec.get("generation")
+        if old is None or (exact and not old_exact) or (exact == old_exact and gen_wins):
             slot[s.get("method")] = r
+            exact_in[(id(r), key)] = exact
 
+    exact_in: dict = {}  # (run, block key) -> whether the run was made with exactly the block's overrides
     for r in runs:
         own = r.spec.get("precision") or r.spec.get("value_autocast")
+        method, model = r.spec.get("method"), r.spec.get("model", "?")
+        own_over = dict(r.spec.get("overrides") or {})
         # editors without value vectors (unedited, FT-W, MEND) are the same run at every value precision
-        shared = own is None and not _has_values(r.spec.get("method"))
-        for precision in precisions[r.spec.get("model", "?")] if shared else {own}:
-            put(r, precision)
+        shared = own is None and not _has_values(method)
+        for precision in precisions[model] if shared else {own}:
+            for over in override_sets[model]:
+                if _overrides_apply_to(method, own_over, over):
+                    put(r, precision, over, over == own_over)
     return idx
+
+
+def _overrides_apply_to(method, own: dict, block: dict) -> bool:
+    """Whether a run of ``method`` made with overrides ``own`` is also the run of the block ``block``: the same
+    value for each of its own overrides, and every other override of the block a field ``method`` lacks."""
+    if any(k not in block or block[k] != v for k, v in own.items()):
+        return False
+    return not any(_has_field(method, k) for k in block if k not in own)
+
+
+def _has_field(method, name: str) -> bool:
+    """Whether ``method``'s hyperparameters have the field ``name`` (unknown editors: assumed to)."""
+    from .editing.registry import UNEDITED, get_editor
+
+    if method == UNEDITED:
+        return False
+    try:
+        return name in {f.name for f in dataclasses.fields(get_editor(method).hparams_cls)}
+    except ValueError:
+        return True
 
 
 def _pool_suffix(spec: dict) -> str:
@@ -239,14 +273,7 @@ def _pool_suffix(spec: dict) -> str:
 
 def _has_values(method) -> bool:
     """Whether ``method`` optimises value vectors (so ``value_autocast`` changes its run)."""
-    from .editing.registry import UNEDITED, get_editor
-
-    if method == UNEDITED:
-        return False
-    try:
-        return "v_autocast" in {f.name for f in dataclasses.fields(get_editor(method).hparams_cls)}
-    except ValueError:
-        return True
+    return _has_field(method, "v_autocast")
 
 
 def _block_applies(model: str, block: str) -> bool:
@@ -763,7 +790,7 @@ def marginal_summaries(tables: Path) -> dict:
             data = json.loads(path.read_text())
             if artifact in ("Table 1", "Table 2"):
                 for model, runs in data.items():
-                    label = model_label(model, precision_of_runs(runs.values()))
+                    label = model_label(model, precision_of_runs(runs.values())) + _block_suffix(runs.values())
                     for method, s in runs.items():
                         if isinstance(s, dict) and "unavailable" not in s:
                             out[(artifact, label)][(s.get("n_edits"), method)] = (s, path.name)
@@ -771,11 +798,23 @@ def marginal_summaries(tables: Path) -> dict:
                 models = sorted({s.get("model") for s in data.values() if isinstance(s, dict) and s.get("model")})
                 label = model_label(
                     "/".join(models) or path.stem.removeprefix(prefix), precision_of_runs(data.values())
-                )
+                ) + _block_suffix(data.values())
                 for key, s in data.items():
                     n, method = key.split("|", 1)
                     out[(artifact, label)][(int(n), method)] = (s, path.name)
     return out
+
+
+def _block_suffix(summaries) -> str:
+    """The block label's suffix of a table's runs, as :func:`_index_runs` labels them: the overrides the notebook
+    passed (the union of its runs' recorded overrides; editors without a field drop it) and the record pool.
+    Summaries written before runs recorded their specification give ``""``."""
+    specs = [s["spec"] for s in summaries if isinstance(s, dict) and isinstance(s.get("spec"), dict)]
+    over: dict = {}
+    for spec in specs:
+        over.update(spec.get("overrides") or {})
+    suffix = " [" + ", ".join(f"{k}={v}" for k, v in sorted(over.items())) + "]" if over else ""
+    return suffix + (_pool_suffix(specs[0]) if specs else "")
 
 
 def _marginal_rows(claims: list[Claim], done: set, tables: Path) -> list[dict]:
