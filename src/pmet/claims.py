@@ -216,9 +216,8 @@ def _index_runs(runs) -> dict:
     def put(r, precision, over, exact):
         s = r.spec
         label = model_label(s.get("model", "?"), precision)
-        if over:  # a variant (e.g. another clamp) is a model block of its own, never paired with the default
-            label += " [" + ", ".join(f"{k}={v}" for k, v in sorted(over.items())) + "]"
-        label += _pool_suffix(s)
+        # a variant (e.g. another clamp) is a model block of its own, never paired with the default
+        label += _override_suffix(over) + _pool_suffix(s)
         key = (label, s.get("dataset"), int(s.get("n_edits", len(r.rows))))
         slot = idx[key][int(s.get("seed", 0))]
         old = slot.get(s.get("method"))
@@ -260,6 +259,11 @@ def _has_field(method, name: str) -> bool:
         return name in {f.name for f in dataclasses.fields(get_editor(method).hparams_cls)}
     except ValueError:
         return True
+
+
+def _override_suffix(over: dict) -> str:
+    """``""`` without overrides, else ``" [k=v, ...]"`` (sorted): the block label's part for them."""
+    return " [" + ", ".join(f"{k}={v}" for k, v in sorted(over.items())) + "]" if over else ""
 
 
 def _pool_suffix(spec: dict) -> str:
@@ -813,8 +817,7 @@ def _block_suffix(summaries) -> str:
     over: dict = {}
     for spec in specs:
         over.update(spec.get("overrides") or {})
-    suffix = " [" + ", ".join(f"{k}={v}" for k, v in sorted(over.items())) + "]" if over else ""
-    return suffix + (_pool_suffix(specs[0]) if specs else "")
+    return _override_suffix(over) + (_pool_suffix(specs[0]) if specs else "")
 
 
 def _marginal_rows(claims: list[Claim], done: set, tables: Path) -> list[dict]:
