@@ -242,6 +242,12 @@ def test_a_table_recorded_without_configuration_keeps_its_recorded_caption():
             lambda reason: report.table1_caption(["smollm2"], [100], "bfloat16", None, reason, 1000, None),
         ),
         (
+            "table1_gemma3-270m_bfloat16",
+            lambda reason: report.table1_caption(
+                ["gemma3-270m"], [50], "bfloat16", {"v_fast": True}, reason, 1000, None
+            ),
+        ),
+        (
             "table2_smollm2_bfloat16",
             lambda reason: report.table2_caption(["smollm2"], [200], "bfloat16", reason, 1000, {"v_fast": True}),
         ),
