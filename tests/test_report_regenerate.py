@@ -110,6 +110,7 @@ def test_a_table_whose_runs_lack_files_is_named_with_the_reason(tmp_path):
     assert regenerate_table("table1_m", entry, recorded, []).reason == "no per-record file: m PMET n=2"
     assert "not recorded" in regenerate_table("table1_m", entry, None, [run]).reason
     assert "not made from edit runs" in regenerate_table("causal_trace_m_curve", {}, None, [run]).reason
+    assert "results/<model>/sequential/" in regenerate_table("sequential_m", {}, None, [run]).reason
 
 
 @needs_committed_runs

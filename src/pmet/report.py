@@ -872,6 +872,13 @@ def regenerate_table(stem: str, entry: dict, recorded: dict | None, runs) -> Reg
     kind = table_kind(stem, entry)
     if kind is None and stem.startswith(TABLE_STEM):
         return RegeneratedTable(stem, reason="written from the same results by pmet.diagnostics.write_tables instead")
+    if kind is None and stem.startswith("sequential_"):
+        return RegeneratedTable(
+            stem,
+            reason="made from the sequential runs in results/<model>/sequential/, which pmet report reads for "
+            "tables/claims.md; the table itself only by notebooks/sequential.ipynb (reuse_committed=True reads "
+            "them, but loads the model)",
+        )
     if kind is None:
         return RegeneratedTable(stem, reason="not made from edit runs (no per-record run files; needs a model)")
     if not recorded:
